@@ -1,0 +1,41 @@
+# dreamlook-batch: every target works on a fresh clone with only Python 3.11+ and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install demo test lint bench bench-quick chaos clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+demo: $(STAMP)  ## run jobs/example.yaml against the built-in simulator
+	$(BIN)/dreamlook-batch run jobs/example.yaml --simulate
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/pytest -q
+
+lint: $(STAMP)  ## ruff and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check orchestrator
+	$(BIN)/mypy
+
+bench: $(STAMP)  ## measure speed and memory side by side with the baselines; writes bench/RESULTS.md
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)  ## a smaller bench run (under 2 minutes)
+	$(BIN)/python -m bench --quick
+
+chaos: $(STAMP)  ## the long kill-and-restart chaos run
+	$(BIN)/pytest -q -m slow tests/
+
+clean:  ## remove the environment, demo outputs and state
+	rm -rf $(VENV) jobs/outputs jobs/.dreamlook-batch .pytest_cache .mypy_cache .ruff_cache
