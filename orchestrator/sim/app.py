@@ -1,0 +1,274 @@
+"""The simulator's aiohttp routes: the API, signed storage, and a guarded admin route.
+
+API routes check the Bearer key, the per-key rate limit and the fault plan, in that
+order. Storage answers as GCS does: XML errors, `Range` with 206, `x-goog-hash`.
+Admin routes live under `/_sim/`, which the API never uses, and need the admin token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from aiohttp import web
+
+from . import signing
+from .content import md5_b64, md5_b64_bytes, png_image
+from .service import JobKind, Rejected, StoredFile
+from .settings import LIST_DEFAULT_LIMIT, FaultKind, FaultPlan, FaultRates, Route, ScriptedFault
+
+if TYPE_CHECKING:
+    from .server import Simulator
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator")
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+ADMIN_PREFIX = "/_sim/"
+
+
+def _detail(status: int, detail: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"detail": detail}, status=status, headers=headers)
+
+
+def _xml(status: int, code: str, message: str) -> web.Response:
+    body = (
+        "<?xml version='1.0' encoding='UTF-8'?>"
+        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    )
+    return web.Response(status=status, text=body, content_type="application/xml")
+
+
+@web.middleware
+async def canonical_paths(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A trailing slash answers 307 to the canonical path (an 'outdated endpoint')."""
+    path = request.path
+    if len(path) > 1 and path.endswith("/"):
+        target = path.rstrip("/") + (f"?{request.query_string}" if request.query_string else "")
+        raise web.HTTPTemporaryRedirect(target)
+    return await handler(request)
+
+
+async def _gate(request: web.Request, route: Route) -> tuple[FaultKind, int | None] | web.Response | None:
+    """Auth, rate limit and faults for an API request: a Response ends the request."""
+    sim = request.app[SIM_KEY]
+    sim.service.ledger.requests[route.value] += 1
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(key.encode(), k.encode()) for k in sim.settings.api_keys
+    ):
+        return _detail(401, "Invalid or missing API key" if auth else "Not authenticated")
+    wait = sim.faults.throttle(key, sim.now())
+    if wait is not None:
+        return _detail(429, "Too many requests", {"Retry-After": str(int(wait))})
+    fault = sim.faults.pick(route)
+    if fault is None:
+        return None
+    kind = fault[0]
+    if kind is FaultKind.SERVER_ERROR:
+        status = (500, 502, 503)[sim.faults.seen[route] % 3]
+        return _detail(status, "Internal server error (simulated)")
+    if kind is FaultKind.RATE_LIMITED:
+        return _detail(429, "Too many requests", {"Retry-After": "1"})
+    if kind is FaultKind.RATE_LIMITED_BARE:
+        return _detail(429, "Too many requests")
+    if kind is FaultKind.SLOW and route is not Route.SUBMIT:
+        await anyio.sleep(sim.faults.plan.slow_s)
+    return fault
+
+
+async def submit(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    gate = await _gate(request, Route.SUBMIT)
+    if isinstance(gate, web.Response):
+        return gate
+    kind = JobKind.parse(request.match_info["kind"])
+    if kind is None:
+        return _detail(404, "Not Found")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _detail(422, [{"loc": ["body"], "msg": "invalid JSON", "type": "value_error.jsondecode"}])
+    if not isinstance(body, dict):
+        return _detail(422, [{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
+    fault = gate[0] if gate else None
+    try:
+        job = sim.service.submit(kind, body, sim.now(), fail=fault is FaultKind.FAIL_JOB)
+    except Rejected as rejected:
+        return _detail(rejected.status, rejected.detail)
+    sim.schedule_callback(job)
+    if fault is FaultKind.GHOST and request.transport is not None:
+        request.transport.abort()  # the job exists, the client never hears of it
+        return web.Response()
+    if fault is FaultKind.GHOST_5XX:
+        return _detail(502, "Bad gateway (simulated)")
+    if fault is FaultKind.SLOW:
+        await anyio.sleep(sim.faults.plan.slow_s)
+    return web.json_response({"job_id": job.job_id})
+
+
+async def get_job(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    gate = await _gate(request, Route.GET)
+    if isinstance(gate, web.Response):
+        return gate
+    kind = JobKind.parse(request.match_info["kind"])
+    job = sim.service.jobs.get(request.match_info["job_id"])
+    if kind is None or job is None or job.kind is not kind:
+        return _detail(404, "Job not found")
+    return web.json_response(sim.renderer.job(job, sim.now()))
+
+
+async def list_jobs(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    gate = await _gate(request, Route.LIST)
+    if isinstance(gate, web.Response):
+        return gate
+    kind = JobKind.parse(request.match_info["kind"])
+    if kind is None:
+        return _detail(404, "Not Found")
+    try:
+        limit = int(request.query.get("limit", LIST_DEFAULT_LIMIT))
+        offset = int(request.query.get("offset", 0))
+        if limit < 1 or offset < 0:
+            raise ValueError
+    except ValueError:
+        msg = "limit must be a positive integer and offset a non-negative one"
+        return _detail(422, [{"loc": ["query", "limit"], "msg": msg, "type": "type_error.integer"}])
+    now = sim.now()
+    items = [
+        sim.renderer.job(j, now, with_tags=sim.settings.list_echoes_tags)
+        for j in sim.service.list_jobs(kind, limit, offset)
+    ]
+    envelope = sim.settings.list_envelope
+    return web.json_response({envelope: items} if envelope else items)
+
+
+async def storage(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    sim.service.ledger.requests[Route.DOWNLOAD.value] += 1
+    now = sim.now()
+    file = sim.service.files.get(request.path)
+    if file is None:
+        return _xml(404, "NoSuchKey", "The specified key does not exist.")
+    verdict = signing.verify(sim.secret, request.path, request.query, now)
+    if verdict is signing.Verdict.BAD_SIGNATURE:
+        return _xml(403, "SignatureDoesNotMatch", "The request signature we calculated does not match.")
+    if verdict is signing.Verdict.EXPIRED:
+        return _xml(400, "ExpiredToken", "The provided token has expired.")
+    if now >= file.deleted_at:
+        return _xml(404, "NoSuchKey", "The specified key does not exist.")
+    fault = sim.faults.pick(Route.DOWNLOAD) if request.method == "GET" else None
+    return await _send_file(request, file, fault, sim.settings.hash_max_bytes)
+
+
+async def _send_file(
+    request: web.Request, file: StoredFile, fault: tuple[FaultKind, int | None] | None, hash_max: int
+) -> web.StreamResponse:
+    png = png_image(*file.png) if file.png else None
+    size = len(png) if png is not None else file.content.size if file.content else 0
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{file.path.rsplit("/", 1)[-1][:16]}-1"',
+        "x-goog-generation": "1",
+        "Content-Type": "image/png" if png is not None else "application/octet-stream",
+    }
+    if png is not None:
+        headers["x-goog-hash"] = f"md5={md5_b64_bytes(png)}"
+    elif file.content is not None and size <= hash_max:
+        headers["x-goog-hash"] = f"md5={md5_b64(file.content)}"
+    start, end, status = 0, size, 200
+    match = RANGE_RE.match(request.headers.get("Range", ""))
+    if match and not (fault and fault[0] is FaultKind.IGNORE_RANGE):
+        first, last = match.groups()
+        if first:
+            start, end = int(first), min(size, int(last) + 1) if last else size
+        elif last:
+            start = max(0, size - int(last))
+        if start >= size or start >= end:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = end - start
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    cut = None
+    if fault and fault[0] in (FaultKind.RESET, FaultKind.TRUNCATE):
+        cut = start + (fault[1] if fault[1] is not None else (end - start) // 2)
+    if png is not None:
+        await response.write(png[start : end if cut is None else min(end, cut)])
+    elif file.content is not None:
+        for chunk in file.content.read(start, end if cut is None else min(end, cut)):
+            await response.write(chunk)
+    if cut is not None and cut < end and request.transport is not None:
+        if fault and fault[0] is FaultKind.RESET:
+            request.transport.abort()
+        else:
+            request.transport.close()  # a clean close before Content-Length is met
+        return response
+    await response.write_eof()
+    return response
+
+
+def _admin_ok(request: web.Request) -> bool:
+    token = request.app[SIM_KEY].settings.admin_token
+    return hmac.compare_digest(request.headers.get("x-sim-admin", "").encode(), token.encode())
+
+
+async def admin_ledger(request: web.Request) -> web.StreamResponse:
+    if not _admin_ok(request):
+        return _detail(401, "admin token required")
+    sim = request.app[SIM_KEY]
+    ledger = sim.service.ledger
+    return web.json_response(
+        {
+            "jobs": [asdict(e) for e in ledger.jobs],
+            "requests": dict(ledger.requests),
+            "callbacks": ledger.callbacks,
+            "tokens": sim.service.tokens,
+        }
+    )
+
+
+async def admin_faults(request: web.Request) -> web.StreamResponse:
+    """PUT a plan: {"rates": {...}, "script": [{"route", "kind", "nth", ...}], "requests_per_s"}."""
+    if not _admin_ok(request):
+        return _detail(401, "admin token required")
+    try:
+        raw = await request.json()
+        plan = FaultPlan(
+            rates=FaultRates(**raw.get("rates", {})),
+            script=tuple(
+                ScriptedFault(**{**s, "route": Route(s["route"]), "kind": FaultKind(s["kind"])})
+                for s in raw.get("script", [])
+            ),
+            requests_per_s=raw.get("requests_per_s"),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return _detail(422, f"bad fault plan: {exc}")
+    request.app[SIM_KEY].set_faults(plan)
+    return web.json_response({"ok": True})
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    return _detail(404, "Not Found")
+
+
+def build_app(sim: Simulator) -> web.Application:
+    app = web.Application(middlewares=[canonical_paths])
+    app[SIM_KEY] = sim
+    app.router.add_get(f"{ADMIN_PREFIX}ledger", admin_ledger)
+    app.router.add_put(f"{ADMIN_PREFIX}faults", admin_faults)
+    app.router.add_route("GET", "/storage/{tail:.+}", storage)  # GET also answers HEAD
+    app.router.add_post("/{kind:dreambooth|image_gen|image-gen|dreambooth_image_gen|dreambooth-image-gen}", submit)
+    app.router.add_get("/jobs/{kind}/{job_id}", get_job)
+    app.router.add_get("/jobs/{kind}", list_jobs)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
