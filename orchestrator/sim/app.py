@@ -36,10 +36,7 @@ def _detail(status: int, detail: Any, headers: dict[str, str] | None = None) -> 
 
 
 def _xml(status: int, code: str, message: str) -> web.Response:
-    body = (
-        "<?xml version='1.0' encoding='UTF-8'?>"
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    )
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
     return web.Response(status=status, text=body, content_type="application/xml")
 
 

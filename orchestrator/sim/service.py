@@ -128,9 +128,7 @@ class Ledger:
 
     def tag_values(self) -> Counter[str]:
         """How many ledger jobs carry each `dreamlook-batch` tag value."""
-        return Counter(
-            t["value"] for e in self.jobs for t in e.tags if t.get("key") == "dreamlook-batch"
-        )
+        return Counter(t["value"] for e in self.jobs for t in e.tags if t.get("key") == "dreamlook-batch")
 
 
 def iso(t: float | None) -> str | None:
@@ -189,11 +187,23 @@ class Service:
                 errors += check_dreambooth(training, ["dreambooth"])
             gens = body.get("image_gen")
             if not isinstance(gens, list) or not gens:
-                errors.append({"loc": ["body", "image_gen"], "msg": "a non-empty list is required", "type": "value_error.missing"})
+                errors.append(
+                    {
+                        "loc": ["body", "image_gen"],
+                        "msg": "a non-empty list is required",
+                        "type": "value_error.missing",
+                    }
+                )
             else:
                 for i, gen in enumerate(gens):
                     if not isinstance(gen, dict):
-                        errors.append({"loc": ["body", "image_gen", i], "msg": "value is not a valid dict", "type": "type_error.dict"})
+                        errors.append(
+                            {
+                                "loc": ["body", "image_gen", i],
+                                "msg": "value is not a valid dict",
+                                "type": "type_error.dict",
+                            }
+                        )
                         continue
                     # The model comes from the training; base_model/checkpoint_id are not asked for.
                     gen_body = {**gen, "checkpoint_id": None, "base_model": "stable-diffusion-v1-5"}
@@ -230,9 +240,7 @@ class Service:
         if not dry_run:
             self.jobs[job_id] = job
             self.by_kind[kind].append(job)
-            self.ledger.jobs.append(
-                LedgerEntry(job_id, kind.value, job.config, job.tags, now, cost)
-            )
+            self.ledger.jobs.append(LedgerEntry(job_id, kind.value, job.config, job.tags, now, cost))
         return job
 
     def _schedule(
@@ -245,9 +253,7 @@ class Service:
             return x * (1 + rng.uniform(-s.duration_jitter, s.duration_jitter))
 
         training = body if kind is JobKind.DREAMBOOTH else body.get("dreambooth")
-        gens: list[dict[str, Any]] = (
-            [body] if kind is JobKind.IMAGE_GEN else list(body.get("image_gen") or [])
-        )
+        gens: list[dict[str, Any]] = [body] if kind is JobKind.IMAGE_GEN else list(body.get("image_gen") or [])
         run_s = 0.0
         if training is not None:
             run_s += s.dreambooth_base_s + s.dreambooth_s_per_step * int(training.get("steps", 1200))
@@ -272,10 +278,19 @@ class Service:
         tags = [dict(t) for t in body.get("tags") or []]
         config = {k: v for k, v in body.items() if k not in ("tags", "dry_run")}
         job = SimJob(
-            job_id=job_id, kind=kind, config=config, tags=tags, created=now,
-            queued_end=queued_end, run_end=run_end, fail_at=fail_at, failure=failure,
-            cost=self.cost_of(kind, body), callback=body.get("callback"), dry_run=dry_run,
-        )  # fmt: skip
+            job_id=job_id,
+            kind=kind,
+            config=config,
+            tags=tags,
+            created=now,
+            queued_end=queued_end,
+            run_end=run_end,
+            fail_at=fail_at,
+            failure=failure,
+            cost=self.cost_of(kind, body),
+            callback=body.get("callback"),
+            dry_run=dry_run,
+        )
         if not fails:
             self._make_results(job, training, gens, rng)
         return job

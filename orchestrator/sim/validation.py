@@ -129,9 +129,7 @@ def check_fields(
     loc: list[str | int],
 ) -> list[Error]:
     errors = [
-        _err([*loc, name], "value_error.missing", "field required")
-        for name in required
-        if body.get(name) is None
+        _err([*loc, name], "value_error.missing", "field required") for name in required if body.get(name) is None
     ]
     for name, check in schema.items():
         if name in body and not (body[name] is None and name not in required):
@@ -148,7 +146,9 @@ def check_dreambooth(body: Mapping[str, Any], loc: list[str | int]) -> list[Erro
         errors.append(_err([*loc, "text_encoder_training"], "value_error.retired", msg))
     urls = body.get("image_urls")
     if isinstance(urls, list) and not urls:
-        errors.append(_err([*loc, "image_urls"], "value_error.list.min_items", "ensure this value has at least 1 items"))
+        errors.append(
+            _err([*loc, "image_urls"], "value_error.list.min_items", "ensure this value has at least 1 items")
+        )
     errors += _check_model(body, loc)
     if MODEL_TYPES.get(body.get("base_model", "")) == "sdxl-v1":
         te2 = body.get("learning_rate_te2")

@@ -1,0 +1,181 @@
+"""The only HTTP client of the dreamlook.ai API. Maps statuses to the error tree; no policy.
+
+One `aiohttp.ClientSession` per client, opened and closed by `async with`. Redirects
+(307/308: "outdated endpoint") are followed here, keeping method and body, and only
+to the same origin, so the API key never goes to another host. Every request first
+takes its share of the run's `RequestBudget`; a 429 pauses that budget for everyone.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from .config import Timeouts
+from .errors import (
+    ApiError,
+    AuthError,
+    InvalidJob,
+    NotFound,
+    NotSent,
+    QuotaError,
+    RateLimited,
+    ServerError,
+    TransportError,
+)
+from .models import JobType
+from .ratelimit import RequestBudget
+
+MAX_REDIRECTS = 5
+USER_AGENT = "dreamlook-batch/0.1"
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds, from either of its forms (seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class ApiClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeouts: Timeouts | None = None,
+        budget: RequestBudget | None = None,
+        connections: int = 20,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._key = api_key
+        self._timeouts = timeouts or Timeouts()
+        self.budget = budget
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+        self.requests = 0
+
+    async def __aenter__(self) -> ApiClient:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.api_read_s
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit=self._connections),
+            headers={"authorization": f"Bearer {self._key}", "user-agent": USER_AGENT},
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- endpoints ------------------------------------------------------------------
+
+    async def submit(self, job_type: JobType, body: Mapping[str, Any]) -> str:
+        """POST a job; its id. Raises NotSent only when nothing can have reached the API."""
+        answer = await self._request("POST", f"/{job_type.value}", body=body, what=f"submit {job_type}")
+        job_id = answer.get("job_id") or answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(job_id, str) or not job_id:
+            # The job may exist: the caller must reconcile, as with a lost answer.
+            raise TransportError(f"submit {job_type}: the answer has no job_id")
+        return job_id
+
+    async def get_job(self, job_type: JobType, job_id: str) -> dict[str, Any]:
+        answer = await self._request("GET", f"/jobs/{job_type.value}/{job_id}", what=f"get {job_id}")
+        if not isinstance(answer, dict):
+            raise ServerError(200, "the job is not a JSON object", f"get {job_id}")
+        return answer
+
+    async def list_jobs(
+        self, job_type: JobType, *, limit: int | None = None, offset: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first. Accepts a bare list or one wrapped in jobs/items/results/data."""
+        params = {k: str(v) for k, v in (("limit", limit), ("offset", offset)) if v is not None}
+        answer = await self._request("GET", f"/jobs/{job_type.value}", params=params, what=f"list {job_type}")
+        if isinstance(answer, dict):
+            answer = next(
+                (answer[k] for k in ("jobs", "items", "results", "data") if isinstance(answer.get(k), list)),
+                None,
+            )
+        if not isinstance(answer, list):
+            raise ServerError(200, "the job list is not a JSON list", f"list {job_type}")
+        return [item for item in answer if isinstance(item, dict)]
+
+    # -- transport ------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
+        if self._session is None:
+            raise RuntimeError("use ApiClient in `async with`")
+        if self.budget is not None:
+            await self.budget.acquire()
+        url = self.base_url + path
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"content-type": "application/json"} if data is not None else None
+        origin = urlsplit(self.base_url)[:2]
+        for _ in range(MAX_REDIRECTS + 1):
+            self.requests += 1
+            try:
+                async with self._session.request(
+                    method, url, data=data, params=params, headers=headers, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    text = await resp.text()
+                    location = resp.headers.get("Location")
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+            except aiohttp.ClientConnectorError as exc:
+                raise NotSent(f"{what}: cannot connect to {self.base_url}: {exc.os_error}") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise TransportError(f"{what}: no answer from the API ({type(exc).__name__}: {exc})") from exc
+            if status in (307, 308) and location:
+                target = urljoin(url, location)
+                if urlsplit(target)[:2] != origin:
+                    raise ApiError(status, f"redirect to another host ({urlsplit(target).netloc}) refused", what)
+                url = target
+                continue
+            return self._answer(status, text, what, retry_after)
+        raise ApiError(307, f"more than {MAX_REDIRECTS} redirects", what)
+
+    def _answer(self, status: int, text: str, what: str, retry_after: float | None) -> Any:
+        try:
+            payload = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            payload = None
+        if 200 <= status < 300:
+            if payload is None:
+                raise ServerError(status, "the answer is not JSON", what)
+            return payload
+        detail = payload.get("detail", payload) if isinstance(payload, dict) else (text[:200] or "(no body)")
+        if status == 429 and self.budget is not None:
+            self.budget.pause(retry_after if retry_after is not None else 1.0)
+        error: type[ApiError] = {401: AuthError, 403: QuotaError, 404: NotFound, 422: InvalidJob}.get(status, ApiError)
+        if status == 429:
+            raise RateLimited(status, detail, what, retry_after)
+        if status >= 500:
+            error = ServerError
+        raise error(status, detail, what)

@@ -1,0 +1,246 @@
+"""A campaign as the commands see it: where its state and files live, and the wiring
+of a run (key, lock, optional in-process simulator, API client, downloader, engine,
+signals). The CLI calls these and prints what they return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .api import ApiClient
+from .config import DEFAULT_API_URL, RunSettings
+from .download import Downloader
+from .engine import Engine, RunOutcome, StopReason
+from .errors import StoreError, UsageError
+from .manifest import Manifest, spec_fingerprint
+from .models import JobState, JobType
+from .ratelimit import RequestBudget
+from .store import CampaignLock, FileRow, JobRow, SqliteStore
+
+STATE_DIR = ".dreamlook-batch"
+OUTPUT_DIR = "outputs"
+KEY_ENV = "DREAMLOOK_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    state: Path
+    out: Path
+
+
+def paths_for(manifest: Manifest, state: Path | None = None, out: Path | None = None) -> Paths:
+    """Defaults relative to the manifest's folder, so cron runs from anywhere agree."""
+    base = manifest.path.resolve().parent
+    return Paths(
+        state=(state or base / STATE_DIR / f"{manifest.campaign}.db").resolve(),
+        out=(out or base / OUTPUT_DIR / manifest.campaign).resolve(),
+    )
+
+
+def read_api_key(key_file: Path | None) -> str:
+    if key_file is not None:
+        try:
+            key = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the API key file {key_file}: {exc.strerror}") from exc
+    else:
+        key = os.environ.get(KEY_ENV, "").strip()
+    if not key:
+        raise UsageError(f"no API key: set {KEY_ENV} (or use --api-key-file FILE, or --simulate to rehearse)")
+    return key
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRequest:
+    manifest: Manifest
+    paths: Paths
+    settings: RunSettings = field(default_factory=RunSettings)
+    api_url: str = DEFAULT_API_URL
+    api_key_file: Path | None = None
+    simulate: Any = None  # SimSettings: run against an in-process simulator
+    once: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    outcome: RunOutcome
+    paths: Paths
+    api_requests: int
+    sim_url: str | None
+
+
+async def run_campaign(request: RunRequest) -> RunResult:
+    """Take the lock, wire everything, run the engine; Ctrl-C/SIGTERM stop it cleanly."""
+    settings = request.settings
+    lock: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext() if settings.dry_run else CampaignLock(request.paths.state)
+    )
+    with lock:
+        # A dry run charges nothing and must leave no state a real run would trust.
+        store = SqliteStore(Path(":memory:") if settings.dry_run else request.paths.state)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                sim_url = None
+                if request.simulate is not None:
+                    from .sim import Simulator  # the client never needs the simulator otherwise
+
+                    sim = await stack.enter_async_context(Simulator(request.simulate))
+                    url, key = sim.url, sim.api_key
+                    sim_url = sim.url
+                    settings = settings.time_scaled(request.simulate.time_scale)
+                else:
+                    url, key = request.api_url, read_api_key(request.api_key_file)
+                budget = RequestBudget(settings.limits.api_requests_per_s)
+                api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
+                downloader = await stack.enter_async_context(Downloader(timeouts=settings.timeouts))
+                engine = Engine(request.manifest, store, api, downloader, settings, request.paths.out)
+                outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
+                return RunResult(outcome, request.paths, api.requests, sim_url)
+        finally:
+            store.close()
+
+
+async def _run_with_signals(engine: Engine, *, once: bool, grace_s: float) -> RunOutcome:
+    result: list[RunOutcome] = []
+    async with anyio.create_task_group() as tg:
+        engine_scope = anyio.CancelScope()
+
+        async def drive() -> None:
+            with engine_scope:
+                result.append(await engine.run(once=once))
+            tg.cancel_scope.cancel()
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if engine.stopped_by == StopReason.INTERRUPTED:
+                        engine_scope.cancel()  # a second signal: stop now
+                        return
+                    engine.stop(StopReason.INTERRUPTED)
+                    engine_scope.deadline = min(engine_scope.deadline, anyio.current_time() + grace_s)
+
+        tg.start_soon(drive)
+        tg.start_soon(watch_signals)
+    if result:
+        return result[0]
+    return RunOutcome(engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
+
+
+# -- read-only views ------------------------------------------------------------------
+
+
+def open_existing_store(paths: Paths) -> SqliteStore | None:
+    return SqliteStore(paths.state) if paths.state.exists() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    to_submit: list[str]
+    waiting_for_parent: list[str]
+    to_check: list[str]
+    to_download: list[str]
+    bytes_to_download: int
+    changed_after_submit: list[str]
+    finished: dict[str, int]
+    dry_run_note: str = ""
+
+
+def make_plan(manifest: Manifest, paths: Paths) -> Plan:
+    store = open_existing_store(paths)
+    rows: dict[str, JobRow] = {}
+    files: list[FileRow] = []
+    if store is not None:
+        try:
+            rows = {r.id: r for r in store.jobs()}
+            files = store.all_files()
+        finally:
+            store.close()
+    to_submit: list[str] = []
+    waiting: list[str] = []
+    to_check: list[str] = []
+    to_download: list[str] = []
+    changed: list[str] = []
+    finished: dict[str, int] = {}
+    for spec in manifest.jobs:
+        row = rows.get(spec.id)
+        state = row.state if row else JobState.PENDING
+        if row and row.sent_fingerprint and row.sent_fingerprint != spec_fingerprint(spec):
+            changed.append(spec.id)
+        if state is JobState.PENDING:
+            parent = rows.get(spec.checkpoint_from) if spec.checkpoint_from else None
+            ready = spec.checkpoint_from is None or (parent is not None and parent.checkpoint_id)
+            (to_submit if ready else waiting).append(spec.id)
+        elif state in (JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING):
+            to_check.append(spec.id)
+        elif state in (JobState.SUCCEEDED, JobState.DOWNLOADING):
+            to_download.append(spec.id)
+        else:
+            finished[state.value] = finished.get(state.value, 0) + 1
+    pending_bytes = sum(f.size_bytes or 0 for f in files if not f.done and not f.lost and f.job_id in set(to_download))
+    return Plan(to_submit, waiting, to_check, to_download, pending_bytes, changed, finished)
+
+
+def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
+    store = open_existing_store(paths)
+    if store is None:
+        raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
+    try:
+        files: dict[str, list[FileRow]] = {}
+        for f in store.all_files():
+            files.setdefault(f.job_id, []).append(f)
+        return [r for r in store.jobs() if r.in_manifest], files
+    finally:
+        store.close()
+
+
+def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | None, resubmit: bool) -> str:
+    """A person's word on an `unknown` job: it is `remote_id`, or send it again, or neither (failed)."""
+    with CampaignLock(paths.state):
+        store = open_existing_store(paths)
+        if store is None:
+            raise StoreError(f"no state at {paths.state}")
+        try:
+            if remote_id:
+                store.settle(
+                    job_id,
+                    JobState.QUEUED,
+                    time.time(),
+                    remote_id=remote_id,
+                    reason=f"settled by hand: it is {remote_id}",
+                )
+                return f"{job_id}: recorded as {remote_id}; the next run follows and downloads it"
+            if resubmit:
+                store.settle(
+                    job_id,
+                    JobState.PENDING,
+                    time.time(),
+                    remote_id=None,
+                    reason="settled by hand: send again",
+                )
+                return f"{job_id}: will be submitted again by the next run (this may cost tokens twice if it did exist)"
+            store.settle(job_id, JobState.FAILED, time.time(), remote_id=None, reason="settled by hand: given up")
+            return f"{job_id}: marked failed; it will not be sent again"
+        finally:
+            store.close()
+
+
+async def api_view(
+    api_url: str, key_file: Path | None, job_type: JobType, job_id: str | None, limit: int | None
+) -> Any:
+    async with ApiClient(api_url, read_api_key(key_file)) as api:
+        if job_id is not None:
+            return await api.get_job(job_type, job_id)
+        return await api.list_jobs(job_type, limit=limit)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

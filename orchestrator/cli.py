@@ -1,0 +1,396 @@
+"""`dreamlook-batch`: parses arguments, calls `campaign`, prints. No logic of its own.
+
+Exit codes (DESIGN 1): 0 all done; 1 failed jobs or lost files; 2 bad manifest or
+usage; 3 stopped by the API (bad key, out of tokens) with work left; 4 another
+process holds the campaign; 130 interrupted, state saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from . import campaign, logs
+from .config import DEFAULT_API_URL, Limits, RunSettings
+from .errors import ApiError, CampaignLocked, DreamlookBatchError, ManifestError, TransportError, UsageError
+from .manifest import load_manifest
+from .models import BAD_ENDINGS, JobState, JobType
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-url",
+        default=os.environ.get("DREAMLOOK_API_URL", DEFAULT_API_URL),
+        help="API base URL (env DREAMLOOK_API_URL)",
+    )
+    parser.add_argument(
+        "--api-key-file", type=Path, help="read the API key from this file instead of DREAMLOOK_API_KEY"
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines")
+
+
+def _campaign_opts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, help="the campaign manifest (YAML, JSON or JSON Lines)")
+    parser.add_argument(
+        "--state", type=Path, help="state store (default: <manifest dir>/.dreamlook-batch/<campaign>.db)"
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: <manifest dir>/outputs/<campaign>/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamlook-batch", description="Run campaigns of dreamlook.ai jobs reliably.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a manifest offline; exit 0 or 2")
+    _common(p)
+    p.add_argument("manifest", type=Path)
+
+    p = sub.add_parser("plan", help="what a run would do now; nothing is sent")
+    _common(p)
+    _campaign_opts(p)
+
+    p = sub.add_parser("run", help="drive the campaign until every job is finished and every file on disk")
+    _common(p)
+    _campaign_opts(p)
+    p.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
+    p.add_argument("--simulate", action="store_true", help="start the simulator in-process and run against it")
+    p.add_argument("--dry-run", action="store_true", help="send dry_run: true; nothing is charged, polled or saved")
+    p.add_argument(
+        "--max-active",
+        type=int,
+        default=Limits().max_active,
+        help="jobs submitted and not finished (default %(default)s)",
+    )
+    p.add_argument(
+        "--submit-rate",
+        type=float,
+        default=Limits().submit_rate_per_s,
+        help="submissions per second (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-downloads",
+        type=int,
+        default=Limits().max_downloads,
+        help="files downloading at once (default %(default)s)",
+    )
+    p.add_argument("--max-new-jobs", type=int, help="submit at most this many jobs in this run (a spending guard)")
+    p.add_argument(
+        "--requests-per-s",
+        type=float,
+        default=Limits().api_requests_per_s,
+        help="API requests per second, all kinds (default %(default)s)",
+    )
+
+    p = sub.add_parser("status", help="the campaign as the state store has it; no API call")
+    _common(p)
+    _campaign_opts(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("settle", help="decide an `unknown` job: it is REMOTE_ID, or --resubmit, or --give-up")
+    _common(p)
+    _campaign_opts(p)
+    p.add_argument("job_id")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--remote-id", help="the dreamlook.ai job id it turned out to be")
+    group.add_argument("--resubmit", action="store_true", help="it does not exist: send it again")
+    group.add_argument("--give-up", action="store_true", help="do not send it again; mark it failed")
+
+    p = sub.add_parser("jobs", help="thin views of the API: jobs list TYPE, jobs get TYPE ID")
+    _common(p)
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get")
+    pl = jobs.add_parser("list")
+    pl.add_argument("type")
+    pl.add_argument("--limit", type=int)
+    pl.add_argument("--json", action="store_true")
+    pg = jobs.add_parser("get")
+    pg.add_argument("type")
+    pg.add_argument("id")
+    pg.add_argument("--json", action="store_true")
+    for q in (pl, pg):
+        _common(q)
+
+    p = sub.add_parser("sim", help="serve the simulator of the API")
+    _common(p)
+    _sim_options(p)
+    return parser
+
+
+def _sim_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8750)
+    p.add_argument("--time-scale", type=float, default=1.0, help="how many times faster than the real service")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--failure-rate", type=float, default=0.0, help="share of jobs that end in failure")
+    p.add_argument("--tokens", type=int, help="token balance (default: unlimited)")
+    p.add_argument("--capacity", type=int, help="jobs running at once; more wait queued")
+    p.add_argument("--api-key", dest="sim_keys", action="append", help="a key the simulator accepts (repeatable)")
+    p.add_argument("--small-files", action="store_true", help="checkpoints of a few MiB instead of GBs")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=RATE",
+        help="a fault rate, e.g. server_error=0.05, rate_limited=0.1, ghost_submit=0.02, reset_download=0.1",
+    )
+    p.add_argument("--requests-per-s", dest="sim_rps", type=float, help="per-key limit; over it: 429 with Retry-After")
+
+
+def _sim_settings(args: argparse.Namespace) -> Any:
+    from .sim import FaultPlan, FaultRates, SimSettings
+
+    rates: dict[str, float] = {}
+    for item in args.fault:
+        name, _, value = item.partition("=")
+        if name not in FaultRates.__dataclass_fields__:
+            raise UsageError(
+                f"--fault {item!r}: unknown fault; choose from {', '.join(FaultRates.__dataclass_fields__)}"
+            )
+        try:
+            rates[name] = float(value)
+        except ValueError as exc:
+            raise UsageError(f"--fault {item!r}: the rate must be a number between 0 and 1") from exc
+    base = SimSettings.for_demo() if args.small_files else SimSettings()
+    keys = tuple(args.sim_keys) if args.sim_keys else base.api_keys
+    from dataclasses import replace
+
+    return replace(
+        base,
+        api_keys=keys,
+        seed=args.seed,
+        time_scale=args.time_scale,
+        tokens=args.tokens,
+        capacity=args.capacity,
+        faults=FaultPlan(
+            rates=replace(FaultRates(), job_failure=args.failure_rate, **rates), requests_per_s=args.sim_rps
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_format, args.verbose - args.quiet)
+    try:
+        return _dispatch(args)
+    except ManifestError as exc:
+        _print_problems(exc.problems)
+        return EXIT_USAGE
+    except CampaignLocked as exc:
+        err.print(f"[bold red]locked:[/] {exc}")
+        return EXIT_LOCKED
+    except UsageError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        return EXIT_USAGE
+    except (ApiError, TransportError) as exc:
+        err.print(f"[bold red]API error:[/] {logs.scrub(str(exc))}")
+        return EXIT_API
+    except DreamlookBatchError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        err.print("interrupted; state saved")
+        return EXIT_INTERRUPTED
+
+
+def _print_problems(problems: Sequence[Any]) -> None:
+    errors = [p for p in problems if not p.warning]
+    for problem in problems:
+        colour = "yellow" if problem.warning else "red"
+        err.print(f"[{colour}]{problem}[/]", markup=True)
+    if errors:
+        err.print(f"[bold red]{len(errors)} error(s)[/]: nothing was sent. Fix them and run again.")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "sim":
+        return _serve_sim(args)
+    if command == "jobs":
+        return _jobs(args)
+    manifest = load_manifest(args.manifest)
+    if manifest.warnings:
+        _print_problems(manifest.warnings)
+    if command == "validate":
+        by_type: dict[str, int] = {}
+        for spec in manifest.jobs:
+            by_type[spec.type.value] = by_type.get(spec.type.value, 0) + 1
+        kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
+        out.print(f"{manifest.path}: OK, campaign {manifest.campaign!r}, {len(manifest.jobs)} jobs ({kinds})")
+        return EXIT_OK
+    paths = campaign.paths_for(manifest, args.state, args.out)
+    if command == "plan":
+        return _plan(manifest, paths)
+    if command == "status":
+        return _status(paths, as_json=args.json)
+    if command == "settle":
+        message = campaign.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
+        out.print(message)
+        return EXIT_OK
+    return _run(args, manifest, paths)
+
+
+def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
+    for name in ("max_active", "max_downloads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.submit_rate <= 0 or args.requests_per_s <= 0:
+        raise UsageError("--submit-rate and --requests-per-s must be positive")
+    limits = Limits(
+        max_active=args.max_active,
+        submit_rate_per_s=args.submit_rate,
+        max_downloads=args.max_downloads,
+        api_requests_per_s=args.requests_per_s,
+        max_new_jobs=args.max_new_jobs,
+    )
+    simulate = None
+    if args.simulate:
+        from .sim import SimSettings
+
+        simulate = SimSettings.for_demo()
+    request = campaign.RunRequest(
+        manifest=manifest,
+        paths=paths,
+        settings=RunSettings(limits=limits, dry_run=args.dry_run),
+        api_url=args.api_url,
+        api_key_file=args.api_key_file,
+        simulate=simulate,
+        once=args.once,
+    )
+    if simulate is not None:
+        err.print(f"[dim]running against the built-in simulator ({simulate.time_scale:g}x faster than the service)[/]")
+    result = anyio.run(campaign.run_campaign, request)
+    _print_outcome(result, dry_run=args.dry_run, once=args.once)
+    code = result.outcome.exit_code
+    if args.once and code == EXIT_OK:
+        return EXIT_OK
+    return code
+
+
+def _print_outcome(result: campaign.RunResult, *, dry_run: bool, once: bool) -> None:
+    outcome = result.outcome
+    counts = {s: n for s, n in outcome.counts.items() if n}
+    summary = ", ".join(f"{n} {s.value}" for s, n in sorted(counts.items(), key=lambda kv: kv[0].value))
+    out.print(
+        f"[bold]{'dry run' if dry_run else 'run' if not once else 'pass'}:[/] {summary or 'no jobs'}"
+        f" ({result.api_requests} API requests)"
+    )
+    for problem in outcome.problems:
+        out.print(f"  [red]-[/] {problem}")
+    if dry_run:
+        out.print("nothing was charged; no state was saved")
+        return
+    done = counts.get(JobState.DONE, 0)
+    if done:
+        out.print(f"files: {result.paths.out}")
+    if outcome.stopped_by == "interrupted":
+        out.print("interrupted: state saved; run the same command again to carry on")
+    elif outcome.stopped_by == "quota":
+        out.print("out of tokens: top up, then run again; nothing already paid for was dropped")
+    if any(counts.get(s) for s in BAD_ENDINGS):
+        out.print("some jobs need attention: `dreamlook-batch status MANIFEST` lists each with its reason")
+
+
+def _plan(manifest: Any, paths: campaign.Paths) -> int:
+    plan = campaign.make_plan(manifest, paths)
+    out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.state}")
+    out.print(f"  submit now:           {len(plan.to_submit)}")
+    out.print(f"  wait for a checkpoint: {len(plan.waiting_for_parent)}")
+    out.print(f"  check (in flight):    {len(plan.to_check)}")
+    out.print(f"  download:             {len(plan.to_download)} jobs, {plan.bytes_to_download / 1e6:.1f} MB known")
+    for state, n in sorted(plan.finished.items()):
+        out.print(f"  finished {state}: {n}")
+    for job_id in plan.changed_after_submit:
+        out.print(f"  [yellow]changed after submission (will not be resubmitted):[/] {job_id}")
+    out.print("nothing was sent")
+    return EXIT_OK
+
+
+def _status(paths: campaign.Paths, *, as_json: bool) -> int:
+    rows, files = campaign.status_rows(paths)
+    if as_json:
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.state.value] = counts.get(r.state.value, 0) + 1
+        data = {
+            "counts": counts,
+            "done": bool(rows) and all(r.state is JobState.DONE for r in rows),
+            "jobs": [
+                {
+                    "id": r.id,
+                    "type": r.type,
+                    "state": r.state.value,
+                    "remote_id": r.remote_id,
+                    "reason": r.reason,
+                    "percentage": r.percentage,
+                    "files": [
+                        {
+                            "name": f.name,
+                            "kind": f.kind.value,
+                            "bytes": f.size_bytes,
+                            "sha256": f.sha256,
+                            "done": f.done,
+                            "lost": f.lost,
+                        }
+                        for f in files.get(r.id, [])
+                    ],
+                }
+                for r in rows
+            ],
+        }
+        sys.stdout.write(campaign.dump_json(data) + "\n")
+        return EXIT_OK
+    table = Table("job", "type", "state", "remote id", "files", "reason")
+    for r in rows:
+        fs = files.get(r.id, [])
+        table.add_row(
+            r.id,
+            r.type,
+            r.state.value,
+            r.remote_id or "",
+            f"{sum(f.done for f in fs)}/{len(fs)}" if fs else "",
+            r.reason or "",
+        )
+    out.print(table)
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    job_type = JobType.parse(args.type)
+    if job_type is None:
+        raise UsageError(f"unknown job type {args.type!r}; choose from {', '.join(JobType)}")
+    job_id = getattr(args, "id", None)
+    data = anyio.run(campaign.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
+    sys.stdout.write(campaign.dump_json(logs.redact_json(data)) + "\n")
+    return EXIT_OK
+
+
+def _serve_sim(args: argparse.Namespace) -> int:
+    from .sim import serve
+
+    settings = _sim_settings(args)
+
+    def ready(sim: Any) -> None:
+        out.print(f"dreamlook simulator at {sim.url}")
+        out.print(f"  export DREAMLOOK_API_URL={sim.url}")
+        out.print(f"  export DREAMLOOK_API_KEY={sim.api_key}   # a test key; the simulator accepts only its own keys")
+        out.print(f"  time scale {settings.time_scale:g}x; Ctrl-C stops it")
+
+    try:
+        anyio.run(serve, settings, args.host, args.port, ready)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK

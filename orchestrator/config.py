@@ -1,0 +1,87 @@
+"""Settings as frozen keyword-only dataclasses; every default is a named constant with its unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+DEFAULT_API_URL = "https://api.dreamlook.ai"
+
+MAX_ACTIVE = 20  # jobs submitted and not finished
+SUBMIT_RATE_PER_S = 2.0
+MAX_DOWNLOADS = 4
+API_REQUESTS_PER_S = 10.0  # one budget for every API call
+
+CONNECT_TIMEOUT_S = 10.0
+API_READ_TIMEOUT_S = 60.0  # one API answer
+DOWNLOAD_READ_TIMEOUT_S = 60.0  # between two chunks of a file; there is no total timeout
+
+RETRY_ATTEMPTS = 6
+RETRY_TOTAL_S = 300.0
+RETRY_BACKOFF_MIN_S = 0.5
+RETRY_BACKOFF_MAX_S = 30.0
+
+POLL_QUEUED_S = 30.0  # first check of a queued job; then backoff
+POLL_MIN_S = 5.0
+POLL_MAX_S = 300.0
+POLL_BACKOFF = 1.5
+POLL_JITTER = 0.1
+
+URL_RENEW_MARGIN_S = 120.0  # renew a signed URL that dies within this margin
+DOWNLOAD_ATTEMPTS = 5
+RECONCILE_LIST_LIMIT = 50  # the API's default page
+STOP_GRACE_S = 20.0  # after Ctrl-C: how long in-flight calls may finish
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_active: int = MAX_ACTIVE
+    submit_rate_per_s: float = SUBMIT_RATE_PER_S
+    max_downloads: int = MAX_DOWNLOADS
+    api_requests_per_s: float = API_REQUESTS_PER_S
+    max_new_jobs: int | None = None  # per run: a spending guard
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    attempts: int = RETRY_ATTEMPTS
+    total_s: float = RETRY_TOTAL_S
+    backoff_min_s: float = RETRY_BACKOFF_MIN_S
+    backoff_max_s: float = RETRY_BACKOFF_MAX_S
+
+
+@dataclass(frozen=True, kw_only=True)
+class PollPolicy:
+    queued_s: float = POLL_QUEUED_S
+    min_s: float = POLL_MIN_S
+    max_s: float = POLL_MAX_S
+    backoff: float = POLL_BACKOFF
+    jitter: float = POLL_JITTER
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    connect_s: float = CONNECT_TIMEOUT_S
+    api_read_s: float = API_READ_TIMEOUT_S
+    download_read_s: float = DOWNLOAD_READ_TIMEOUT_S
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    limits: Limits = field(default_factory=Limits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll: PollPolicy = field(default_factory=PollPolicy)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    url_renew_margin_s: float = URL_RENEW_MARGIN_S
+    download_attempts: int = DOWNLOAD_ATTEMPTS
+    stop_grace_s: float = STOP_GRACE_S
+    dry_run: bool = False
+
+    def time_scaled(self, factor: float) -> RunSettings:
+        """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""
+        p, r = self.poll, self.retry
+        return replace(
+            self,
+            poll=replace(p, queued_s=p.queued_s / factor, min_s=p.min_s / factor, max_s=p.max_s / factor),
+            retry=replace(r, backoff_min_s=r.backoff_min_s / factor, backoff_max_s=r.backoff_max_s / factor),
+            url_renew_margin_s=self.url_renew_margin_s / factor,
+        )

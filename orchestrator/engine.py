@@ -1,0 +1,593 @@
+"""The engine: submit, check and download stages over the state store, in one task group.
+
+The store is the single source of truth; the engine keeps only schedules and the
+latest job objects (for their fresh URLs) in memory, so a restart loses nothing.
+One scheduler loop starts work that is due and sleeps until the next thing is due
+or a finished task wakes it; each stage has its own limiter. `run(once=True)` does
+one pass (check, submit, download) for cron. `stop()` finishes what is in flight
+and returns; a 401 cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import output, reconcile, retry
+from .api import ApiClient
+from .config import RunSettings
+from .download import Downloader
+from .errors import (
+    AuthError,
+    DownloadError,
+    FileGone,
+    InvalidJob,
+    NotFound,
+    NotSent,
+    QuotaError,
+    RateLimited,
+    StoreError,
+    describe_detail,
+)
+from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
+from .models import BAD_ENDINGS, Artifact, JobSpec, JobState, JobType, RemoteJob, RemoteState
+from .ratelimit import RequestBudget
+from .results import parse_job, select
+from .schedule import next_check_in
+from .store import FileRow, JobRow, SqliteStore
+
+log = logging.getLogger(__name__)
+IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
+TRAINED_STATES = (JobState.SUCCEEDED, JobState.DOWNLOADING, JobState.DONE, JobState.LOST)
+
+
+class StopReason:
+    AUTH = "auth"
+    QUOTA = "quota"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class RunOutcome:
+    counts: dict[JobState, int]
+    stopped_by: str | None
+    problems: list[str] = field(default_factory=list)
+    changed_after_submit: tuple[str, ...] = ()
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped_by == StopReason.INTERRUPTED:
+            return 130
+        if self.stopped_by == StopReason.AUTH:
+            return 3
+        if any(self.counts.get(s) for s in BAD_ENDINGS):
+            return 1
+        if self.stopped_by == StopReason.QUOTA and any(n for s, n in self.counts.items() if not s.terminal):
+            return 3
+        return 0
+
+
+def _sent_body(spec: JobSpec, campaign: str, checkpoint_id: str | None, dry_run: bool) -> dict[str, Any]:
+    body = dict(spec.payload)
+    if checkpoint_id is not None:
+        body["checkpoint_id"] = checkpoint_id
+    tags = [t for t in body.get("tags") or [] if t.get("key") != CAMPAIGN_TAG_KEY]
+    body["tags"] = [*tags, {"key": CAMPAIGN_TAG_KEY, "value": f"{campaign}/{spec.id}"}]
+    if dry_run:
+        body["dry_run"] = True
+    return body
+
+
+class Engine:
+    def __init__(
+        self,
+        manifest: Manifest,
+        store: SqliteStore,
+        api: ApiClient,
+        downloader: Downloader,
+        settings: RunSettings,
+        out_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.manifest = manifest
+        self.specs = manifest.by_id
+        self.store = store
+        self.api = api
+        self.downloader = downloader
+        self.settings = settings
+        self.out_dir = out_dir
+        self.now = clock
+        self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s)
+        self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
+        self.check_limiter = anyio.CapacityLimiter(8)
+        self.download_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_downloads))
+        self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
+        self.busy: set[str] = set()  # job ids with a task in flight
+        self.submitted_this_run = 0
+        self.stopped_by: str | None = None
+        self.problems: list[str] = []
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._tg: TaskGroup | None = None
+
+    # -- control --------------------------------------------------------------------
+
+    def stop(self, reason: str = StopReason.INTERRUPTED) -> None:
+        """Finish what is in flight, start nothing new."""
+        self._stopping = True
+        self.stopped_by = self.stopped_by or reason
+        self._notify()
+
+    def _notify(self) -> None:
+        self._wake.set()
+
+    def _problem(self, job_id: str, message: str) -> None:
+        self.problems.append(f"{job_id}: {message}")
+        log.warning("job.problem job_id=%s %s", job_id, message)
+
+    async def run(self, *, once: bool = False) -> RunOutcome:
+        fingerprints = [spec_fingerprint(s) for s in self.manifest.jobs]
+        report = self.store.sync_manifest(self.manifest.campaign, self.manifest.jobs, fingerprints, self.now())
+        for job_id in report.changed_after_submit:
+            self._problem(
+                job_id,
+                "its configuration changed after it was submitted; the submitted job stands "
+                "(give the changed job a new id to run it)",
+            )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._reconcile_interrupted()
+                if once:
+                    await self._one_pass()
+                else:
+                    await self._loop()
+        except* AuthError as group:
+            exc = group.exceptions[0]
+            detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
+            self.stopped_by = StopReason.AUTH
+            self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
+        self._write_summary()
+        return RunOutcome(self.store.counts(), self.stopped_by, self.problems, report.changed_after_submit)
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            started = self._start_due_work()
+            if not self.busy and not started and not self._waiting_for_more():
+                return
+            if self._stopping and not self.busy:
+                return
+            with anyio.move_on_after(self._sleep_for()):
+                await self._wake.wait()
+
+    async def _one_pass(self) -> None:
+        """cron: check every job in flight, submit what may be, download what is ready."""
+        async with anyio.create_task_group() as tg:
+            for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
+                self.busy.add(row.id)
+                tg.start_soon(self._check, row)
+        async with anyio.create_task_group() as tg:
+            self._start_submissions(tg)
+        async with anyio.create_task_group() as tg:
+            self._start_downloads(tg)
+
+    def _sleep_for(self) -> float:
+        due = [r.next_check_at for r in self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if r.id not in self.busy]
+        soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
+        return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
+
+    def _waiting_for_more(self) -> bool:
+        """Is anything left that a later pass could move on?"""
+        counts = self.store.counts()
+        if counts.get(JobState.QUEUED) or counts.get(JobState.RUNNING) or counts.get(JobState.SUBMITTING):
+            return True
+        if counts.get(JobState.SUCCEEDED) or counts.get(JobState.DOWNLOADING):
+            return True
+        return bool(counts.get(JobState.PENDING)) and not self._stopping and self._submissions_allowed()
+
+    def _start_due_work(self) -> int:
+        assert self._tg is not None
+        started = 0
+        now = self.now()
+        for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
+            if row.id not in self.busy and (row.next_check_at is None or row.next_check_at <= now):
+                self.busy.add(row.id)
+                self._tg.start_soon(self._check, row)
+                started += 1
+        if not self._stopping:
+            started += self._start_submissions(self._tg)
+            started += self._start_downloads(self._tg)
+        return started
+
+    # -- submitting -----------------------------------------------------------------
+
+    def _submissions_allowed(self) -> bool:
+        cap = self.settings.limits.max_new_jobs
+        return self.stopped_by is None and (cap is None or self.submitted_this_run < cap)
+
+    def _start_submissions(self, tg: TaskGroup) -> int:
+        if not self._submissions_allowed() or self._stopping:
+            return 0
+        counts = self.store.counts()
+        active = sum(n for s, n in counts.items() if s.in_flight)
+        room = self.settings.limits.max_active - active
+        cap = self.settings.limits.max_new_jobs
+        if cap is not None:
+            room = min(room, cap - self.submitted_this_run)
+        if room <= 0:
+            return 0
+        batch: list[tuple[JobRow, JobSpec, str | None]] = []
+        pending = self.store.jobs([JobState.PENDING])
+        parents = {r.id: r for r in self.store.jobs()} if any(r.checkpoint_from for r in pending) else {}
+        for row in pending:
+            spec = self.specs.get(row.id)
+            if spec is None or row.id in self.busy or not row.in_manifest:
+                continue
+            checkpoint_id = None
+            if spec.checkpoint_from is not None:
+                parent = parents.get(spec.checkpoint_from)
+                if parent is None or parent.checkpoint_id is None:
+                    if parent is not None and parent.state.terminal and parent.state not in TRAINED_STATES:
+                        self.store.move(
+                            row.id,
+                            JobState.SKIPPED,
+                            self.now(),
+                            reason=f"not sent: {parent.id} ended {parent.state}",
+                        )
+                    elif self.settings.dry_run:
+                        self.store.move(
+                            row.id,
+                            JobState.SKIPPED,
+                            self.now(),
+                            reason=f"not sent: a dry run makes no checkpoint for {parent.id if parent else '?'}",
+                        )
+                    continue
+                checkpoint_id = parent.checkpoint_id
+            batch.append((row, spec, checkpoint_id))
+            if len(batch) >= room:
+                break
+        if not batch:
+            return 0
+        bodies = {
+            row.id: _sent_body(spec, self.manifest.campaign, ckp, self.settings.dry_run) for row, spec, ckp in batch
+        }
+        if not self.settings.dry_run:
+            intents = [
+                (row.id, json.dumps(_storable(bodies[row.id]), sort_keys=True), row.fingerprint) for row, _, _ in batch
+            ]
+            self.store.record_intents(intents, self.now())  # rule 1: durable before any POST
+        for row, spec, _ in batch:
+            self.busy.add(row.id)
+            self.submitted_this_run += 1
+            tg.start_soon(self._submit, spec, bodies[row.id])
+        return len(batch)
+
+    async def _submit(self, spec: JobSpec, body: dict[str, Any]) -> None:
+        try:
+            async with self.submit_limiter:
+                await self.submit_budget.acquire()
+                await self._submit_once(spec, body)
+        finally:
+            self.busy.discard(spec.id)
+            self._notify()
+
+    async def _submit_once(self, spec: JobSpec, body: dict[str, Any]) -> None:
+        job_id = spec.id
+        try:
+            remote_id = await retry.submission(
+                lambda: self.api.submit(spec.type, body), self.settings.retry, f"submit {job_id}"
+            )
+        except InvalidJob as exc:
+            self.store.move(
+                job_id,
+                JobState.INVALID,
+                self.now(),
+                reason=f"the API refused it (422): {describe_detail(exc.detail)}",
+            )
+            self._problem(job_id, f"invalid: {describe_detail(exc.detail)}")
+            return
+        except QuotaError as exc:
+            self._back_to_pending(job_id)
+            if self.stopped_by is None:
+                self.stopped_by = StopReason.QUOTA
+                self.problems.append(
+                    f"the API refused new jobs (403): {describe_detail(exc.detail)}; "
+                    "jobs already submitted are still followed and downloaded"
+                )
+            return
+        except AuthError:
+            self._back_to_pending(job_id)
+            raise
+        except (NotSent, RateLimited):
+            self._back_to_pending(job_id)  # provably nothing was created
+            return
+        except Exception as exc:  # the answer is lost: the job may or may not exist
+            if self.settings.dry_run:
+                self._problem(job_id, f"dry run not confirmed: {exc}")
+                return
+            log.warning("job.submit_unclear job_id=%s error=%s", job_id, exc)
+            await self._reconcile(self.store.job(job_id))
+            return
+        if self.settings.dry_run:
+            self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
+            return
+        self.store.mark_submitted(job_id, remote_id, self.now())
+        log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
+
+    def _back_to_pending(self, job_id: str) -> None:
+        if not self.settings.dry_run:
+            self.store.move(job_id, JobState.PENDING, self.now())
+
+    async def _reconcile_interrupted(self) -> None:
+        """Jobs left SUBMITTING by an earlier run: their POST's outcome is unknown."""
+        for row in self.store.jobs([JobState.SUBMITTING]):
+            await self._reconcile(row)
+
+    async def _reconcile(self, row: JobRow) -> None:
+        claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
+        job_type = JobType(row.type)
+        found = await reconcile.reconcile(
+            self.api,
+            self.settings.retry,
+            job_type=job_type,
+            tag_value=f"{self.manifest.campaign}/{row.id}",
+            sent_payload=row.sent_payload or "{}",
+            intent_at=row.intent_at or 0.0,
+            claimed=claimed,
+        )
+        log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
+        if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
+            self.store.mark_submitted(row.id, found.remote_id, self.now())
+        elif found.verdict is reconcile.Verdict.ABSENT:
+            self.store.move(row.id, JobState.PENDING, self.now(), reason=None)
+        else:
+            self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
+            self._problem(
+                row.id,
+                f"unknown whether it was created: {found.why}. Check the dreamlook.ai "
+                "jobs page, then run `dreamlook-batch settle` for it",
+            )
+
+    # -- checking -------------------------------------------------------------------
+
+    async def _check(self, row: JobRow) -> None:
+        try:
+            async with self.check_limiter:
+                await self._check_once(row)
+        finally:
+            self.busy.discard(row.id)
+            self._notify()
+
+    async def _check_once(self, row: JobRow) -> None:
+        assert row.remote_id is not None
+        job_type = JobType(row.type)
+        try:
+            raw = await retry.idempotent(
+                lambda: self.api.get_job(job_type, row.remote_id or ""),
+                self.settings.retry,
+                f"check {row.id}",
+            )
+        except NotFound:
+            # The API does not know the id it gave us: keep asking, slowly.
+            self.store.update_remote(
+                row.id,
+                remote_state="not-found",
+                percentage=None,
+                next_check_at=self.now() + self.settings.poll.max_s,
+                now=self.now(),
+            )
+            self._problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
+            return
+        except (AuthError, QuotaError):
+            raise
+        except Exception as exc:
+            log.warning("job.check_failed job_id=%s error=%s", row.id, exc)
+            self.store.update_remote(
+                row.id,
+                remote_state=row.remote_state or "?",
+                percentage=row.percentage,
+                next_check_at=self.now() + self.settings.poll.max_s / 4,
+                now=self.now(),
+            )
+            return
+        remote = parse_job(raw)
+        self.remote[row.id] = remote
+        await self._apply(row, remote)
+
+    async def _apply(self, row: JobRow, remote: RemoteJob) -> None:
+        now = self.now()
+        if remote.state is RemoteState.SUCCESS:
+            self._on_success(row, remote)
+        elif remote.state is RemoteState.FAILURE:
+            self.store.update_remote(
+                row.id,
+                remote_state=remote.raw_state,
+                percentage=remote.percentage_done,
+                next_check_at=None,
+                now=now,
+            )
+            self.store.move(row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure")
+            self._problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
+        else:
+            if remote.state is RemoteState.OTHER:
+                log.warning("job.unknown_state job_id=%s state=%r", row.id, remote.raw_state)
+            wait = next_check_in(self.settings.poll, remote, row.checks)
+            self.store.update_remote(
+                row.id,
+                remote_state=remote.raw_state,
+                percentage=remote.percentage_done,
+                next_check_at=now + wait,
+                now=now,
+            )
+            if remote.state is RemoteState.RUNNING and row.state is JobState.QUEUED:
+                self.store.move(row.id, JobState.RUNNING, now)
+
+    def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
+        now = self.now()
+        spec = self.specs.get(row.id)
+        if remote.final_checkpoint_id:
+            self.store.set_checkpoint(row.id, remote.final_checkpoint_id)
+        wanted = select(remote, spec.download if spec else None)
+        self.store.add_files(
+            row.id,
+            [
+                FileRow(
+                    job_id=row.id,
+                    remote_id=a.remote_id,
+                    name=a.name,
+                    kind=a.kind,
+                    size_bytes=a.size_bytes,
+                    sha256=None,
+                    done=False,
+                    lost=False,
+                )
+                for a in wanted
+            ],
+        )
+        self.store.update_remote(row.id, remote_state=remote.raw_state, percentage=100.0, next_check_at=None, now=now)
+        self.store.move(row.id, JobState.SUCCEEDED, now)
+        log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
+
+    # -- downloading ----------------------------------------------------------------
+
+    def _start_downloads(self, tg: TaskGroup) -> int:
+        started = 0
+        for row in self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING]):
+            if row.id not in self.busy:
+                self.busy.add(row.id)
+                tg.start_soon(self._download_job, row)
+                started += 1
+        return started
+
+    async def _download_job(self, row: JobRow) -> None:
+        try:
+            await self._download_job_files(row)
+        except StoreError:
+            raise
+        except DownloadError as exc:
+            self._problem(row.id, f"download failed, will retry on the next pass: {exc}")
+        finally:
+            self.busy.discard(row.id)
+            self._notify()
+
+    async def _fresh(self, row: JobRow) -> RemoteJob:
+        assert row.remote_id is not None
+        raw = await retry.idempotent(
+            lambda: self.api.get_job(JobType(row.type), row.remote_id or ""),
+            self.settings.retry,
+            f"renew {row.id}",
+        )
+        remote = parse_job(raw)
+        self.remote[row.id] = remote
+        return remote
+
+    async def _download_job_files(self, row: JobRow) -> None:
+        if row.state is JobState.SUCCEEDED:
+            self.store.move(row.id, JobState.DOWNLOADING, self.now())
+        folder = self.out_dir / row.id
+        files = self.store.files(row.id)
+        remote = self.remote.get(row.id)
+        todo = [f for f in files if not f.done and not f.lost]
+        if todo and remote is None:
+            remote = await self._fresh(row)
+        if remote is None:  # nothing to fetch, but job.json wants the job object
+            remote = await self._fresh(row)
+
+        async def fetch(file: FileRow) -> None:
+            artifact = next(
+                (a for a in (self.remote.get(row.id) or remote).artifacts if a.remote_id == file.remote_id),
+                None,
+            )
+            if artifact is None or not artifact.available:
+                self.store.file_lost(row.id, file.remote_id)
+                return
+
+            async def renew() -> Artifact:
+                fresh = await self._fresh(row)
+                found = next((a for a in fresh.artifacts if a.remote_id == file.remote_id), None)
+                if found is None or not found.available:
+                    raise FileGone(f"{file.name}: no longer offered by the API")
+                return found
+
+            async with self.download_limiter:
+                try:
+                    got = await self.downloader.fetch(
+                        artifact,
+                        folder,
+                        renew,
+                        attempts=self.settings.download_attempts,
+                        renew_margin_s=self.settings.url_renew_margin_s,
+                    )
+                except FileGone as exc:
+                    self.store.file_lost(row.id, file.remote_id)
+                    self._problem(row.id, f"lost {file.name}: {exc}")
+                    return
+            self.store.file_done(row.id, file.remote_id, got.sha256, got.size)
+            log.info("file.done job_id=%s file=%s bytes=%d", row.id, file.name, got.size)
+
+        async with anyio.create_task_group() as tg:
+            for file in sorted(todo, key=lambda f: f.kind != "image"):  # images first: 1 h URLs
+                tg.start_soon(fetch, file)
+        files = self.store.files(row.id)
+        if any(not f.done and not f.lost for f in files):
+            return
+        output.write_job_files(folder, self.remote.get(row.id, remote).raw, files)
+        lost = [f.name for f in files if f.lost]
+        if lost:
+            self.store.move(row.id, JobState.LOST, self.now(), reason=f"deleted before download: {', '.join(lost)}")
+        else:
+            self.store.move(row.id, JobState.DONE, self.now())
+            log.info("job.done job_id=%s files=%d", row.id, len(files))
+
+    # -- summary --------------------------------------------------------------------
+
+    def _write_summary(self) -> None:
+        if self.settings.dry_run:
+            return
+        rows = self.store.jobs()
+        files: dict[str, list[dict[str, Any]]] = {}
+        for f in self.store.all_files():
+            files.setdefault(f.job_id, []).append(
+                {
+                    "name": f.name,
+                    "kind": f.kind.value,
+                    "bytes": f.size_bytes,
+                    "sha256": f.sha256,
+                    "done": f.done,
+                    "lost": f.lost,
+                }
+            )
+        summary = {
+            "campaign": self.manifest.campaign,
+            "manifest": str(self.manifest.path),
+            "written_at": self.now(),
+            "counts": {s.value: n for s, n in self.store.counts().items()},
+            "jobs": [
+                {
+                    "id": r.id,
+                    "type": r.type,
+                    "state": r.state.value,
+                    "remote_id": r.remote_id,
+                    "reason": r.reason,
+                    "files": files.get(r.id, []),
+                }
+                for r in rows
+                if r.in_manifest
+            ],
+        }
+        output.write_summary(self.out_dir / "summary.json", summary)
+
+
+def _storable(body: dict[str, Any]) -> dict[str, Any]:
+    """What we keep of a sent body: no callback URL (it carries a secret)."""
+    return {k: v for k, v in body.items() if k != "callback"}

@@ -1,0 +1,113 @@
+"""Reading manifest files into plain data that remembers its line numbers.
+
+YAML and JSON become dicts whose `line` attribute is where they start; JSON Lines
+and CSV rows carry their line too. Nothing here knows what a job is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import Problem
+
+
+class LineDict(dict[str, Any]):
+    """A mapping that knows the line (1-based) it starts on."""
+
+    line: int | None = None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps lines, refuses duplicate keys, and reads 1e-6 as a float."""
+
+    problems: list[Problem]
+    path: str
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
+    loader.flatten_mapping(node)
+    out = LineDict()
+    out.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            loader.problems.append(
+                Problem(
+                    loader.path,
+                    key_node.start_mark.line + 1,
+                    None,
+                    f"key {key!r} appears twice in one mapping",
+                )
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads "1e-6" as text; the JSON and YAML 1.2 reading is a number.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_document(path: Path, problems: list[Problem]) -> Any:
+    """A YAML or JSON file as data with LineDicts; syntax errors become problems."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)  # JSON's own verdict on syntax, with its line
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(str(path), exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            return None
+    loader = _Loader(text)
+    loader.problems, loader.path = problems, str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        problems.append(Problem(str(path), line, None, f"invalid YAML: {exc.problem or exc}"))
+        return None
+    finally:
+        loader.dispose()
+
+
+def iter_json_lines(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(str(path), number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            if not isinstance(obj, dict):
+                problems.append(Problem(str(path), number, None, "each line must be a JSON object"))
+                continue
+            row = LineDict(obj)
+            row.line = number
+            yield row
+
+
+def iter_csv_rows(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            problems.append(Problem(str(path), 1, None, "the CSV file has no header row"))
+            return
+        for raw in reader:
+            row = LineDict({k.strip(): (v or "").strip() for k, v in raw.items() if k is not None})
+            row.line = reader.line_num
+            if None in raw:
+                problems.append(Problem(str(path), reader.line_num, None, "this row has more cells than the header"))
+            yield row

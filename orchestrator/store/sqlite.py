@@ -1,0 +1,325 @@
+"""`SqliteStore`: the campaign in one SQLite file (WAL, versioned schema).
+
+Intents and job ids are committed with `synchronous=FULL` (rule 1: synced before and
+right after the paid POST); other updates with `NORMAL`, which WAL keeps through a
+crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from ..models import ArtifactKind, JobSpec, JobState, can_move
+from .base import FileRow, JobRow, SyncReport
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5_000
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    state TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    sent_fingerprint TEXT,
+    sent_payload TEXT,
+    checkpoint_from TEXT,
+    remote_id TEXT,
+    remote_state TEXT,
+    percentage REAL,
+    checkpoint_id TEXT,
+    intent_at REAL,
+    submitted_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    next_check_at REAL,
+    checks INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    in_manifest INTEGER NOT NULL DEFAULT 1,
+    position INTEGER NOT NULL
+);
+CREATE INDEX jobs_by_state ON jobs (state);
+CREATE TABLE files (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    remote_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    size_bytes INTEGER,
+    sha256 TEXT,
+    done INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, remote_id),
+    UNIQUE (job_id, name)
+);
+"""
+_JOB_COLUMNS = (
+    "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
+    "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, updated_at, "
+    "next_check_at, checks, reason, in_manifest"
+)
+
+
+def _job(row: sqlite3.Row) -> JobRow:
+    values = dict(row)
+    values["state"] = JobState(values["state"])
+    values["in_manifest"] = bool(values["in_manifest"])
+    return JobRow(**values)
+
+
+def _file(row: sqlite3.Row) -> FileRow:
+    values = dict(row)
+    values["kind"] = ArtifactKind(values["kind"])
+    values["done"], values["lost"] = bool(values["done"]), bool(values["lost"])
+    return FileRow(**values)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the state store {path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        with self._tx():
+            exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+            if not exists:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                return
+            version = int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer dreamlook-batch (schema {version}, this one "
+                f"knows {SCHEMA_VERSION}): upgrade dreamlook-batch"
+            )
+
+    @contextmanager
+    def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        db = self._db
+        try:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    # -- manifest -------------------------------------------------------------------
+
+    def sync_manifest(
+        self, campaign: str, specs: Sequence[JobSpec], fingerprints: Sequence[str], now: float
+    ) -> SyncReport:
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='campaign'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('campaign', ?)", (campaign,))
+            elif row[0] != campaign:
+                raise StoreError(
+                    f"{self.path} holds campaign {row[0]!r}, not {campaign!r}: give this campaign its own --state file"
+                )
+            known = {r["id"]: r for r in db.execute("SELECT id, fingerprint, sent_fingerprint FROM jobs")}
+            added: list[str] = []
+            changed: list[str] = []
+            seen: set[str] = set()
+            for position, (spec, fingerprint) in enumerate(zip(specs, fingerprints, strict=True)):
+                seen.add(spec.id)
+                old = known.get(spec.id)
+                if old is None:
+                    db.execute(
+                        "INSERT INTO jobs (id, type, state, fingerprint, checkpoint_from, updated_at, position)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            spec.id,
+                            spec.type.value,
+                            JobState.PENDING.value,
+                            fingerprint,
+                            spec.checkpoint_from,
+                            now,
+                            position,
+                        ),
+                    )
+                    added.append(spec.id)
+                    continue
+                if old["fingerprint"] != fingerprint:
+                    db.execute(
+                        "UPDATE jobs SET fingerprint=?, checkpoint_from=?, in_manifest=1, position=? WHERE id=?",
+                        (fingerprint, spec.checkpoint_from, position, spec.id),
+                    )
+                else:
+                    db.execute("UPDATE jobs SET in_manifest=1, position=? WHERE id=?", (position, spec.id))
+                if old["sent_fingerprint"] is not None and old["sent_fingerprint"] != fingerprint:
+                    changed.append(spec.id)
+            removed = [job_id for job_id in known if job_id not in seen]
+            db.executemany("UPDATE jobs SET in_manifest=0 WHERE id=?", [(j,) for j in removed])
+        return SyncReport(tuple(added), tuple(changed), tuple(removed))
+
+    # -- reading --------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobRow:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        if not rows:
+            raise StoreError(f"no job {job_id!r} in {self.path}")
+        return _job(rows[0])
+
+    def jobs(self, states: Iterable[JobState] | None = None) -> list[JobRow]:
+        if states is None:
+            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY position")
+        else:
+            wanted = [s.value for s in states]
+            marks = ",".join("?" * len(wanted))
+            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY position", wanted)
+        return [_job(r) for r in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        rows = self._query("SELECT state, COUNT(*) FROM jobs WHERE in_manifest=1 GROUP BY state")
+        return {JobState(r[0]): r[1] for r in rows}
+
+    def campaign(self) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key='campaign'")
+        return rows[0][0] if rows else None
+
+    # -- writing --------------------------------------------------------------------
+
+    def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
+        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, synced."""
+        with self._tx(durable=True) as db:
+            for job_id, payload, fingerprint in intents:
+                cur = db.execute(
+                    "UPDATE jobs SET state=?, intent_at=?, sent_payload=?, sent_fingerprint=?, updated_at=?"
+                    " WHERE id=? AND state=?",
+                    (
+                        JobState.SUBMITTING.value,
+                        now,
+                        payload,
+                        fingerprint,
+                        now,
+                        job_id,
+                        JobState.PENDING.value,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
+
+    def mark_submitted(self, job_id: str, remote_id: str, now: float) -> None:
+        with self._tx(durable=True) as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued'"
+                " WHERE id=? AND state=?",
+                (JobState.QUEUED.value, remote_id, now, now, job_id, JobState.SUBMITTING.value),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+
+    def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id!r}")
+            current = JobState(row[0])
+            if not can_move(current, state):
+                raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
+            finished = now if state.terminal else None
+            db.execute(
+                "UPDATE jobs SET state=?, updated_at=?, reason=COALESCE(?, reason),"
+                " finished_at=COALESCE(?, finished_at) WHERE id=?",
+                (state.value, now, reason, finished, job_id),
+            )
+            if state is JobState.PENDING:  # provably never created: forget the intent
+                db.execute(
+                    "UPDATE jobs SET intent_at=NULL, sent_payload=NULL, sent_fingerprint=NULL WHERE id=?",
+                    (job_id,),
+                )
+
+    def settle(self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str) -> None:
+        """A person's decision on an UNKNOWN job: it exists (remote_id), or resubmit, or give up."""
+        with self._tx(durable=True) as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, remote_id=COALESCE(?, remote_id), reason=?, updated_at=?,"
+                " submitted_at=CASE WHEN ? IS NULL THEN submitted_at ELSE ? END WHERE id=? AND state=?",
+                (state.value, remote_id, reason, now, remote_id, now, job_id, JobState.UNKNOWN.value),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"job {job_id!r} is not unknown: nothing to settle")
+
+    def update_remote(
+        self,
+        job_id: str,
+        *,
+        remote_state: str,
+        percentage: float | None,
+        next_check_at: float | None,
+        now: float,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET remote_state=?, percentage=?, next_check_at=?, checks=checks+1, updated_at=?"
+                " WHERE id=?",
+                (remote_state, percentage, next_check_at, now, job_id),
+            )
+
+    def set_checkpoint(self, job_id: str, checkpoint_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET checkpoint_id=? WHERE id=?", (checkpoint_id, job_id))
+
+    def add_files(self, job_id: str, files: Sequence[FileRow]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO files (job_id, remote_id, name, kind, size_bytes) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, f.remote_id, f.name, f.kind.value, f.size_bytes) for f in files],
+            )
+
+    def files(self, job_id: str) -> list[FileRow]:
+        rows = self._query(
+            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files"
+            " WHERE job_id=? ORDER BY name",
+            (job_id,),
+        )
+        return [_file(r) for r in rows]
+
+    def all_files(self) -> list[FileRow]:
+        rows = self._query(
+            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files ORDER BY job_id, name"
+        )
+        return [_file(r) for r in rows]
+
+    def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET done=1, sha256=?, size_bytes=? WHERE job_id=? AND remote_id=?",
+                (sha256, size, job_id, remote_id),
+            )
+
+    def file_lost(self, job_id: str, remote_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE files SET lost=1 WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+
+    def close(self) -> None:
+        self._db.close()
