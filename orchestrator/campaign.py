@@ -37,13 +37,26 @@ class Paths:
     out: Path
 
 
-def paths_for(manifest: Manifest, state: Path | None = None, out: Path | None = None) -> Paths:
-    """Defaults relative to the manifest's folder, so cron runs from anywhere agree."""
+def paths_for(
+    manifest: Manifest, state: Path | None = None, out: Path | None = None, *, simulated: bool = False
+) -> Paths:
+    """Defaults relative to the manifest's folder, so cron runs from anywhere agree.
+
+    A simulated run keeps its own state: its jobs exist only in a simulator that is
+    gone when the run ends, so a real run must never see them.
+    """
     base = manifest.path.resolve().parent
+    name = f"{manifest.campaign}.simulated.db" if simulated else f"{manifest.campaign}.db"
     return Paths(
-        state=(state or base / STATE_DIR / f"{manifest.campaign}.db").resolve(),
+        state=(state or base / STATE_DIR / name).resolve(),
         out=(out or base / OUTPUT_DIR / manifest.campaign).resolve(),
     )
+
+
+def forget_simulated_state(paths: Paths) -> None:
+    """A new in-process simulator knows none of the old run's jobs: start the rehearsal afresh."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(paths.state) + suffix).unlink(missing_ok=True)
 
 
 def read_api_key(key_file: Path | None) -> str:

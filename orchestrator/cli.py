@@ -231,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
         out.print(f"{manifest.path}: OK, campaign {manifest.campaign!r}, {len(manifest.jobs)} jobs ({kinds})")
         return EXIT_OK
-    paths = campaign.paths_for(manifest, args.state, args.out)
+    paths = campaign.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
     if command == "plan":
         return _plan(manifest, paths)
     if command == "status":
@@ -260,7 +260,13 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     if args.simulate:
         from .sim import SimSettings
 
+        if args.once:
+            raise UsageError(
+                "--simulate starts a simulator that ends with the run, so --once has nothing to come back to; "
+                "serve one with `dreamlook-batch sim` and pass its URL with --api-url"
+            )
         simulate = SimSettings.for_demo()
+        campaign.forget_simulated_state(paths)
     request = campaign.RunRequest(
         manifest=manifest,
         paths=paths,
@@ -388,6 +394,7 @@ def _serve_sim(args: argparse.Namespace) -> int:
         out.print(f"  export DREAMLOOK_API_URL={sim.url}")
         out.print(f"  export DREAMLOOK_API_KEY={sim.api_key}   # a test key; the simulator accepts only its own keys")
         out.print(f"  time scale {settings.time_scale:g}x; Ctrl-C stops it")
+        sys.stdout.flush()  # a script reading our first lines must not wait for a buffer
 
     try:
         anyio.run(serve, settings, args.host, args.port, ready)

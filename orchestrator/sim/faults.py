@@ -1,7 +1,7 @@
 """Which fault, if any, hits a request: by rate from a seeded generator, or by script.
 
 The plan can be swapped while the simulator runs (tests switch faults mid-campaign);
-counters of scripted faults keep counting across swaps.
+a scripted fault's `nth` counts the requests since its plan was set.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class FaultInjector:
                 if fault.nth <= count < fault.nth + fault.count:
                     return fault.kind, fault.arg
         return None
+
+    def replace_plan(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.seen.clear()
 
     def pick(self, route: Route) -> tuple[FaultKind, int | None] | None:
         """The fault for this request; call once per request of `route`."""

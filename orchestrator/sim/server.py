@@ -64,8 +64,8 @@ class Simulator:
         return self.service.ledger
 
     def set_faults(self, plan: FaultPlan) -> None:
-        """Swap the fault plan while running; scripted counters keep counting."""
-        self.faults.plan = plan
+        """Swap the fault plan while running; scripted `nth` counts from now."""
+        self.faults.replace_plan(plan)
 
     async def __aenter__(self) -> Simulator:
         stack = self._stack

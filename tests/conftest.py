@@ -1,0 +1,87 @@
+"""Shared test helpers: fast simulator settings, a simulator on a background thread
+(for CLI and subprocess tests), and a tiny HTTP helper. No mocks: everything runs
+the real simulator over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.config import Limits, RunSettings
+from orchestrator.sim import SimSettings, Simulator
+
+# Training of 1200 steps: ~1000 service seconds / 20000 = 0.05 s.
+FAST_SCALE = 20_000.0
+
+
+def fast_sim(**overrides: Any) -> SimSettings:
+    base = SimSettings(
+        time_scale=FAST_SCALE,
+        checkpoint_bytes=256 * 1024 + 13,
+        sdxl_checkpoint_bytes=512 * 1024 + 29,
+        lora_bytes=64 * 1024 + 5,
+        image_max_px=24,
+    )
+    return replace(base, **overrides)
+
+
+def fast_run(scale: float = FAST_SCALE, **limits: Any) -> RunSettings:
+    base = Limits(max_active=400, submit_rate_per_s=2000.0, api_requests_per_s=5000.0, max_downloads=16)
+    return RunSettings(limits=replace(base, **limits)).time_scaled(scale)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ThreadedSim:
+    """A Simulator serving from its own thread and event loop, for code that calls anyio.run."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        self.settings = settings
+        self.sim: Simulator | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with Simulator(self.settings) as sim:
+                self.sim = sim
+                self._ready.set()
+                await self._stop.wait()
+
+        asyncio.run(serve())
+
+    def __enter__(self) -> Simulator:
+        self._thread.start()
+        assert self._ready.wait(10), "simulator did not start"
+        assert self.sim is not None
+        return self.sim
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def threaded_sim() -> Iterator[Any]:
+    """Call it with settings: `with threaded_sim(fast_sim()) as sim: ...`."""
+    yield ThreadedSim
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
