@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Limits().api_requests_per_s,
         help="API requests per second, all kinds (default %(default)s)",
     )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="divide every wait by this, to rehearse against `dreamlook-batch sim --time-scale` of the same value",
+    )
 
     p = sub.add_parser("status", help="the campaign as the state store has it; no API call")
     _common(p)
@@ -247,8 +253,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     for name in ("max_active", "max_downloads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.submit_rate <= 0 or args.requests_per_s <= 0:
-        raise UsageError("--submit-rate and --requests-per-s must be positive")
+    if args.submit_rate <= 0 or args.requests_per_s <= 0 or args.time_scale <= 0:
+        raise UsageError("--submit-rate, --requests-per-s and --time-scale must be positive")
     limits = Limits(
         max_active=args.max_active,
         submit_rate_per_s=args.submit_rate,
@@ -270,7 +276,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     request = campaign.RunRequest(
         manifest=manifest,
         paths=paths,
-        settings=RunSettings(limits=limits, dry_run=args.dry_run),
+        settings=RunSettings(limits=limits, dry_run=args.dry_run).time_scaled(args.time_scale),
         api_url=args.api_url,
         api_key_file=args.api_key_file,
         simulate=simulate,

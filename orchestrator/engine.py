@@ -61,6 +61,7 @@ class RunOutcome:
     stopped_by: str | None
     problems: list[str] = field(default_factory=list)
     changed_after_submit: tuple[str, ...] = ()
+    dry_run: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -68,7 +69,9 @@ class RunOutcome:
             return 130
         if self.stopped_by == StopReason.AUTH:
             return 3
-        if any(self.counts.get(s) for s in BAD_ENDINGS):
+        # A dry run skips dependents by design (it makes no checkpoint): not a failure.
+        bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
+        if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
             return 1
         if self.stopped_by == StopReason.QUOTA and any(n for s, n in self.counts.items() if not s.terminal):
             return 3
@@ -157,7 +160,9 @@ class Engine:
             self.stopped_by = StopReason.AUTH
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
         self._write_summary()
-        return RunOutcome(self.store.counts(), self.stopped_by, self.problems, report.changed_after_submit)
+        return RunOutcome(
+            self.store.counts(), self.stopped_by, self.problems, report.changed_after_submit, self.settings.dry_run
+        )
 
     async def _loop(self) -> None:
         while True:
@@ -321,7 +326,8 @@ class Engine:
         if self.settings.dry_run:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
-        self.store.mark_submitted(job_id, remote_id, self.now())
+        first_check = self.now() + next_check_in(self.settings.poll, None, 0)
+        self.store.mark_submitted(job_id, remote_id, self.now(), next_check_at=first_check)
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
 
     def _back_to_pending(self, job_id: str) -> None:

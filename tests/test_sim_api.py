@@ -11,6 +11,7 @@ from .conftest import fast_sim
 from .simhttp import DB_BODY, IG_BODY, Http
 
 pytestmark = pytest.mark.anyio
+SDXL = "stable-diffusion-xl-v1-0"
 
 # The vendor's example job object (dreamlook-api-docs.txt), its keys at each level.
 DOC_JOB_KEYS = {
@@ -31,8 +32,8 @@ DOC_CHECKPOINT_KEYS = {
 }  # fmt: skip
 
 
-async def wait_state(http: Http, kind: str, job_id: str, states: set[str], timeout: float = 10) -> dict:
-    with anyio.fail_after(timeout):
+async def wait_state(http: Http, kind: str, job_id: str, states: set[str], limit_s: float = 10) -> dict:
+    with anyio.fail_after(limit_s):
         while True:
             job = await http.job(kind, job_id)
             if job["state"] in states:
@@ -75,7 +76,7 @@ async def test_submit_prefixes_both_spellings_and_tags_echoed() -> None:
         ("dreambooth", {**DB_BODY, "steps": "many"}, "steps"),
         ("dreambooth", {**DB_BODY, "base_model": "sd-9000"}, "base_model"),
         ("dreambooth", {**DB_BODY, "text_encoder_training": True}, "text_encoder_training"),
-        ("dreambooth", {**DB_BODY, "base_model": "stable-diffusion-xl-v1-0", "learning_rate_te2": 1e-6}, "learning_rate_te2"),
+        ("dreambooth", {**DB_BODY, "base_model": SDXL, "learning_rate_te2": 1e-6}, "learning_rate_te2"),
         ("image_gen", {"prompt": "x", "checkpoint_id": "ckp_nope"}, "checkpoint_id"),
         ("image_gen", {"prompt": "x"}, "base_model"),
         ("image_gen", {**IG_BODY, "num_samples": 0}, "num_samples"),
@@ -94,7 +95,9 @@ async def test_invalid_submissions_get_fastapi_422(kind: str, body: dict, field:
 
 async def test_malformed_json_is_422_not_a_crash() -> None:
     async with Simulator(fast_sim()) as sim, Http(sim) as http:
-        status, data, _ = await http.call("POST", "/dreambooth", data=b"{not json", headers={"content-type": "application/json"})
+        status, data, _ = await http.call(
+            "POST", "/dreambooth", data=b"{not json", headers={"content-type": "application/json"}
+        )
         assert status == 422 and data["detail"][0]["loc"] == ["body"]
 
 
@@ -121,7 +124,7 @@ async def test_list_newest_first_with_limit_offset_and_default_50() -> None:
         assert status == 200 and [j["job_id"] for j in page] == ids[::-1][:50]
         status, page, _ = await http.call("GET", "/jobs/image-gen?limit=3&offset=2")
         assert [j["job_id"] for j in page] == ids[::-1][2:5]
-        status, data, _ = await http.call("GET", "/jobs/image_gen?limit=-1")
+        status, _, _ = await http.call("GET", "/jobs/image_gen?limit=-1")
         assert status == 422
 
 
@@ -187,12 +190,18 @@ async def test_image_results_shape_and_generation_from_a_trained_checkpoint() ->
 
 async def test_combined_job_trains_then_generates_per_config() -> None:
     async with Simulator(fast_sim()) as sim, Http(sim) as http:
-        body = {"dreambooth": DB_BODY, "image_gen": [{"prompt": "a", "num_samples": 1}, {"prompt": "b", "num_samples": 2}]}
+        body = {
+            "dreambooth": DB_BODY,
+            "image_gen": [{"prompt": "a", "num_samples": 1}, {"prompt": "b", "num_samples": 2}],
+        }
         job_id = await http.submit("dreambooth_image_gen", body)
         job = await wait_state(http, "dreambooth_image_gen", job_id, {"success"})
         ckp = job["dreambooth_result"]["checkpoints"][0]["checkpoint_id"]
         groups = job["image_gen_results"]
-        assert [(g["config_idx"], len(g["generated_images"]), g["checkpoint_id"]) for g in groups] == [(0, 1, ckp), (1, 2, ckp)]
+        assert [(g["config_idx"], len(g["generated_images"]), g["checkpoint_id"]) for g in groups] == [
+            (0, 1, ckp),
+            (1, 2, ckp),
+        ]
 
 
 async def test_life_cycle_queued_running_with_rising_percentage_then_success() -> None:
@@ -250,9 +259,13 @@ async def test_admin_routes_need_the_admin_token() -> None:
         status, data, _ = await http.call("GET", "/_sim/ledger", headers={"x-sim-admin": sim.settings.admin_token})
         assert status == 200 and len(data["jobs"]) == 1 and data["requests"]["submit"] == 1
         plan = {"script": [{"route": "submit", "kind": "5xx", "nth": 1}]}
-        status, _, _ = await http.call("PUT", "/_sim/faults", json=plan, headers={"x-sim-admin": sim.settings.admin_token})
+        status, _, _ = await http.call(
+            "PUT", "/_sim/faults", json=plan, headers={"x-sim-admin": sim.settings.admin_token}
+        )
         assert status == 200
         status, _, _ = await http.call("POST", "/image_gen", json=IG_BODY)
         assert status >= 500
-        status, data, _ = await http.call("PUT", "/_sim/faults", json={"script": [{"kind": "?"}]}, headers={"x-sim-admin": sim.settings.admin_token})
+        status, data, _ = await http.call(
+            "PUT", "/_sim/faults", json={"script": [{"kind": "?"}]}, headers={"x-sim-admin": sim.settings.admin_token}
+        )
         assert status == 422

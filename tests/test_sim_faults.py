@@ -6,6 +6,7 @@ import aiohttp
 import anyio
 import pytest
 from aiohttp import web
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
 
@@ -58,7 +59,9 @@ async def test_ghost_submission_creates_the_job_and_drops_the_connection() -> No
     plan = script(ScriptedFault(route=Route.SUBMIT, kind=FaultKind.GHOST))
     async with Simulator(fast_sim(faults=plan)) as sim, Http(sim) as http:
         with pytest.raises(aiohttp.ServerDisconnectedError):
-            await http.call("POST", "/dreambooth", json={**DB_BODY, "tags": [{"key": "dreamlook-batch", "value": "c/x"}]})
+            await http.call(
+                "POST", "/dreambooth", json={**DB_BODY, "tags": [{"key": "dreamlook-batch", "value": "c/x"}]}
+            )
         assert len(sim.ledger.jobs) == 1  # paid for, and the client never heard
         status, listed, _ = await http.call("GET", "/jobs/dreambooth")
         assert status == 200 and listed[0]["tags"] == [{"key": "dreamlook-batch", "value": "c/x"}]
@@ -117,15 +120,15 @@ async def test_fault_rates_are_reproducible_from_the_seed() -> None:
     assert {200, 429} <= set(first) and any(s >= 500 for s in first)
 
 
-async def _receiver(fail_first: int) -> tuple[web.AppRunner, str, list[dict]]:
-    received: list[dict] = []
+async def _receiver(fail_first: int) -> tuple[web.AppRunner, str, MemoryObjectReceiveStream[dict]]:
+    send, received = anyio.create_memory_object_stream[dict](100)
     calls = {"n": 0}
 
     async def hook(request: web.Request) -> web.Response:
         calls["n"] += 1
         if calls["n"] <= fail_first:
             return web.Response(status=500)
-        received.append(await request.json())
+        await send.send(await request.json())
         return web.Response(text="ok")
 
     app = web.Application()
@@ -145,9 +148,8 @@ async def test_callbacks_on_success_and_failure_retried_when_the_receiver_fails(
             ok = await http.submit("image_gen", {**IG_BODY, "callback": hook})
             bad = await http.submit("image_gen", {**IG_BODY, "callback": hook})
             with anyio.fail_after(10):
-                while len(received) < 2:
-                    await anyio.sleep(0.05)
-            by_id = {r["job_id"]: r for r in received}
+                payloads = [await received.receive(), await received.receive()]
+            by_id = {r["job_id"]: r for r in payloads}
             assert by_id[ok]["state"] == "success" and by_id[ok]["image_gen_results"]
             assert by_id[bad]["state"] == "failure" and by_id[bad]["failure_reason"]
             assert max(c["attempts"] for c in sim.ledger.callbacks) == 2
@@ -164,9 +166,7 @@ async def test_dry_runs_are_not_kept_or_charged_but_still_call_back() -> None:
             status, listed, _ = await http.call("GET", "/jobs/dreambooth")
             assert listed == []
             with anyio.fail_after(10):
-                while not received:
-                    await anyio.sleep(0.05)
-            [payload] = received
+                payload = await received.receive()
             assert payload["job_id"] == job_id and payload["dreambooth_result"]["checkpoints"]
             status, body, _ = await http.raw(payload["dreambooth_result"]["checkpoints"][0]["url"])
             assert status == 200 and body[:8]

@@ -106,7 +106,9 @@ async def test_retention_deletes_files_and_marks_them_unavailable() -> None:
         status, body, _ = await http.raw(ckp["url"])
         assert status == 404 and b"NoSuchKey" in body
         # A deleted checkpoint cannot seed new generations.
-        status, data, _ = await http.call("POST", "/image_gen", json={"prompt": "x", "checkpoint_id": ckp["checkpoint_id"]})
+        status, data, _ = await http.call(
+            "POST", "/image_gen", json={"prompt": "x", "checkpoint_id": ckp["checkpoint_id"]}
+        )
         assert status == 422 and "deleted" in data["detail"][0]["msg"]
 
 

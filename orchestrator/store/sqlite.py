@@ -228,12 +228,12 @@ class SqliteStore:
                 if cur.rowcount != 1:
                     raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
 
-    def mark_submitted(self, job_id: str, remote_id: str, now: float) -> None:
+    def mark_submitted(self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None) -> None:
         with self._tx(durable=True) as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued'"
-                " WHERE id=? AND state=?",
-                (JobState.QUEUED.value, remote_id, now, now, job_id, JobState.SUBMITTING.value),
+                "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued',"
+                " next_check_at=? WHERE id=? AND state=?",
+                (JobState.QUEUED.value, remote_id, now, now, next_check_at, job_id, JobState.SUBMITTING.value),
             )
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
