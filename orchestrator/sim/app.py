@@ -29,6 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator")
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 ADMIN_PREFIX = "/_sim/"
+LEGACY_PREFIX = "/v1/"
 
 
 def _detail(status: int, detail: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -42,11 +43,13 @@ def _xml(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def canonical_paths(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A trailing slash answers 307 to the canonical path (an 'outdated endpoint')."""
+    """A trailing slash or the legacy `/v1/` prefix answers 307 to the canonical path."""
     path = request.path
+    query = f"?{request.query_string}" if request.query_string else ""
+    if path.startswith(LEGACY_PREFIX):  # an outdated endpoint: 307 keeps method and body
+        raise web.HTTPTemporaryRedirect(path[len(LEGACY_PREFIX) - 1 :] + query)
     if len(path) > 1 and path.endswith("/"):
-        target = path.rstrip("/") + (f"?{request.query_string}" if request.query_string else "")
-        raise web.HTTPTemporaryRedirect(target)
+        raise web.HTTPTemporaryRedirect(path.rstrip("/") + query)
     return await handler(request)
 
 
