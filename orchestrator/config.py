@@ -27,6 +27,9 @@ POLL_BACKOFF = 1.5
 POLL_JITTER = 0.1
 
 URL_RENEW_MARGIN_S = 120.0  # renew a signed URL that dies within this margin
+RETENTION_S = 172_800.0  # the service deletes checkpoints 48 h after training (doc)
+DOWNLOAD_ROUNDS = 3  # times a file that keeps failing is queued again in one run
+DOWNLOAD_REQUEUE_S = 30.0  # wait before queuing it again
 DOWNLOAD_ATTEMPTS = 5
 RECONCILE_LIST_LIMIT = 50  # the API's default page
 STOP_GRACE_S = 20.0  # after Ctrl-C: how long in-flight calls may finish
@@ -72,7 +75,10 @@ class RunSettings:
     poll: PollPolicy = field(default_factory=PollPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
     url_renew_margin_s: float = URL_RENEW_MARGIN_S
+    retention_s: float = RETENTION_S
     download_attempts: int = DOWNLOAD_ATTEMPTS
+    download_rounds: int = DOWNLOAD_ROUNDS
+    download_requeue_s: float = DOWNLOAD_REQUEUE_S
     stop_grace_s: float = STOP_GRACE_S
     dry_run: bool = False
 
@@ -84,4 +90,6 @@ class RunSettings:
             poll=replace(p, queued_s=p.queued_s / factor, min_s=p.min_s / factor, max_s=p.max_s / factor),
             retry=replace(r, backoff_min_s=r.backoff_min_s / factor, backoff_max_s=r.backoff_max_s / factor),
             url_renew_margin_s=self.url_renew_margin_s / factor,
+            retention_s=self.retention_s / factor,
+            download_requeue_s=self.download_requeue_s / factor,
         )

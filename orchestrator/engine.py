@@ -27,18 +27,16 @@ from .config import RunSettings
 from .download import Downloader
 from .errors import (
     AuthError,
-    DownloadError,
-    FileGone,
     InvalidJob,
     NotFound,
     NotSent,
     QuotaError,
     RateLimited,
-    StoreError,
     describe_detail,
 )
+from .fetching import FetchStage
 from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
-from .models import BAD_ENDINGS, Artifact, JobSpec, JobState, JobType, RemoteJob, RemoteState
+from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob, RemoteState
 from .ratelimit import RequestBudget
 from .results import parse_job, select
 from .schedule import next_check_in
@@ -121,6 +119,10 @@ class Engine:
         self._wake = anyio.Event()
         self._stopping = False
         self._tg: TaskGroup | None = None
+        self.fetch = FetchStage(
+            store=store, downloader=downloader, settings=settings, out_dir=out_dir, remote=self.remote,
+            fresh=self._fresh, problem=self._problem, notify=self._notify, now=clock,
+        )  # fmt: skip
 
     # -- control --------------------------------------------------------------------
 
@@ -164,55 +166,60 @@ class Engine:
             self.store.counts(), self.stopped_by, self.problems, report.changed_after_submit, self.settings.dry_run
         )
 
-    async def _loop(self) -> None:
+    async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
+        """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
             self._wake = anyio.Event()
-            started = self._start_due_work()
-            if not self.busy and not started and not self._waiting_for_more():
-                return
-            if self._stopping and not self.busy:
+            started = self._start_due_work(check=check, submit=submit)
+            busy = bool(self.busy or self.fetch.active or self.fetch.preparing)
+            if self._stopping:
+                if not busy:
+                    return
+            elif not busy and not started and not self._waiting_for_more(check=check, submit=submit):
                 return
             with anyio.move_on_after(self._sleep_for()):
                 await self._wake.wait()
 
     async def _one_pass(self) -> None:
-        """cron: check every job in flight, submit what may be, download what is ready."""
+        """cron: check every job in flight, submit what may be, then download what is ready."""
         async with anyio.create_task_group() as tg:
             for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
                 self.busy.add(row.id)
                 tg.start_soon(self._check, row)
         async with anyio.create_task_group() as tg:
             self._start_submissions(tg)
-        async with anyio.create_task_group() as tg:
-            self._start_downloads(tg)
+        await self._loop(check=False, submit=False)
 
     def _sleep_for(self) -> float:
         due = [r.next_check_at for r in self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if r.id not in self.busy]
-        soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
+        requeued = self.fetch.next_due()
+        soonest = min((d for d in [*due, requeued] if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
-    def _waiting_for_more(self) -> bool:
-        """Is anything left that a later pass could move on?"""
+    def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
+        """Is anything left that this run could still move on?"""
         counts = self.store.counts()
-        if counts.get(JobState.QUEUED) or counts.get(JobState.RUNNING) or counts.get(JobState.SUBMITTING):
+        if check and (counts.get(JobState.QUEUED) or counts.get(JobState.RUNNING)):
             return True
-        if counts.get(JobState.SUCCEEDED) or counts.get(JobState.DOWNLOADING):
+        if self.fetch.has_work():
             return True
-        return bool(counts.get(JobState.PENDING)) and not self._stopping and self._submissions_allowed()
+        return submit and bool(counts.get(JobState.PENDING)) and self._submissions_allowed()
 
-    def _start_due_work(self) -> int:
+    def _start_due_work(self, *, check: bool, submit: bool) -> int:
         assert self._tg is not None
+        if self._stopping:
+            return 0
         started = 0
         now = self.now()
-        for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
-            if row.id not in self.busy and (row.next_check_at is None or row.next_check_at <= now):
-                self.busy.add(row.id)
-                self._tg.start_soon(self._check, row)
-                started += 1
-        if not self._stopping:
+        if check:
+            for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
+                if row.id not in self.busy and (row.next_check_at is None or row.next_check_at <= now):
+                    self.busy.add(row.id)
+                    self._tg.start_soon(self._check, row)
+                    started += 1
+        if submit:
             started += self._start_submissions(self._tg)
-            started += self._start_downloads(self._tg)
-        return started
+        return started + self.fetch.start_due(self._tg)
 
     # -- submitting -----------------------------------------------------------------
 
@@ -466,94 +473,15 @@ class Engine:
 
     # -- downloading ----------------------------------------------------------------
 
-    def _start_downloads(self, tg: TaskGroup) -> int:
-        started = 0
-        for row in self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING]):
-            if row.id not in self.busy:
-                self.busy.add(row.id)
-                tg.start_soon(self._download_job, row)
-                started += 1
-        return started
-
-    async def _download_job(self, row: JobRow) -> None:
-        try:
-            await self._download_job_files(row)
-        except StoreError:
-            raise
-        except DownloadError as exc:
-            self._problem(row.id, f"download failed, will retry on the next pass: {exc}")
-        finally:
-            self.busy.discard(row.id)
-            self._notify()
-
-    async def _fresh(self, row: JobRow) -> RemoteJob:
-        assert row.remote_id is not None
+    async def _fresh(self, job_id: str) -> RemoteJob:
+        """GET the job again: its URLs are signed anew."""
+        row = self.store.job(job_id)
         raw = await retry.idempotent(
-            lambda: self.api.get_job(JobType(row.type), row.remote_id or ""),
-            self.settings.retry,
-            f"renew {row.id}",
+            lambda: self.api.get_job(JobType(row.type), row.remote_id or ""), self.settings.retry, f"renew {job_id}"
         )
         remote = parse_job(raw)
-        self.remote[row.id] = remote
+        self.remote[job_id] = remote
         return remote
-
-    async def _download_job_files(self, row: JobRow) -> None:
-        if row.state is JobState.SUCCEEDED:
-            self.store.move(row.id, JobState.DOWNLOADING, self.now())
-        folder = self.out_dir / row.id
-        files = self.store.files(row.id)
-        remote = self.remote.get(row.id)
-        todo = [f for f in files if not f.done and not f.lost]
-        if todo and remote is None:
-            remote = await self._fresh(row)
-        if remote is None:  # nothing to fetch, but job.json wants the job object
-            remote = await self._fresh(row)
-
-        async def fetch(file: FileRow) -> None:
-            artifact = next(
-                (a for a in (self.remote.get(row.id) or remote).artifacts if a.remote_id == file.remote_id),
-                None,
-            )
-            if artifact is None or not artifact.available:
-                self.store.file_lost(row.id, file.remote_id)
-                return
-
-            async def renew() -> Artifact:
-                fresh = await self._fresh(row)
-                found = next((a for a in fresh.artifacts if a.remote_id == file.remote_id), None)
-                if found is None or not found.available:
-                    raise FileGone(f"{file.name}: no longer offered by the API")
-                return found
-
-            async with self.download_limiter:
-                try:
-                    got = await self.downloader.fetch(
-                        artifact,
-                        folder,
-                        renew,
-                        attempts=self.settings.download_attempts,
-                        renew_margin_s=self.settings.url_renew_margin_s,
-                    )
-                except FileGone as exc:
-                    self.store.file_lost(row.id, file.remote_id)
-                    self._problem(row.id, f"lost {file.name}: {exc}")
-                    return
-            self.store.file_done(row.id, file.remote_id, got.sha256, got.size)
-            log.info("file.done job_id=%s file=%s bytes=%d", row.id, file.name, got.size)
-
-        async with anyio.create_task_group() as tg:
-            for file in sorted(todo, key=lambda f: f.kind != "image"):  # images first: 1 h URLs
-                tg.start_soon(fetch, file)
-        files = self.store.files(row.id)
-        if any(not f.done and not f.lost for f in files):
-            return
-        output.write_job_files(folder, self.remote.get(row.id, remote).raw, files)
-        lost = [f.name for f in files if f.lost]
-        if lost:
-            self.store.move(row.id, JobState.LOST, self.now(), reason=f"deleted before download: {', '.join(lost)}")
-        else:
-            self.store.move(row.id, JobState.DONE, self.now())
-            log.info("job.done job_id=%s files=%d", row.id, len(files))
 
     # -- summary --------------------------------------------------------------------
 

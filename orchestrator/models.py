@@ -122,6 +122,7 @@ class RemoteJob:
     raw_state: str
     percentage_done: float | None
     running_duration_s: float | None
+    finished_at: float | None  # state_running_end as Unix time: retention counts from it
     failure_reason: str | None
     artifacts: tuple[Artifact, ...]
     final_checkpoint_id: str | None

@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from .api import ApiClient
@@ -22,6 +21,7 @@ from .config import RetryPolicy
 from .errors import ApiError, TransportError
 from .manifest import CAMPAIGN_TAG_KEY
 from .models import JobType
+from .results import parse_time
 from .retry import idempotent
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,7 @@ class Reconciled:
 
 
 def _created_at(item: Mapping[str, Any]) -> float | None:
-    stamp = item.get("state_queued_start") or item.get("created_at")
-    if not isinstance(stamp, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return parse_time(item.get("state_queued_start") or item.get("created_at"))
 
 
 def _config_matches(sent: Mapping[str, Any], config: Any) -> bool:

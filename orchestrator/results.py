@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -36,6 +37,17 @@ def safe_name(raw: str, fallback: str) -> str:
 
 def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def parse_time(value: Any) -> float | None:
+    """The API's ISO 8601 times (UTC, usually without a zone) as Unix time."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _url_name(url: str) -> str:
@@ -99,6 +111,7 @@ def parse_job(raw: Mapping[str, Any]) -> RemoteJob:
         raw_state=raw_state,
         percentage_done=_float(raw.get("percentage_done")),
         running_duration_s=_float(raw.get("running_duration")),
+        finished_at=parse_time(raw.get("state_running_end")),
         failure_reason=str(reason) if reason else None,
         artifacts=tuple(_unique_names(artifacts)),
         final_checkpoint_id=final[1] if final else None,

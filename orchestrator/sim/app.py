@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import signing
 from .content import md5_b64, md5_b64_bytes, png_image
-from .service import JobKind, Rejected, StoredFile
+from .service import JobKind, Rejected, Served, StoredFile
 from .settings import LIST_DEFAULT_LIMIT, FaultKind, FaultPlan, FaultRates, Route, ScriptedFault
 
 if TYPE_CHECKING:
@@ -153,10 +153,11 @@ async def storage(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
     sim.service.ledger.requests[Route.DOWNLOAD.value] += 1
     now = sim.now()
-    file = sim.service.files.get(request.path)
+    path = request.rel_url.raw_path  # as signed: percent-escapes kept
+    file = sim.service.files.get(path)
     if file is None:
         return _xml(404, "NoSuchKey", "The specified key does not exist.")
-    verdict = signing.verify(sim.secret, request.path, request.query, now)
+    verdict = signing.verify(sim.secret, path, request.query, now)
     if verdict is signing.Verdict.BAD_SIGNATURE:
         return _xml(403, "SignatureDoesNotMatch", "The request signature we calculated does not match.")
     if verdict is signing.Verdict.EXPIRED:
@@ -164,33 +165,40 @@ async def storage(request: web.Request) -> web.StreamResponse:
     if now >= file.deleted_at:
         return _xml(404, "NoSuchKey", "The specified key does not exist.")
     fault = sim.faults.pick(Route.DOWNLOAD) if request.method == "GET" else None
-    return await _send_file(request, file, fault, sim.settings.hash_max_bytes)
+    return await _send_file(request, file, fault)
 
 
 async def _send_file(
-    request: web.Request, file: StoredFile, fault: tuple[FaultKind, int | None] | None, hash_max: int
+    request: web.Request, file: StoredFile, fault: tuple[FaultKind, int | None] | None
 ) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    kind = fault[0] if fault else None
+    if kind is FaultKind.REWRITE and file.content is not None:
+        sim.service.generations[file.path] += 1
+    content = sim.service.content_of(file)
+    generation = sim.service.generations[file.path] + 1
     png = png_image(*file.png) if file.png else None
-    size = len(png) if png is not None else file.content.size if file.content else 0
+    size = len(png) if png is not None else content.size if content else 0
     headers = {
         "Accept-Ranges": "bytes",
-        "ETag": f'"{file.path.rsplit("/", 1)[-1][:16]}-1"',
-        "x-goog-generation": "1",
+        "ETag": f'"{file.path.rsplit("/", 1)[-1][-16:]}-{generation}"',
+        "x-goog-generation": str(generation),
         "Content-Type": "image/png" if png is not None else "application/octet-stream",
     }
     if png is not None:
         headers["x-goog-hash"] = f"md5={md5_b64_bytes(png)}"
-    elif file.content is not None and size <= hash_max:
-        headers["x-goog-hash"] = f"md5={md5_b64(file.content)}"
+    elif content is not None and size <= sim.settings.hash_max_bytes:
+        headers["x-goog-hash"] = f"md5={md5_b64(content)}"
     start, end, status = 0, size, 200
     match = RANGE_RE.match(request.headers.get("Range", ""))
-    if match and not (fault and fault[0] is FaultKind.IGNORE_RANGE):
+    if match and kind is not FaultKind.IGNORE_RANGE:
         first, last = match.groups()
         if first:
             start, end = int(first), min(size, int(last) + 1) if last else size
         elif last:
             start = max(0, size - int(last))
         if start >= size or start >= end:
+            sim.ledger.downloads.append(Served(file.path, start, end, 416, None))
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
@@ -199,16 +207,20 @@ async def _send_file(
     await response.prepare(request)
     if request.method == "HEAD":
         return response
+    sim.ledger.downloads.append(Served(file.path, start, end, status, kind.value if kind else None))
     cut = None
-    if fault and fault[0] in (FaultKind.RESET, FaultKind.TRUNCATE):
-        cut = start + (fault[1] if fault[1] is not None else (end - start) // 2)
-    if png is not None:
-        await response.write(png[start : end if cut is None else min(end, cut)])
-    elif file.content is not None:
-        for chunk in file.content.read(start, end if cut is None else min(end, cut)):
-            await response.write(chunk)
+    if kind in (FaultKind.RESET, FaultKind.TRUNCATE) and end - start > 1:
+        offset = fault[1] if fault and fault[1] is not None else sim.faults.rng.randrange(1, end - start)
+        cut = start + offset
+    stop = end if cut is None else min(end, cut)
+    chunks = [memoryview(png)[start:stop]] if png is not None else content.read(start, stop) if content else []
+    rate = sim.settings.download_bytes_per_s
+    for chunk in chunks:
+        await response.write(chunk)
+        if rate:
+            await anyio.sleep(len(chunk) / rate)
     if cut is not None and cut < end and request.transport is not None:
-        if fault and fault[0] is FaultKind.RESET:
+        if kind is FaultKind.RESET:
             request.transport.abort()
         else:
             request.transport.close()  # a clean close before Content-Length is met

@@ -77,6 +77,8 @@ class FaultInjector:
                 return FaultKind.TRUNCATE, None
             if draw() < r.ignore_range:
                 return FaultKind.IGNORE_RANGE, None
+            if draw() < r.rewrite:
+                return FaultKind.REWRITE, None
         return None
 
     def throttle(self, key: str, now: float) -> float | None:

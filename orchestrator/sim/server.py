@@ -127,8 +127,9 @@ class Simulator:
         files += [im.file for _, images in job.image_sets for im in images]
         for f in files:
             name = f.path.rsplit("/", 1)[-1]
-            if f.content is not None:
-                out[name] = expected_sha256(f.content)
+            content = self.service.content_of(f)
+            if content is not None:
+                out[name] = expected_sha256(content)
             elif f.png is not None:
                 out[name] = _sha256(png_image(*f.png))
         return out

@@ -118,6 +118,17 @@ class LedgerEntry:
     cost: int
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One download answered: which bytes of which file, and how it ended."""
+
+    path: str
+    start: int
+    end: int  # exclusive: what was promised, not what was sent before a fault
+    status: int
+    fault: str | None
+
+
 @dataclass
 class Ledger:
     """What tests read to prove "no duplicates, nothing lost"."""
@@ -125,6 +136,7 @@ class Ledger:
     jobs: list[LedgerEntry] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
+    downloads: list[Served] = field(default_factory=list)
 
     def tag_values(self) -> Counter[str]:
         """How many ledger jobs carry each `dreamlook-batch` tag value."""
@@ -149,6 +161,7 @@ class Service:
         self.tokens = settings.tokens
         self.ledger = Ledger()
         self._slots: list[float] = []  # run ends of jobs holding a capacity slot
+        self.generations: Counter[str] = Counter()  # path -> rewrites (REWRITE fault)
 
     def _scaled(self, service_s: float) -> float:
         return service_s / self.settings.time_scale
@@ -314,6 +327,8 @@ class Service:
                 ckp_id = self._new_id("ckp_")
                 lora = "lora_" if is_lora else ""
                 name = f"dreamlookai_{model}_{lora}step_{step}_{job.job_id}_{ckp_id}.safetensors"
+                if s.hostile_names:
+                    name = f"..%2F..%2F%0Aevil%01{lora}{ckp_id}.safetensors"
                 path = f"/storage/{BUCKET}/models/{job.job_id}/{name}"
                 size = s.lora_bytes if is_lora else full_bytes
                 content = FileContent(key=f"{s.seed}/{ckp_id}", size=size, safetensors=True)
@@ -344,6 +359,13 @@ class Service:
 
     def _register(self, file: StoredFile) -> None:
         self.files[file.path] = file
+
+    def content_of(self, file: StoredFile) -> FileContent | None:
+        """The file's bytes as of now: a rewrite gives it a new generation and new bytes."""
+        if file.content is None or not self.generations[file.path]:
+            return file.content
+        gen = self.generations[file.path]
+        return FileContent(key=f"{file.content.key}#g{gen}", size=file.content.size, safetensors=True)
 
     # -- reading ------------------------------------------------------------------
 

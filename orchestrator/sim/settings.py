@@ -48,6 +48,7 @@ class FaultKind(enum.StrEnum):
     TRUNCATE = "truncate"  # download: end the body early after `arg` bytes
     IGNORE_RANGE = "ignore-range"  # download: answer 200 with the whole file
     FAIL_JOB = "fail-job"  # submit: the job will end in failure
+    REWRITE = "rewrite"  # download: the object is replaced (new generation, ETag and bytes) first
 
 
 class Route(enum.StrEnum):
@@ -84,6 +85,7 @@ class FaultRates:
     reset_download: float = 0.0
     truncate_download: float = 0.0
     ignore_range: float = 0.0
+    rewrite: float = 0.0
     job_failure: float = 0.0
 
 
@@ -121,6 +123,8 @@ class SimSettings:
     image_type_spelling: str = "image_gen"  # or "image-gen": the job object's job_type
     list_envelope: str | None = None  # None: a bare JSON list; "jobs": {"jobs": [...]}
     list_echoes_tags: bool = True
+    hostile_names: bool = False  # result file names that try to escape a folder
+    download_bytes_per_s: float | None = None  # per connection; None: as fast as it goes
     faults: FaultPlan = field(default_factory=FaultPlan)
 
     @classmethod

@@ -53,8 +53,15 @@ CREATE TABLE files (
     sha256 TEXT,
     done INTEGER NOT NULL DEFAULT 0,
     lost INTEGER NOT NULL DEFAULT 0,
+    etag TEXT,
     PRIMARY KEY (job_id, remote_id),
     UNIQUE (job_id, name)
+);
+CREATE TABLE file_ranges (
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (job_id, remote_id, idx)
 );
 """
 _JOB_COLUMNS = (
@@ -313,9 +320,32 @@ class SqliteStore:
     def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE files SET done=1, sha256=?, size_bytes=? WHERE job_id=? AND remote_id=?",
+                "UPDATE files SET done=1, sha256=?, size_bytes=?, etag=NULL WHERE job_id=? AND remote_id=?",
                 (sha256, size, job_id, remote_id),
             )
+            db.execute("DELETE FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+
+    # -- partial downloads: what is already on disk, so a restart fetches it never again
+
+    def part_etag(self, job_id: str, remote_id: str) -> str | None:
+        rows = self._query("SELECT etag FROM files WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+        return rows[0][0] if rows else None
+
+    def set_part_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE files SET etag=? WHERE job_id=? AND remote_id=?", (etag, job_id, remote_id))
+
+    def ranges_done(self, job_id: str, remote_id: str) -> set[int]:
+        rows = self._query("SELECT idx FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+        return {r[0] for r in rows}
+
+    def mark_range_done(self, job_id: str, remote_id: str, index: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO file_ranges VALUES (?, ?, ?)", (job_id, remote_id, index))
+
+    def clear_ranges(self, job_id: str, remote_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
 
     def file_lost(self, job_id: str, remote_id: str) -> None:
         with self._tx() as db:

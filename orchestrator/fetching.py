@@ -1,0 +1,233 @@
+"""The download stage: every chosen file of every succeeded job, earliest deadline first.
+
+A file's deadline is the sooner of its URL's expiry and its deletion (retention after
+training ends), so images (1 h URLs) go before checkpoints (48 h). At most
+`max_downloads` files are in flight. A job is finished when its last file is placed:
+`done`, or `lost` if the service deleted one first. A file that keeps failing is
+queued again a few times, then left for the next run, and the user is told.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anyio.abc import TaskGroup
+
+from . import output
+from .config import RunSettings
+from .download import Downloader
+from .errors import DownloadError, FileGone, StoreError
+from .models import Artifact, ArtifactKind, JobState, RemoteJob
+from .store import SqliteStore
+from .urls import expires_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(order=True)
+class _Queued:
+    deadline: float
+    not_before: float
+    seq: int
+    job_id: str = field(compare=False)
+    remote_id: str = field(compare=False)
+
+
+class StorePartLog:
+    """A partial download's memory (ETag, finished ranges), kept in the state store."""
+
+    def __init__(self, store: SqliteStore, job_id: str, remote_id: str) -> None:
+        self.store, self.job_id, self.remote_id = store, job_id, remote_id
+
+    def etag(self) -> str | None:
+        return self.store.part_etag(self.job_id, self.remote_id)
+
+    def set_etag(self, etag: str | None) -> None:
+        self.store.set_part_etag(self.job_id, self.remote_id, etag)
+
+    def ranges_done(self) -> set[int]:
+        return self.store.ranges_done(self.job_id, self.remote_id)
+
+    def mark_range_done(self, index: int) -> None:
+        self.store.mark_range_done(self.job_id, self.remote_id, index)
+
+    def clear(self) -> None:
+        self.store.clear_ranges(self.job_id, self.remote_id)
+
+
+class FetchStage:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        downloader: Downloader,
+        settings: RunSettings,
+        out_dir: Path,
+        remote: dict[str, RemoteJob],
+        fresh: Callable[[str], Awaitable[RemoteJob]],
+        problem: Callable[[str, str], None],
+        notify: Callable[[], None],
+        now: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.downloader = downloader
+        self.settings = settings
+        self.out_dir = out_dir
+        self.remote = remote
+        self.fresh = fresh
+        self.problem = problem
+        self.notify = notify
+        self.now = now
+        self.queue: list[_Queued] = []
+        self.preparing: set[str] = set()
+        self.prepared: set[str] = set()
+        self.active: set[tuple[str, str]] = set()
+        self.rounds: dict[tuple[str, str], int] = {}
+        self.given_up: set[str] = set()
+        self._seq = 0
+
+    # -- what is left ---------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        """Anything this stage could still move on in this run?"""
+        if self.queue or self.active or self.preparing:
+            return True
+        waiting = self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING])
+        return any(r.id not in self.prepared and r.id not in self.given_up for r in waiting)
+
+    def next_due(self) -> float | None:
+        return min((q.not_before for q in self.queue), default=None)
+
+    # -- starting work --------------------------------------------------------------
+
+    def start_due(self, tg: TaskGroup) -> int:
+        started = 0
+        for row in self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING]):
+            if row.id not in self.prepared and row.id not in self.preparing and row.id not in self.given_up:
+                self.preparing.add(row.id)
+                tg.start_soon(self._prepare, row.id)
+                started += 1
+        now = self.now()
+        held: list[_Queued] = []
+        while self.queue and len(self.active) < self.settings.limits.max_downloads:
+            item = heapq.heappop(self.queue)
+            if item.not_before > now:
+                held.append(item)
+                continue
+            self.active.add((item.job_id, item.remote_id))
+            tg.start_soon(self._fetch, item.job_id, item.remote_id)
+            started += 1
+        for item in held:
+            heapq.heappush(self.queue, item)
+        return started
+
+    def _deadline(self, artifact: Artifact, remote: RemoteJob) -> float:
+        url_dies = expires_at(artifact.url)
+        deleted = (remote.finished_at or self.now()) + self.settings.retention_s
+        return min(deleted, url_dies) if url_dies is not None else deleted
+
+    def _enqueue(self, job_id: str, artifact: Artifact, remote: RemoteJob, not_before: float = 0.0) -> None:
+        self._seq += 1
+        heapq.heappush(
+            self.queue, _Queued(self._deadline(artifact, remote), not_before, self._seq, job_id, artifact.remote_id)
+        )
+
+    async def _prepare(self, job_id: str) -> None:
+        """Queue the job's pending files, with deadlines from a job object with live URLs."""
+        try:
+            row = self.store.job(job_id)
+            if row.state is JobState.SUCCEEDED:
+                self.store.move(job_id, JobState.DOWNLOADING, self.now())
+            pending = [f for f in self.store.files(job_id) if not f.done and not f.lost]
+            remote = self.remote.get(job_id) or await self.fresh(job_id)
+            by_id = {a.remote_id: a for a in remote.artifacts}
+            for file in pending:
+                artifact = by_id.get(file.remote_id)
+                if artifact is None or not artifact.available:
+                    self.store.file_lost(job_id, file.remote_id)
+                    self.problem(job_id, f"lost {file.name}: the service no longer offers it")
+                else:
+                    self._enqueue(job_id, artifact, remote)
+            self.prepared.add(job_id)
+            self._finish_if_complete(job_id)
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.given_up.add(job_id)
+            self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
+        finally:
+            self.preparing.discard(job_id)
+            self.notify()
+
+    async def _fetch(self, job_id: str, remote_id: str) -> None:
+        key = (job_id, remote_id)
+        try:
+            await self._fetch_file(job_id, remote_id)
+        finally:
+            self.active.discard(key)
+            self._finish_if_complete(job_id)
+            self.notify()
+
+    async def _fetch_file(self, job_id: str, remote_id: str) -> None:
+        remote = self.remote.get(job_id) or await self.fresh(job_id)
+        artifact = next((a for a in remote.artifacts if a.remote_id == remote_id), None)
+        name = artifact.name if artifact else remote_id
+
+        async def renew() -> Artifact:
+            fresh = await self.fresh(job_id)
+            found = next((a for a in fresh.artifacts if a.remote_id == remote_id), None)
+            if found is None or not found.available:
+                raise FileGone(f"{name}: the service no longer offers it")
+            return found
+
+        try:
+            if artifact is None or not artifact.available:
+                raise FileGone(f"{name}: the service no longer offers it")
+            got = await self.downloader.fetch(
+                artifact, self.out_dir / job_id, renew, StorePartLog(self.store, job_id, remote_id),
+                attempts=self.settings.download_attempts, renew_margin_s=self.settings.url_renew_margin_s,
+            )  # fmt: skip
+        except FileGone as exc:
+            self.store.file_lost(job_id, remote_id)
+            self.problem(job_id, f"lost {name}: {exc}")
+            return
+        except (DownloadError, OSError) as exc:
+            rounds = self.rounds.get((job_id, remote_id), 0) + 1
+            self.rounds[(job_id, remote_id)] = rounds
+            if rounds < self.settings.download_rounds and artifact is not None:
+                log.warning("file.requeued job_id=%s file=%s error=%s", job_id, name, exc)
+                self._enqueue(job_id, artifact, remote, not_before=self.now() + self.settings.download_requeue_s)
+            else:
+                self.given_up.add(job_id)
+                self.problem(job_id, f"{name} could not be downloaded ({exc}); run again to resume it")
+            return
+        self.store.file_done(job_id, remote_id, got.sha256, got.size)
+        log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
+
+    def _finish_if_complete(self, job_id: str) -> None:
+        if job_id not in self.prepared or any(q.job_id == job_id for q in self.queue):
+            return
+        if any(j == job_id for j, _ in self.active):
+            return
+        files = self.store.files(job_id)
+        if any(not f.done and not f.lost for f in files):
+            return
+        remote = self.remote.get(job_id)
+        if remote is not None:
+            output.write_job_files(self.out_dir / job_id, remote.raw, files)
+        lost = [f.name for f in files if f.lost]
+        if lost:
+            self.store.move(
+                job_id, JobState.LOST, self.now(), reason=f"deleted by the service before download: {', '.join(lost)}"
+            )
+        else:
+            self.store.move(job_id, JobState.DONE, self.now())
+            log.info("job.done job_id=%s files=%d", job_id, len(files))
+
+    @staticmethod
+    def images_first(kind: ArtifactKind) -> int:
+        return 0 if kind is ArtifactKind.IMAGE else 1

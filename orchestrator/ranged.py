@@ -1,0 +1,210 @@
+"""Large files over several connections, on fixed-size ranges, each retried on its own.
+
+Every finished range is synced and recorded through a `PartLog` (the state store),
+so a restart, even after SIGKILL, fetches only the ranges that were not finished.
+A hasher follows the finished prefix in order, reading back what was just written
+(from the page cache), so sha256 and md5 are ready when the last range lands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+import anyio
+
+from .errors import DownloadError, FileGone, UrlExpired
+from .verify import READ_BYTES, Hashes
+
+RANGE_BYTES = 16 * 1024 * 1024
+CONNECTIONS = 4
+RANGE_ATTEMPTS = 5
+RANGE_BACKOFF_S = 0.25
+WRITE_BYTES = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class PartLog(Protocol):
+    """What a partial download remembers across restarts."""
+
+    def etag(self) -> str | None: ...
+    def set_etag(self, etag: str | None) -> None: ...
+    def ranges_done(self) -> set[int]: ...
+    def mark_range_done(self, index: int) -> None: ...
+    def clear(self) -> None: ...
+
+
+class RangesIgnored(DownloadError):
+    """Storage answered a range request with the whole file: fetch it in one stream."""
+
+
+class ObjectChanged(DownloadError):
+    """The stored object changed (a new ETag) under a partial download: start over."""
+
+
+class Renewable(Protocol):
+    @property
+    def url(self) -> str: ...
+    async def renew_after(self, stale_url: str) -> None: ...
+
+
+def _prepare(part: Path, size: int, log: PartLog) -> set[int]:
+    """A .part of the full size; the ranges already in it (none if it is not the one we logged)."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if not part.exists() or part.stat().st_size != size:
+        log.clear()
+        with part.open("wb") as fh:
+            fh.truncate(size)
+        return set()
+    return log.ranges_done()
+
+
+def _write_at(fd: int, offset: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _hash_range(fd: int, start: int, end: int, hashes: Hashes) -> None:
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(READ_BYTES, end - pos), pos)
+        if not chunk:
+            raise DownloadError(f"the part file ends at {pos}, before {end}")
+        hashes.update(chunk)
+        pos += len(chunk)
+
+
+async def fetch_ranges(
+    session: aiohttp.ClientSession,
+    source: Renewable,
+    part: Path,
+    size: int,
+    log: PartLog,
+    *,
+    connections: int = CONNECTIONS,
+    range_bytes: int = RANGE_BYTES,
+    counter: list[int] | None = None,
+) -> tuple[Hashes, str | None]:
+    """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
+    done = await anyio.to_thread.run_sync(_prepare, part, size, log)
+    count = -(-size // range_bytes)
+    todo = [i for i in range(count) if i not in done]
+    hashes = Hashes()
+    md5: list[str | None] = [None]
+    progress = {"event": anyio.Event()}
+    fd = os.open(part, os.O_RDWR)
+
+    def bounds(i: int) -> tuple[int, int]:
+        return i * range_bytes, min(size, (i + 1) * range_bytes)
+
+    async def fetch_one(i: int) -> None:
+        start, end = bounds(i)
+        delay = RANGE_BACKOFF_S
+        for attempt in range(RANGE_ATTEMPTS):
+            url = source.url
+            try:
+                await _get_range(session, url, fd, start, end, size, log, md5, counter)
+                break
+            except UrlExpired:
+                await source.renew_after(url)
+            except (RangesIgnored, ObjectChanged, FileGone):
+                raise
+            except DownloadError:
+                if attempt == RANGE_ATTEMPTS - 1:
+                    raise
+                await anyio.sleep(delay)
+                delay *= 2
+        else:
+            raise DownloadError(f"{part.name}: bytes {start}-{end - 1} kept failing")
+        await anyio.to_thread.run_sync(os.fdatasync, fd)
+        log.mark_range_done(i)  # only after the bytes are synced
+        done.add(i)
+        progress["event"].set()
+
+    async def worker(queue: list[int]) -> None:
+        while queue:
+            await fetch_one(queue.pop(0))
+
+    async def hasher() -> None:
+        for i in range(count):
+            while i not in done:
+                progress["event"] = anyio.Event()
+                if i in done:
+                    break
+                await progress["event"].wait()
+            start, end = bounds(i)
+            await anyio.to_thread.run_sync(_hash_range, fd, start, end, hashes)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hasher)
+            queue = list(todo)
+            for _ in range(min(connections, len(todo))):
+                tg.start_soon(worker, queue)
+    finally:
+        os.close(fd)
+    return hashes, md5[0]
+
+
+async def _get_range(
+    session: aiohttp.ClientSession,
+    url: str,
+    fd: int,
+    start: int,
+    end: int,
+    size: int,
+    log: PartLog,
+    md5: list[str | None],
+    counter: list[int] | None,
+) -> None:
+    headers = {"Range": f"bytes={start}-{end - 1}"}
+    try:
+        async with session.get(url, headers=headers) as resp:
+            if resp.status in (400, 401, 403):
+                raise UrlExpired(f"storage answered {resp.status}")
+            if resp.status in (404, 410):
+                raise FileGone("storage no longer has it")
+            if resp.status == 200:
+                raise RangesIgnored("storage ignored the Range header")
+            if resp.status != 206:
+                raise DownloadError(f"storage answered HTTP {resp.status}")
+            match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
+                raise DownloadError(f"Content-Range {resp.headers.get('Content-Range')!r} is not {start}-{end - 1}")
+            if match.group(3) != "*" and int(match.group(3)) != size:
+                raise ObjectChanged(f"storage now has {match.group(3)} bytes, not {size}")
+            etag = resp.headers.get("ETag")
+            known = log.etag()
+            if known is None and etag:
+                log.set_etag(etag)
+            elif etag and etag != known:
+                raise ObjectChanged(f"the stored object changed (ETag {known} -> {etag})")
+            for header in resp.headers.getall("x-goog-hash", []):
+                for item in header.split(","):
+                    name, _, value = item.strip().partition("=")
+                    if name == "md5" and value:
+                        md5[0] = value
+            offset = start
+            buffer = bytearray()
+            async for piece in resp.content.iter_chunked(WRITE_BYTES):
+                buffer += piece
+                if len(buffer) >= WRITE_BYTES:
+                    await anyio.to_thread.run_sync(_write_at, fd, offset, bytes(buffer))
+                    offset += len(buffer)
+                    if counter is not None:
+                        counter[0] += len(buffer)
+                    buffer.clear()
+            if buffer:
+                await anyio.to_thread.run_sync(_write_at, fd, offset, bytes(buffer))
+                offset += len(buffer)
+                if counter is not None:
+                    counter[0] += len(buffer)
+            if offset != end:
+                raise DownloadError(f"range {start}-{end - 1} ended at {offset}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise DownloadError(f"range {start}-{end - 1} broke ({type(exc).__name__})") from exc

@@ -1,0 +1,119 @@
+"""Checking a downloaded file and putting it in place (rule 4): nothing unverified ever
+stands under a final name.
+
+`PartWriter` hashes bytes as they are written (sha256 for SHA256SUMS, md5 to compare
+with storage's `x-goog-hash`); `place` checks size, md5 and the safetensors header,
+syncs, renames and syncs the folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DownloadError, VerificationFailed
+
+READ_BYTES = 4 * 1024 * 1024
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    path: Path
+    size: int
+    sha256: str
+
+
+class Hashes:
+    def __init__(self) -> None:
+        self.sha, self.md5 = hashlib.sha256(), hashlib.md5()
+        self.size = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.sha.update(chunk)
+        self.md5.update(chunk)
+        self.size += len(chunk)
+
+    def md5_b64(self) -> str:
+        return base64.b64encode(self.md5.digest()).decode()
+
+
+class PartWriter:
+    """A .part file written from `start` on, hashed as it goes (the bytes before `start`
+    are hashed once, from disk, when resuming)."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        self.hashes = Hashes()
+        self._fh = path.open("r+b" if start and path.exists() else "wb")
+        while self.hashes.size < start and (chunk := self._fh.read(min(READ_BYTES, start - self.hashes.size))):
+            self.hashes.update(chunk)
+        self._fh.seek(self.hashes.size)
+        self._fh.truncate()
+
+    def write(self, chunk: bytes) -> None:
+        self._fh.write(chunk)
+        self.hashes.update(chunk)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+
+def check_safetensors(path: Path, size: int) -> None:
+    """The header of a .safetensors file parses and its tensors end where the file ends."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise VerificationFailed(f"{path.name}: too short to be safetensors")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise VerificationFailed(f"{path.name}: safetensors header length {length} is impossible")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise VerificationFailed(f"{path.name}: the safetensors header is not JSON") from exc
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if ends and 8 + length + max(ends) != size:
+        raise VerificationFailed(f"{path.name}: tensors end at {8 + length + max(ends)}, the file has {size} bytes")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, md5: str | None) -> Fetched:
+    """Check the synced `part`, then rename it to `final` and sync the folder.
+
+    A wrong file is deleted (its bytes are not worth resuming on); a short one is kept
+    for the next attempt to resume.
+    """
+    size = hashes.size
+    if size_bytes is not None and size != size_bytes:
+        if size < size_bytes:
+            raise DownloadError(f"{final.name}: got {size} of {size_bytes} bytes")
+        part.unlink()
+        raise VerificationFailed(f"{final.name}: {size} bytes, the job says {size_bytes}")
+    if md5 is not None and hashes.md5_b64() != md5:
+        part.unlink()
+        raise DownloadError(f"{final.name}: md5 does not match storage's x-goog-hash; fetching it again")
+    if final.suffix == ".safetensors":
+        try:
+            check_safetensors(part, size)
+        except VerificationFailed:
+            part.unlink()
+            raise
+    os.replace(part, final)
+    fsync_dir(final.parent)
+    return Fetched(final, size, hashes.sha.hexdigest())
