@@ -114,7 +114,14 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     url, key = request.api_url, read_api_key(request.api_key_file)
                 budget = RequestBudget(settings.limits.api_requests_per_s)
                 api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
-                downloader = await stack.enter_async_context(Downloader(timeouts=settings.timeouts))
+                downloader = await stack.enter_async_context(
+                    Downloader(
+                        timeouts=settings.timeouts,
+                        parallel_min_bytes=settings.parallel_min_bytes,
+                        range_bytes=settings.range_bytes,
+                        connections_per_file=settings.connections_per_file,
+                    )
+                )
                 engine = Engine(request.manifest, store, api, downloader, settings, request.paths.out)
                 outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
                 return RunResult(outcome, request.paths, api.requests, sim_url)

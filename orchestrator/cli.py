@@ -95,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="API requests per second, all kinds (default %(default)s)",
     )
     p.add_argument(
+        "--parallel-min-mb",
+        type=float,
+        default=RunSettings().parallel_min_bytes / 2**20,
+        help="files this large (MiB) download over several connections (default %(default)g)",
+    )
+    p.add_argument(
+        "--range-mb",
+        type=float,
+        default=RunSettings().range_bytes / 2**20,
+        help="size of each range of a parallel download, MiB (default %(default)g)",
+    )
+    p.add_argument(
+        "--connections-per-file",
+        type=int,
+        default=RunSettings().connections_per_file,
+        help="connections for one large file (default %(default)s)",
+    )
+    p.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
@@ -254,7 +272,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
-    for name in ("max_active", "max_downloads"):
+    for name in ("max_active", "max_downloads", "connections_per_file"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.submit_rate <= 0 or args.requests_per_s <= 0 or args.time_scale <= 0:
@@ -280,7 +298,13 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     request = campaign.RunRequest(
         manifest=manifest,
         paths=paths,
-        settings=RunSettings(limits=limits, dry_run=args.dry_run).time_scaled(args.time_scale),
+        settings=RunSettings(
+            limits=limits,
+            dry_run=args.dry_run,
+            parallel_min_bytes=int(args.parallel_min_mb * 2**20),
+            range_bytes=max(64 * 1024, int(args.range_mb * 2**20)),
+            connections_per_file=args.connections_per_file,
+        ).time_scaled(args.time_scale),
         api_url=args.api_url,
         api_key_file=args.api_key_file,
         simulate=simulate,

@@ -28,6 +28,9 @@ POLL_JITTER = 0.1
 
 URL_RENEW_MARGIN_S = 120.0  # renew a signed URL that dies within this margin
 RETENTION_S = 172_800.0  # the service deletes checkpoints 48 h after training (doc)
+PARALLEL_MIN_BYTES = 64 * 1024 * 1024  # files this large go over several connections
+RANGE_BYTES = 16 * 1024 * 1024
+CONNECTIONS_PER_FILE = 4
 DOWNLOAD_ROUNDS = 3  # times a file that keeps failing is queued again in one run
 DOWNLOAD_REQUEUE_S = 30.0  # wait before queuing it again
 DOWNLOAD_ATTEMPTS = 5
@@ -77,6 +80,9 @@ class RunSettings:
     url_renew_margin_s: float = URL_RENEW_MARGIN_S
     retention_s: float = RETENTION_S
     download_attempts: int = DOWNLOAD_ATTEMPTS
+    parallel_min_bytes: int = PARALLEL_MIN_BYTES
+    range_bytes: int = RANGE_BYTES
+    connections_per_file: int = CONNECTIONS_PER_FILE
     download_rounds: int = DOWNLOAD_ROUNDS
     download_requeue_s: float = DOWNLOAD_REQUEUE_S
     stop_grace_s: float = STOP_GRACE_S

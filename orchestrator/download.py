@@ -2,7 +2,7 @@
 
 Small files go in one stream to `<name>.part`, resumed with `Range` after a break
 (a server that ignores `Range` answers 200 and we start over; an object whose ETag
-changed is started over too). Files of `PARALLEL_MIN_BYTES` or more go over several
+changed is started over too). Files of `parallel_min_bytes` or more go over several
 connections on fixed ranges (`ranged.py`). Either way `verify.place` checks size,
 md5 and format before the rename. A signed URL that has expired, or will within the
 margin, is renewed through the caller's `renew` (a GET of the job) before a request,
@@ -24,16 +24,15 @@ from types import TracebackType
 import aiohttp
 import anyio
 
-from .config import Timeouts
+from .config import CONNECTIONS_PER_FILE, PARALLEL_MIN_BYTES, RANGE_BYTES, Timeouts
 from .errors import DownloadError, FileGone, UrlExpired, VerificationFailed
 from .models import Artifact
-from .ranged import CONNECTIONS, RANGE_BYTES, ObjectChanged, PartLog, RangesIgnored, fetch_ranges
+from .ranged import ObjectChanged, PartLog, RangesIgnored, fetch_ranges
 from .urls import expires_at, redact
 from .verify import Fetched, Hashes, PartWriter, place
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
-PARALLEL_MIN_BYTES = 64 * 1024 * 1024
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
@@ -112,7 +111,7 @@ class Downloader:
         connections: int = 32,
         parallel_min_bytes: int = PARALLEL_MIN_BYTES,
         range_bytes: int = RANGE_BYTES,
-        connections_per_file: int = CONNECTIONS,
+        connections_per_file: int = CONNECTIONS_PER_FILE,
     ) -> None:
         self._timeouts = timeouts or Timeouts()
         self._connections = connections
@@ -250,17 +249,19 @@ class Downloader:
     async def _stream(self, resp: aiohttp.ClientResponse, part: Path, start: int) -> PartWriter:
         """Write the body into `part` from `start`, hashing as it goes, off the event loop."""
         writer = await anyio.to_thread.run_sync(PartWriter, part, start)
+        buffer = bytearray()
         try:
-            buffer = bytearray()
             async for piece in resp.content.iter_chunked(CHUNK_BYTES):
                 buffer += piece
                 if len(buffer) >= CHUNK_BYTES:
                     await anyio.to_thread.run_sync(writer.write, bytes(buffer))
                     self._bytes[0] += len(buffer)
                     buffer.clear()
-            if buffer:
-                await anyio.to_thread.run_sync(writer.write, bytes(buffer))
-                self._bytes[0] += len(buffer)
         finally:
-            await anyio.to_thread.run_sync(writer.close)
+            # Bytes that arrived before a break are good bytes: keep them to resume after.
+            with anyio.CancelScope(shield=True):
+                if buffer:
+                    await anyio.to_thread.run_sync(writer.write, bytes(buffer))
+                    self._bytes[0] += len(buffer)
+                await anyio.to_thread.run_sync(writer.close)
         return writer

@@ -19,8 +19,6 @@ import anyio
 from .errors import DownloadError, FileGone, UrlExpired
 from .verify import READ_BYTES, Hashes
 
-RANGE_BYTES = 16 * 1024 * 1024
-CONNECTIONS = 4
 RANGE_ATTEMPTS = 5
 RANGE_BACKOFF_S = 0.25
 WRITE_BYTES = 1024 * 1024
@@ -51,15 +49,14 @@ class Renewable(Protocol):
     async def renew_after(self, stale_url: str) -> None: ...
 
 
-def _prepare(part: Path, size: int, log: PartLog) -> set[int]:
-    """A .part of the full size; the ranges already in it (none if it is not the one we logged)."""
+def _preallocate(part: Path, size: int) -> bool:
+    """A .part of the full size; False when it had to be made anew (nothing in it to trust)."""
     part.parent.mkdir(parents=True, exist_ok=True)
-    if not part.exists() or part.stat().st_size != size:
-        log.clear()
-        with part.open("wb") as fh:
-            fh.truncate(size)
-        return set()
-    return log.ranges_done()
+    if part.exists() and part.stat().st_size == size:
+        return True
+    with part.open("wb") as fh:
+        fh.truncate(size)
+    return False
 
 
 def _write_at(fd: int, offset: int, data: bytes) -> None:
@@ -86,12 +83,16 @@ async def fetch_ranges(
     size: int,
     log: PartLog,
     *,
-    connections: int = CONNECTIONS,
-    range_bytes: int = RANGE_BYTES,
+    connections: int,
+    range_bytes: int,
     counter: list[int] | None = None,
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
-    done = await anyio.to_thread.run_sync(_prepare, part, size, log)
+    if await anyio.to_thread.run_sync(_preallocate, part, size):
+        done = log.ranges_done()
+    else:
+        log.clear()  # the store is used from this (the event loop's) thread only
+        done = set()
     count = -(-size // range_bytes)
     todo = [i for i in range(count) if i not in done]
     hashes = Hashes()
@@ -146,9 +147,26 @@ async def fetch_ranges(
             queue = list(todo)
             for _ in range(min(connections, len(todo))):
                 tg.start_soon(worker, queue)
+    except BaseExceptionGroup as group:
+        raise _decisive(group) from None
     finally:
         os.close(fd)
     return hashes, md5[0]
+
+
+# When several connections fail at once, the caller acts on the most decisive reason.
+_PRECEDENCE: tuple[type[DownloadError], ...] = (FileGone, ObjectChanged, RangesIgnored, UrlExpired, DownloadError)
+
+
+def _decisive(group: BaseExceptionGroup) -> BaseException:
+    for kind in _PRECEDENCE:
+        matched, _ = group.split(kind)
+        if matched is not None:
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first
+    return group
 
 
 async def _get_range(

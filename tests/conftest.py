@@ -31,9 +31,9 @@ def fast_sim(**overrides: Any) -> SimSettings:
     return replace(base, **overrides)
 
 
-def fast_run(scale: float = FAST_SCALE, **limits: Any) -> RunSettings:
+def fast_run(scale: float = FAST_SCALE, *, settings: dict[str, Any] | None = None, **limits: Any) -> RunSettings:
     base = Limits(max_active=400, submit_rate_per_s=2000.0, api_requests_per_s=5000.0, max_downloads=16)
-    return RunSettings(limits=replace(base, **limits)).time_scaled(scale)
+    return RunSettings(limits=replace(base, **limits), **(settings or {})).time_scaled(scale)
 
 
 @pytest.fixture

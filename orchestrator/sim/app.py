@@ -30,6 +30,7 @@ SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator")
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 ADMIN_PREFIX = "/_sim/"
 LEGACY_PREFIX = "/v1/"
+CUT_DELAY_S = 0.02
 
 
 def _detail(status: int, detail: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -215,15 +216,22 @@ async def _send_file(
     stop = end if cut is None else min(end, cut)
     chunks = [memoryview(png)[start:stop]] if png is not None else content.read(start, stop) if content else []
     rate = sim.settings.download_bytes_per_s
-    for chunk in chunks:
-        await response.write(chunk)
-        if rate:
-            await anyio.sleep(len(chunk) / rate)
-    if cut is not None and cut < end and request.transport is not None:
+    try:
+        for chunk in chunks:
+            await response.write(chunk)
+            if rate:
+                await anyio.sleep(len(chunk) / rate)
+    except ConnectionResetError:
+        return response  # the client hung up: nothing more to send
+    if cut is not None and cut < end:
+        await anyio.sleep(CUT_DELAY_S)  # the last packets reach the client before the cut
+        transport = request.transport
+        if transport is None:
+            return response  # the client already hung up
         if kind is FaultKind.RESET:
-            request.transport.abort()
+            transport.abort()
         else:
-            request.transport.close()  # a clean close before Content-Length is met
+            transport.close()  # a clean close before Content-Length is met
         return response
     await response.write_eof()
     return response
@@ -278,7 +286,8 @@ def build_app(sim: Simulator) -> web.Application:
     app[SIM_KEY] = sim
     app.router.add_get(f"{ADMIN_PREFIX}ledger", admin_ledger)
     app.router.add_put(f"{ADMIN_PREFIX}faults", admin_faults)
-    app.router.add_route("GET", "/storage/{tail:.+}", storage)  # GET also answers HEAD
+    # [\s\S]: a decoded object name may hold any character, a newline included
+    app.router.add_route("GET", r"/storage/{tail:[\s\S]+}", storage)  # GET also answers HEAD
     app.router.add_post("/{kind:dreambooth|image_gen|image-gen|dreambooth_image_gen|dreambooth-image-gen}", submit)
     app.router.add_get("/jobs/{kind}/{job_id}", get_job)
     app.router.add_get("/jobs/{kind}", list_jobs)
