@@ -1,0 +1,72 @@
+"""SIGKILL in the middle of a large parallel download; the restart fetches no finished
+range again and the file ends with the right sha256."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .campaigns import assert_campaign_on_disk
+from .conftest import fast_sim, write
+
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(manifest: Path, url: str, key: str, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DREAMLOOK_API_KEY": key}
+    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", url, "--time-scale", "20000",
+            "--parallel-min-mb", "1", "--range-mb", "1", "--connections-per-file", "4", *extra]  # fmt: skip
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ranges_done(state: Path) -> set[int]:
+    if not state.exists():
+        return set()
+    with sqlite3.connect(state, timeout=5) as db:
+        try:
+            return {row[0] for row in db.execute("SELECT idx FROM file_ranges")}
+        except sqlite3.OperationalError:
+            return set()
+
+
+def test_sigkill_mid_parallel_download_then_resume(tmp_path: Path, threaded_sim: Any) -> None:
+    manifest = write(
+        tmp_path / "big.yaml",
+        "campaign: big\njobs:\n  - {id: big, type: dreambooth, instance_prompt: p, image_urls: [u],"
+        " base_model: stable-diffusion-v1-5, extract_lora: disabled}\n",
+    )
+    state = tmp_path / ".dreamlook-batch" / "big.db"
+    size = 24 * MiB + 7
+    # 4 connections at 3 MiB/s each: ~2 s for the file, time to kill it in the middle.
+    settings = fast_sim(checkpoint_bytes=size, retention_s=1e9, download_bytes_per_s=3 * MiB)
+    with threaded_sim(settings) as sim:
+        first = cli(manifest, sim.url, sim.api_key)
+        deadline = time.monotonic() + 30
+        while len(ranges_done(state)) < 6:
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "the download never got going"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        done_at_kill = ranges_done(state)
+        served_before = len(sim.ledger.downloads)
+        assert 6 <= len(done_at_kill) < 25, done_at_kill
+        assert (tmp_path / "outputs" / "big" / "big").is_dir()
+        assert not list((tmp_path / "outputs" / "big" / "big").glob("*.safetensors")), "no final file yet"
+
+        second = cli(manifest, sim.url, sim.api_key)
+        output = second.communicate(timeout=60)[0]
+        assert second.returncode == 0, output
+        again = [d for d in sim.ledger.downloads[served_before:] if d.start // MiB in done_at_kill]
+        assert again == [], f"finished ranges fetched again: {again}"
+        resumed = {d.start // MiB for d in sim.ledger.downloads[served_before:]}
+        assert resumed == set(range(25)) - done_at_kill
+        assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])
+    assert ranges_done(state) == set()  # forgotten once the file is placed
