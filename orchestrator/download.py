@@ -18,8 +18,10 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import aiohttp
 import anyio
@@ -32,7 +34,10 @@ from .urls import expires_at, redact
 from .verify import Fetched, Hashes, PartWriter, place
 
 log = logging.getLogger(__name__)
-CHUNK_BYTES = 1024 * 1024
+T = TypeVar("T")
+CHUNK_BYTES = 1024 * 1024  # bytes handed to the writer thread at once
+READ_BUFFER_BYTES = 256 * 1024  # aiohttp's buffer per connection
+IO_THREADS = 4  # file writes and hashes of all downloads; more threads only add malloc arenas (RSS)
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
@@ -119,13 +124,18 @@ class Downloader:
         self.range_bytes = range_bytes
         self.connections_per_file = connections_per_file
         self._session: aiohttp.ClientSession | None = None
+        self._io: anyio.CapacityLimiter | None = None
         self._bytes = [0]  # fetched so far, for progress and benchmarks
 
     @property
     def bytes_fetched(self) -> int:
         return self._bytes[0]
 
+    async def _thread(self, func: Callable[..., T], *args: object) -> T:
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._io)
+
     async def __aenter__(self) -> Downloader:
+        self._io = anyio.CapacityLimiter(IO_THREADS)
         # A read timeout per chunk, never a total: a 6 GB checkpoint may take an hour.
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.download_read_s
@@ -134,7 +144,7 @@ class Downloader:
             timeout=timeout,
             connector=aiohttp.TCPConnector(limit=self._connections),
             auto_decompress=False,  # the bytes as stored: sizes and hashes are of those
-            read_bufsize=CHUNK_BYTES,
+            read_bufsize=READ_BUFFER_BYTES,
         )
         return self
 
@@ -166,9 +176,9 @@ class Downloader:
             await source.ensure_fresh(renew_margin_s)
             try:
                 if parallel and size is not None:
-                    await anyio.to_thread.run_sync(_prepare, folder, part, 0)
+                    await self._thread(_prepare, folder, part, 0)
                     hashes, md5 = await self._ranged(source, part, size, part_log)
-                    return await anyio.to_thread.run_sync(_place, part, final, hashes, size, md5)
+                    return await self._thread(_place, part, final, hashes, size, md5)
                 return await self._one_stream(source, folder, part, final, part_log)
             except RangesIgnored:
                 log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
@@ -195,20 +205,20 @@ class Downloader:
         assert self._session is not None, "use Downloader in `async with`"
         return await fetch_ranges(
             self._session, source, part, size, part_log,
-            connections=self.connections_per_file, range_bytes=self.range_bytes, counter=self._bytes,
+            connections=self.connections_per_file, range_bytes=self.range_bytes, counter=self._bytes, io=self._io,
         )  # fmt: skip
 
     async def _one_stream(self, source: _Source, folder: Path, part: Path, final: Path, part_log: PartLog) -> Fetched:
         assert self._session is not None, "use Downloader in `async with`"
         artifact = source.artifact
-        have = await anyio.to_thread.run_sync(_prepare, folder, part, artifact.size_bytes)
+        have = await self._thread(_prepare, folder, part, artifact.size_bytes)
         known_etag = part_log.etag() if have else None
         headers = {"Range": f"bytes={have}-"} if have else {}
         where = redact(artifact.url)
         try:
             async with self._session.get(artifact.url, headers=headers) as resp:
                 if resp.status == 416 and have and have == artifact.size_bytes:
-                    writer = await anyio.to_thread.run_sync(PartWriter, part, have)  # the part is already whole
+                    writer = await self._thread(partial(PartWriter, part, have, md5=False))  # already whole
                     md5 = None
                 elif resp.status in (400, 401, 403):
                     raise UrlExpired(
@@ -226,11 +236,11 @@ class Downloader:
                     if start == 0:
                         part_log.set_etag(etag)
                     md5 = _md5_of(resp.headers.getall("x-goog-hash", []))
-                    writer = await self._stream(resp, part, start)
+                    writer = await self._stream(resp, part, start, md5=md5 is not None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
-        await anyio.to_thread.run_sync(writer.close)
-        return await anyio.to_thread.run_sync(_place, part, final, writer.hashes, artifact.size_bytes, md5)
+        await self._thread(writer.close)
+        return await self._thread(_place, part, final, writer.hashes, artifact.size_bytes, md5)
 
     @staticmethod
     def _start_of(resp: aiohttp.ClientResponse, have: int, artifact: Artifact) -> int:
@@ -246,22 +256,22 @@ class Downloader:
             raise ObjectChanged(f"storage now has {total} bytes, the job says {artifact.size_bytes}")
         return have
 
-    async def _stream(self, resp: aiohttp.ClientResponse, part: Path, start: int) -> PartWriter:
+    async def _stream(self, resp: aiohttp.ClientResponse, part: Path, start: int, *, md5: bool) -> PartWriter:
         """Write the body into `part` from `start`, hashing as it goes, off the event loop."""
-        writer = await anyio.to_thread.run_sync(PartWriter, part, start)
+        writer = await self._thread(partial(PartWriter, part, start, md5=md5))
         buffer = bytearray()
         try:
             async for piece in resp.content.iter_chunked(CHUNK_BYTES):
                 buffer += piece
                 if len(buffer) >= CHUNK_BYTES:
-                    await anyio.to_thread.run_sync(writer.write, bytes(buffer))
-                    self._bytes[0] += len(buffer)
-                    buffer.clear()
+                    full, buffer = buffer, bytearray()  # hand the block over: no copy
+                    await self._thread(writer.write, full)
+                    self._bytes[0] += len(full)
         finally:
             # Bytes that arrived before a break are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):
                 if buffer:
-                    await anyio.to_thread.run_sync(writer.write, bytes(buffer))
+                    await self._thread(writer.write, buffer)
                     self._bytes[0] += len(buffer)
-                await anyio.to_thread.run_sync(writer.close)
+                await self._thread(writer.close)
         return writer

@@ -59,7 +59,7 @@ def _preallocate(part: Path, size: int) -> bool:
     return False
 
 
-def _write_at(fd: int, offset: int, data: bytes) -> None:
+def _write_at(fd: int, offset: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -86,17 +86,19 @@ async def fetch_ranges(
     connections: int,
     range_bytes: int,
     counter: list[int] | None = None,
+    io: anyio.CapacityLimiter | None = None,
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
-    if await anyio.to_thread.run_sync(_preallocate, part, size):
+    if await anyio.to_thread.run_sync(_preallocate, part, size, limiter=io):
         done = log.ranges_done()
     else:
         log.clear()  # the store is used from this (the event loop's) thread only
         done = set()
     count = -(-size // range_bytes)
     todo = [i for i in range(count) if i not in done]
-    hashes = Hashes()
     md5: list[str | None] = [None]
+    headers_seen = anyio.Event()  # set by the first answer: we then know if an md5 is coming
+    result: list[Hashes] = []
     progress = {"event": anyio.Event()}
     fd = os.open(part, os.O_RDWR)
 
@@ -109,7 +111,7 @@ async def fetch_ranges(
         for attempt in range(RANGE_ATTEMPTS):
             url = source.url
             try:
-                await _get_range(session, url, fd, start, end, size, log, md5, counter)
+                await _get_range(session, url, fd, (start, end, size), log, md5, headers_seen, counter, io)
                 break
             except UrlExpired:
                 await source.renew_after(url)
@@ -122,7 +124,7 @@ async def fetch_ranges(
                 delay *= 2
         else:
             raise DownloadError(f"{part.name}: bytes {start}-{end - 1} kept failing")
-        await anyio.to_thread.run_sync(os.fdatasync, fd)
+        await anyio.to_thread.run_sync(os.fdatasync, fd, limiter=io)
         log.mark_range_done(i)  # only after the bytes are synced
         done.add(i)
         progress["event"].set()
@@ -132,6 +134,9 @@ async def fetch_ranges(
             await fetch_one(queue.pop(0))
 
     async def hasher() -> None:
+        if todo:
+            await headers_seen.wait()
+        hashes = Hashes(md5=md5[0] is not None)
         for i in range(count):
             while i not in done:
                 progress["event"] = anyio.Event()
@@ -139,7 +144,8 @@ async def fetch_ranges(
                     break
                 await progress["event"].wait()
             start, end = bounds(i)
-            await anyio.to_thread.run_sync(_hash_range, fd, start, end, hashes)
+            await anyio.to_thread.run_sync(_hash_range, fd, start, end, hashes, limiter=io)
+        result.append(hashes)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -151,7 +157,7 @@ async def fetch_ranges(
         raise _decisive(group) from None
     finally:
         os.close(fd)
-    return hashes, md5[0]
+    return result[0], md5[0]
 
 
 # When several connections fail at once, the caller acts on the most decisive reason.
@@ -173,13 +179,14 @@ async def _get_range(
     session: aiohttp.ClientSession,
     url: str,
     fd: int,
-    start: int,
-    end: int,
-    size: int,
+    span: tuple[int, int, int],
     log: PartLog,
     md5: list[str | None],
+    headers_seen: anyio.Event,
     counter: list[int] | None,
+    io: anyio.CapacityLimiter | None,
 ) -> None:
+    start, end, size = span
     headers = {"Range": f"bytes={start}-{end - 1}"}
     try:
         async with session.get(url, headers=headers) as resp:
@@ -207,18 +214,19 @@ async def _get_range(
                     name, _, value = item.strip().partition("=")
                     if name == "md5" and value:
                         md5[0] = value
+            headers_seen.set()
             offset = start
             buffer = bytearray()
             async for piece in resp.content.iter_chunked(WRITE_BYTES):
                 buffer += piece
                 if len(buffer) >= WRITE_BYTES:
-                    await anyio.to_thread.run_sync(_write_at, fd, offset, bytes(buffer))
-                    offset += len(buffer)
+                    full, buffer = buffer, bytearray()  # hand the block over: no copy
+                    await anyio.to_thread.run_sync(_write_at, fd, offset, full, limiter=io)
+                    offset += len(full)
                     if counter is not None:
-                        counter[0] += len(buffer)
-                    buffer.clear()
+                        counter[0] += len(full)
             if buffer:
-                await anyio.to_thread.run_sync(_write_at, fd, offset, bytes(buffer))
+                await anyio.to_thread.run_sync(_write_at, fd, offset, buffer, limiter=io)
                 offset += len(buffer)
                 if counter is not None:
                     counter[0] += len(buffer)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import DownloadError, VerificationFailed
 
-READ_BYTES = 4 * 1024 * 1024
+READ_BYTES = 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
@@ -30,33 +30,37 @@ class Fetched:
 
 
 class Hashes:
-    def __init__(self) -> None:
-        self.sha, self.md5 = hashlib.sha256(), hashlib.md5()
+    """sha256 always (for SHA256SUMS); md5 only when storage gave one to compare with."""
+
+    def __init__(self, *, md5: bool) -> None:
+        self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5() if md5 else None
         self.size = 0
 
-    def update(self, chunk: bytes | memoryview) -> None:
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
         self.sha.update(chunk)
-        self.md5.update(chunk)
+        if self.md5 is not None:
+            self.md5.update(chunk)
         self.size += len(chunk)
 
-    def md5_b64(self) -> str:
-        return base64.b64encode(self.md5.digest()).decode()
+    def md5_b64(self) -> str | None:
+        return base64.b64encode(self.md5.digest()).decode() if self.md5 is not None else None
 
 
 class PartWriter:
     """A .part file written from `start` on, hashed as it goes (the bytes before `start`
     are hashed once, from disk, when resuming)."""
 
-    def __init__(self, path: Path, start: int) -> None:
+    def __init__(self, path: Path, start: int, *, md5: bool) -> None:
         self.path = path
-        self.hashes = Hashes()
+        self.hashes = Hashes(md5=md5)
         self._fh = path.open("r+b" if start and path.exists() else "wb")
         while self.hashes.size < start and (chunk := self._fh.read(min(READ_BYTES, start - self.hashes.size))):
             self.hashes.update(chunk)
         self._fh.seek(self.hashes.size)
         self._fh.truncate()
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         self._fh.write(chunk)
         self.hashes.update(chunk)
 
@@ -105,7 +109,7 @@ def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, md
             raise DownloadError(f"{final.name}: got {size} of {size_bytes} bytes")
         part.unlink()
         raise VerificationFailed(f"{final.name}: {size} bytes, the job says {size_bytes}")
-    if md5 is not None and hashes.md5_b64() != md5:
+    if md5 is not None and hashes.md5_b64() not in (None, md5):
         part.unlink()
         raise DownloadError(f"{final.name}: md5 does not match storage's x-goog-hash; fetching it again")
     if final.suffix == ".safetensors":
