@@ -78,7 +78,7 @@ def _ours(urls: list[str], size: int, parallel: bool) -> dict[str, float]:
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def _curl(url: str, *, verify: bool) -> dict[str, float]:
+def _curl(url: str, *, verify: bool = False, sync: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=ROOT / "bench") as out:
         target = os.path.join(out, "file.bin")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -86,6 +86,8 @@ def _curl(url: str, *, verify: bool) -> dict[str, float]:
         subprocess.run(["curl", "-sS", "-o", target, url], check=True)
         if verify:
             subprocess.run(["sha256sum", target], check=True, capture_output=True)
+        if sync:
+            subprocess.run(["sync", target], check=True)  # fsync: the durability ours pays for
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -122,10 +124,11 @@ def measure(quick: bool) -> dict[str, object]:
         return results
     with sim_process("--time-scale", "1000", "--checkpoint-bytes", str(size)) as sim:
         [url] = _urls(sim.url, sim.key, 1)
-        names = ("curl", "curl+sha256sum", "ours-1-stream", "ours-4-ranges")
+        names = ("curl", "curl+fsync", "curl+sha256sum", "ours-1-stream", "ours-4-ranges")
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for _ in range(repeats):  # interleaved, so drift of the machine hits all alike
-            runs["curl"].append(_curl(url, verify=False))
+            runs["curl"].append(_curl(url))
+            runs["curl+fsync"].append(_curl(url, sync=True))
             runs["curl+sha256sum"].append(_curl(url, verify=True))
             runs["ours-1-stream"].append(_ours([url], size, parallel=False))
             runs["ours-4-ranges"].append(_ours([url], size, parallel=True))
