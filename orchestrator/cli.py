@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import campaign, logs
-from .config import DEFAULT_API_URL, Limits, RunSettings
+from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import ApiError, CampaignLocked, DreamlookBatchError, ManifestError, TransportError, UsageError
 from .manifest import load_manifest
 from .models import BAD_ENDINGS, JobState, JobType
@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RunSettings().connections_per_file,
         help="connections for one large file (default %(default)s)",
+    )
+    p.add_argument(
+        "--api-timeout",
+        type=float,
+        default=RunSettings().timeouts.api_read_s,
+        help="seconds to wait for one API answer (default %(default)g)",
     )
     p.add_argument(
         "--time-scale",
@@ -275,8 +281,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     for name in ("max_active", "max_downloads", "connections_per_file"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.submit_rate <= 0 or args.requests_per_s <= 0 or args.time_scale <= 0:
-        raise UsageError("--submit-rate, --requests-per-s and --time-scale must be positive")
+    if min(args.submit_rate, args.requests_per_s, args.time_scale, args.api_timeout) <= 0:
+        raise UsageError("--submit-rate, --requests-per-s, --time-scale and --api-timeout must be positive")
     limits = Limits(
         max_active=args.max_active,
         submit_rate_per_s=args.submit_rate,
@@ -301,6 +307,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
         settings=RunSettings(
             limits=limits,
             dry_run=args.dry_run,
+            timeouts=Timeouts(api_read_s=args.api_timeout),
             parallel_min_bytes=int(args.parallel_min_mb * 2**20),
             range_bytes=max(64 * 1024, int(args.range_mb * 2**20)),
             connections_per_file=args.connections_per_file,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from .schedule import next_check_in
 from .store import FileRow, JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
+CRASH_ENV = "DREAMLOOK_BATCH_CRASH_AT"
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 TRAINED_STATES = (JobState.SUCCEEDED, JobState.DOWNLOADING, JobState.DONE, JobState.LOST)
 
@@ -278,6 +281,7 @@ class Engine:
                 (row.id, json.dumps(_storable(bodies[row.id]), sort_keys=True), row.fingerprint) for row, _, _ in batch
             ]
             self.store.record_intents(intents, self.now())  # rule 1: durable before any POST
+            crash_point("after-intent")
         for row, spec, _ in batch:
             self.busy.add(row.id)
             self.submitted_this_run += 1
@@ -328,11 +332,12 @@ class Engine:
                 self._problem(job_id, f"dry run not confirmed: {exc}")
                 return
             log.warning("job.submit_unclear job_id=%s error=%s", job_id, exc)
-            await self._reconcile(self.store.job(job_id))
+            await self._reconcile([self.store.job(job_id)])
             return
         if self.settings.dry_run:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
+        crash_point("after-post")
         first_check = self.now() + next_check_in(self.settings.poll, None, 0)
         self.store.mark_submitted(job_id, remote_id, self.now(), next_check_at=first_check)
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
@@ -343,33 +348,33 @@ class Engine:
 
     async def _reconcile_interrupted(self) -> None:
         """Jobs left SUBMITTING by an earlier run: their POST's outcome is unknown."""
-        for row in self.store.jobs([JobState.SUBMITTING]):
-            await self._reconcile(row)
+        rows = self.store.jobs([JobState.SUBMITTING])
+        for job_type in {r.type for r in rows}:
+            await self._reconcile([r for r in rows if r.type == job_type])
 
-    async def _reconcile(self, row: JobRow) -> None:
+    async def _reconcile(self, rows: list[JobRow]) -> None:
+        """Rule 2 for jobs of one type: found, provably absent, or unknown."""
         claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
-        job_type = JobType(row.type)
-        found = await reconcile.reconcile(
-            self.api,
-            self.settings.retry,
-            job_type=job_type,
-            tag_value=f"{self.manifest.campaign}/{row.id}",
-            sent_payload=row.sent_payload or "{}",
-            intent_at=row.intent_at or 0.0,
-            claimed=claimed,
-        )
-        log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
-        if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-            self.store.mark_submitted(row.id, found.remote_id, self.now())
-        elif found.verdict is reconcile.Verdict.ABSENT:
-            self.store.move(row.id, JobState.PENDING, self.now(), reason=None)
-        else:
-            self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
-            self._problem(
-                row.id,
-                f"unknown whether it was created: {found.why}. Check the dreamlook.ai "
-                "jobs page, then run `dreamlook-batch settle` for it",
-            )
+        lost = [
+            reconcile.Lost(r.id, f"{self.manifest.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0)
+            for r in rows
+        ]
+        verdicts = await reconcile.reconcile(self.api, self.settings.retry, JobType(rows[0].type), lost, claimed)
+        for row in rows:
+            found = verdicts[row.id]
+            log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
+            if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
+                first_check = self.now() + next_check_in(self.settings.poll, None, 0)
+                self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=first_check)
+            elif found.verdict is reconcile.Verdict.ABSENT:
+                self.store.move(row.id, JobState.PENDING, self.now())
+            else:
+                self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
+                self._problem(
+                    row.id,
+                    f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
+                    f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
+                )
 
     # -- checking -------------------------------------------------------------------
 
@@ -520,6 +525,12 @@ class Engine:
             ],
         }
         output.write_summary(self.out_dir / "summary.json", summary)
+
+
+def crash_point(name: str) -> None:
+    """Where tests kill the process (DREAMLOOK_BATCH_CRASH_AT=name) to prove a restart recovers."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _storable(body: dict[str, Any]) -> dict[str, Any]:
