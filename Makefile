@@ -34,8 +34,8 @@ bench: $(STAMP)  ## measure speed and memory side by side with the baselines; wr
 bench-quick: $(STAMP)  ## a smaller bench run (under 2 minutes)
 	$(BIN)/python -m bench --quick
 
-chaos: $(STAMP)  ## the long kill-and-restart chaos run
-	$(BIN)/pytest -q -m slow tests/
+chaos: $(STAMP)  ## the long kill-and-restart chaos runs; figures in bench/chaos-results.json
+	$(BIN)/pytest -q -s -m slow tests/test_chaos.py
 
 clean:  ## remove the environment, demo outputs and state
 	rm -rf $(VENV) jobs/outputs jobs/.dreamlook-batch .pytest_cache .mypy_cache .ruff_cache

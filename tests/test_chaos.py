@@ -1,0 +1,126 @@
+"""Chaos: a campaign against a faulty simulator, killed with SIGKILL at random moments
+and restarted each time. At the end nothing was paid twice, nothing was lost, no part
+file sits under a final name, nothing is left `submitting`, and unknowns are reported.
+
+`make test` runs the quick version; `make chaos` the long ones (marked slow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.sim import FaultPlan, FaultRates
+
+from .campaigns import mixed_manifest
+from .conftest import fast_sim
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "chaos-results.json"  # written by `make chaos` only
+RATES = FaultRates(
+    server_error=0.05, rate_limited=0.05, retry_after_share=0.5, slow=0.01, ghost_submit=0.05, ghost_5xx=0.03,
+    reset_download=0.08, truncate_download=0.04, job_failure=0.03,
+)  # fmt: skip
+
+
+def _cli(manifest: Path, sim: Any) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", sim.url, "--time-scale", "20000",
+            "--max-active", "25", "--submit-rate", "200", "--requests-per-s", "1000", "--api-timeout", "0.5",
+            "--log-format", "json"]  # fmt: skip
+    env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key}
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def chaos(tmp_path: Path, threaded_sim: Any, *, trainings: int, combined: int, images: int, kills: int,
+          seed: int, tags_listed: bool = True, max_wait_s: float = 1.5) -> dict[str, Any]:  # fmt: skip
+    manifest = mixed_manifest(tmp_path, trainings=trainings, combined=combined, plain_images=images)
+    job_ids = [f"t{i:03d}" for i in range(trainings)] + [f"t{i:03d}-img" for i in range(trainings)]
+    job_ids += [f"c{i:03d}" for i in range(combined)] + [f"g{i:03d}" for i in range(images)]
+    rng = random.Random(seed)
+    settings = fast_sim(seed=seed, retention_s=1e9, list_echoes_tags=tags_listed,
+                        faults=FaultPlan(rates=RATES, slow_s=1.0))  # fmt: skip
+    survived = 0
+    with threaded_sim(settings) as sim:
+        for _ in range(kills):
+            run = _cli(manifest, sim)
+            time.sleep(rng.uniform(0.1, max_wait_s))
+            if run.poll() is None:
+                run.kill()
+                survived += 1
+            run.wait(30)
+        finals = []
+        for _ in range(8):  # then let it finish (a run may end early on a transient failure)
+            run = _cli(manifest, sim)
+            finals.append(run.wait(180))
+            with sqlite3.connect(tmp_path / ".dreamlook-batch" / "mixed.db") as db:
+                open_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE state NOT IN "
+                                       "('done','failed','invalid','unknown','lost','skipped')").fetchone()[0]  # fmt: skip
+            if open_jobs == 0:
+                break
+        with sqlite3.connect(tmp_path / ".dreamlook-batch" / "mixed.db") as db:
+            rows = {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, state, reason FROM jobs")}
+        tags = sim.ledger.tag_values()
+        remote_of = {}
+        for entry in sim.ledger.jobs:
+            value = next(t["value"] for t in entry.tags if t["key"] == "dreamlook-batch")
+            remote_of.setdefault(value, entry.job_id)  # the first one made is ours
+        expected = {j: sim.expected_files(remote_of[f"mixed/{j}"]) for j in job_ids if rows[j][0] == "done"}
+        faults = Counter(d.fault for d in sim.ledger.downloads if d.fault)
+        submit_requests = sim.ledger.requests["submit"]
+    states = Counter(state for state, _ in rows.values())
+    duplicates = sum(n - 1 for n in tags.values() if n > 1)
+    out = tmp_path / "outputs" / "mixed"
+
+    # Each manifest job at most once in the ledger; exactly once where it succeeded.
+    assert duplicates == 0, {k: n for k, n in tags.items() if n > 1}
+    for job in job_ids:
+        state, reason = rows[job]
+        if state in ("done", "failed", "lost"):
+            assert tags[f"mixed/{job}"] == 1, job
+        if state == "unknown":
+            assert reason, f"{job} is unknown without a reason for the user"
+    assert states["submitting"] == 0 and open_jobs == 0, states
+    # Every successful job's files are on disk, byte-identical to the simulator's.
+    for job, files in expected.items():
+        sums = dict(reversed(line.split("  ", 1)) for line in (out / job / "SHA256SUMS").read_text().splitlines())
+        assert sums and all(files[name] == digest for name, digest in sums.items()), job
+        for name, digest in sums.items():
+            assert hashlib.sha256((out / job / name).read_bytes()).hexdigest() == digest, f"{job}/{name}"
+    # No .part file under a final name; none left at all once jobs are finished.
+    assert not list(out.rglob("*.part"))
+    report = {
+        "jobs": len(job_ids), "kills_survived": survived, "duplicates": duplicates, "states": dict(states),
+        "final_exit_codes": finals, "submit_requests": submit_requests, "download_faults": dict(faults),
+        "tags_listed": tags_listed,
+    }  # fmt: skip
+    print(json.dumps(report))
+    return report
+
+
+def _record(name: str, report: dict[str, Any]) -> None:
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    previous[name] = report
+    RESULTS.write_text(json.dumps(previous, indent=2, sort_keys=True) + "\n")
+
+
+def test_chaos_quick(tmp_path: Path, threaded_sim: Any) -> None:
+    report = chaos(tmp_path, threaded_sim, trainings=8, combined=4, images=8, kills=8, seed=1, max_wait_s=0.9)
+    assert report["kills_survived"] >= 5  # most kills land in the middle of the run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tags_listed", [True, False], ids=["list-has-tags", "list-without-tags"])
+def test_chaos_long(tmp_path: Path, threaded_sim: Any, tags_listed: bool) -> None:
+    report = chaos(tmp_path, threaded_sim, trainings=60, combined=30, images=90, kills=40, seed=7, tags_listed=tags_listed)
+    _record(f"long-{'tags' if tags_listed else 'no-tags'}", report)
