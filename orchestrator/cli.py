@@ -20,7 +20,15 @@ from rich.table import Table
 
 from . import campaign, logs
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
-from .errors import ApiError, CampaignLocked, DreamlookBatchError, ManifestError, TransportError, UsageError
+from .errors import (
+    ApiError,
+    CampaignLocked,
+    DreamlookBatchError,
+    ManifestError,
+    TransportError,
+    UsageError,
+    first_error,
+)
 from .manifest import load_manifest
 from .models import BAD_ENDINGS, JobState, JobType
 
@@ -219,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_format, args.verbose - args.quiet)
     try:
-        return _dispatch(args)
+        try:
+            return _dispatch(args)
+        except BaseExceptionGroup as group:  # from a task group: report the error inside
+            raise first_error(group) from group
     except ManifestError as exc:
         _print_problems(exc.problems)
         return EXIT_USAGE

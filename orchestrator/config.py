@@ -20,11 +20,15 @@ RETRY_TOTAL_S = 300.0
 RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
 
-POLL_QUEUED_S = 30.0  # first check of a queued job; then backoff
-POLL_MIN_S = 5.0
+POLL_QUEUED_S = 60.0  # training: first look at a queued job; then backoff
+POLL_MIN_S = 10.0
 POLL_MAX_S = 300.0
+IMAGE_POLL_QUEUED_S = 10.0  # image jobs take seconds to minutes, and their URLs live 1 h
+IMAGE_POLL_MIN_S = 3.0
+IMAGE_POLL_MAX_S = 60.0
 POLL_BACKOFF = 1.5
 POLL_JITTER = 0.1
+CALLBACK_POLL_RELAX = 4.0  # with callbacks arriving, polls are only a safety net
 
 URL_RENEW_MARGIN_S = 120.0  # renew a signed URL that dies within this margin
 RETENTION_S = 172_800.0  # the service deletes checkpoints 48 h after training (doc)
@@ -57,11 +61,22 @@ class RetryPolicy:
 
 @dataclass(frozen=True, kw_only=True)
 class PollPolicy:
-    queued_s: float = POLL_QUEUED_S
+    queued_s: float = POLL_QUEUED_S  # first look at a queued job; then backoff
     min_s: float = POLL_MIN_S
     max_s: float = POLL_MAX_S
     backoff: float = POLL_BACKOFF
     jitter: float = POLL_JITTER
+    use_estimates: bool = True  # False: plain backoff (with backoff=1: a fixed interval)
+
+    @classmethod
+    def fixed(cls, interval_s: float) -> PollPolicy:
+        """Every `interval_s`, whatever happens: what most scripts do."""
+        return cls(
+            queued_s=interval_s, min_s=interval_s, max_s=interval_s, backoff=1.0, jitter=0.0, use_estimates=False
+        )
+
+    def scaled(self, factor: float) -> PollPolicy:
+        return replace(self, queued_s=self.queued_s / factor, min_s=self.min_s / factor, max_s=self.max_s / factor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +90,11 @@ class Timeouts:
 class RunSettings:
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    poll: PollPolicy = field(default_factory=PollPolicy)
+    poll: PollPolicy = field(default_factory=PollPolicy)  # training jobs
+    image_poll: PollPolicy = field(
+        default_factory=lambda: PollPolicy(queued_s=IMAGE_POLL_QUEUED_S, min_s=IMAGE_POLL_MIN_S, max_s=IMAGE_POLL_MAX_S)
+    )
+    callback_poll_relax: float = CALLBACK_POLL_RELAX
     timeouts: Timeouts = field(default_factory=Timeouts)
     url_renew_margin_s: float = URL_RENEW_MARGIN_S
     retention_s: float = RETENTION_S
@@ -90,10 +109,11 @@ class RunSettings:
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""
-        p, r = self.poll, self.retry
+        r = self.retry
         return replace(
             self,
-            poll=replace(p, queued_s=p.queued_s / factor, min_s=p.min_s / factor, max_s=p.max_s / factor),
+            poll=self.poll.scaled(factor),
+            image_poll=self.image_poll.scaled(factor),
             retry=replace(r, backoff_min_s=r.backoff_min_s / factor, backoff_max_s=r.backoff_max_s / factor),
             url_renew_margin_s=self.url_renew_margin_s / factor,
             retention_s=self.retention_s / factor,

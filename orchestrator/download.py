@@ -204,9 +204,16 @@ class Downloader:
     async def _ranged(self, source: _Source, part: Path, size: int, part_log: PartLog) -> tuple[Hashes, str | None]:
         assert self._session is not None, "use Downloader in `async with`"
         return await fetch_ranges(
-            self._session, source, part, size, part_log,
-            connections=self.connections_per_file, range_bytes=self.range_bytes, counter=self._bytes, io=self._io,
-        )  # fmt: skip
+            self._session,
+            source,
+            part,
+            size,
+            part_log,
+            connections=self.connections_per_file,
+            range_bytes=self.range_bytes,
+            counter=self._bytes,
+            io=self._io,
+        )
 
     async def _one_stream(self, source: _Source, folder: Path, part: Path, final: Path, part_log: PartLog) -> Fetched:
         assert self._session is not None, "use Downloader in `async with`"

@@ -25,12 +25,12 @@ from anyio.abc import TaskGroup
 
 from . import output, reconcile, retry
 from .api import ApiClient
+from .checking import CheckStage
 from .config import RunSettings
 from .download import Downloader
 from .errors import (
     AuthError,
     InvalidJob,
-    NotFound,
     NotSent,
     QuotaError,
     RateLimited,
@@ -38,11 +38,11 @@ from .errors import (
 )
 from .fetching import FetchStage
 from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
-from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob, RemoteState
+from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
 from .ratelimit import RequestBudget
-from .results import parse_job, select
-from .schedule import next_check_in
-from .store import FileRow, JobRow, SqliteStore
+from .results import parse_job
+from .schedule import Wakeup, next_check_in
+from .store import JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "DREAMLOOK_BATCH_CRASH_AT"
@@ -112,20 +112,36 @@ class Engine:
         self.now = clock
         self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s)
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
-        self.check_limiter = anyio.CapacityLimiter(8)
         self.download_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_downloads))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
         self.submitted_this_run = 0
         self.stopped_by: str | None = None
         self.problems: list[str] = []
-        self._wake = anyio.Event()
+        self.wakeup = Wakeup()
         self._stopping = False
         self._tg: TaskGroup | None = None
+        self.check = CheckStage(
+            store=store,
+            api=api,
+            settings=settings,
+            specs=self.specs,
+            remote=self.remote,
+            problem=self._problem,
+            notify=self._notify,
+            now=clock,
+        )
         self.fetch = FetchStage(
-            store=store, downloader=downloader, settings=settings, out_dir=out_dir, remote=self.remote,
-            fresh=self._fresh, problem=self._problem, notify=self._notify, now=clock,
-        )  # fmt: skip
+            store=store,
+            downloader=downloader,
+            settings=settings,
+            out_dir=out_dir,
+            remote=self.remote,
+            fresh=self._fresh,
+            problem=self._problem,
+            notify=self._notify,
+            now=clock,
+        )
 
     # -- control --------------------------------------------------------------------
 
@@ -136,7 +152,7 @@ class Engine:
         self._notify()
 
     def _notify(self) -> None:
-        self._wake.set()
+        self.wakeup.notify()
 
     def _problem(self, job_id: str, message: str) -> None:
         self.problems.append(f"{job_id}: {message}")
@@ -172,31 +188,26 @@ class Engine:
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
         """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
-            self._wake = anyio.Event()
             started = self._start_due_work(check=check, submit=submit)
-            busy = bool(self.busy or self.fetch.active or self.fetch.preparing)
+            busy = bool(self.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
             if self._stopping:
                 if not busy:
                     return
             elif not busy and not started and not self._waiting_for_more(check=check, submit=submit):
                 return
-            with anyio.move_on_after(self._sleep_for()):
-                await self._wake.wait()
+            await self.wakeup.wait(self._sleep_for(check=check))
 
     async def _one_pass(self) -> None:
         """cron: check every job in flight, submit what may be, then download what is ready."""
         async with anyio.create_task_group() as tg:
-            for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
-                self.busy.add(row.id)
-                tg.start_soon(self._check, row)
+            self.check.start_due(tg, everything=True)
         async with anyio.create_task_group() as tg:
             self._start_submissions(tg)
         await self._loop(check=False, submit=False)
 
-    def _sleep_for(self) -> float:
-        due = [r.next_check_at for r in self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if r.id not in self.busy]
-        requeued = self.fetch.next_due()
-        soonest = min((d for d in [*due, requeued] if d is not None), default=self.now() + IDLE_WAKE_S)
+    def _sleep_for(self, *, check: bool) -> float:
+        due = [self.check.next_due() if check else None, self.fetch.next_due()]
+        soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
     def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
@@ -212,14 +223,7 @@ class Engine:
         assert self._tg is not None
         if self._stopping:
             return 0
-        started = 0
-        now = self.now()
-        if check:
-            for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
-                if row.id not in self.busy and (row.next_check_at is None or row.next_check_at <= now):
-                    self.busy.add(row.id)
-                    self._tg.start_soon(self._check, row)
-                    started += 1
+        started = self.check.start_due(self._tg) if check else 0
         if submit:
             started += self._start_submissions(self._tg)
         return started + self.fetch.start_due(self._tg)
@@ -338,7 +342,7 @@ class Engine:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
         crash_point("after-post")
-        first_check = self.now() + next_check_in(self.settings.poll, None, 0)
+        first_check = self.now() + next_check_in(self.check.policy(spec.type.value), None, 0)
         self.store.mark_submitted(job_id, remote_id, self.now(), next_check_at=first_check)
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
 
@@ -364,7 +368,7 @@ class Engine:
             found = verdicts[row.id]
             log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
             if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-                first_check = self.now() + next_check_in(self.settings.poll, None, 0)
+                first_check = self.now() + next_check_in(self.check.policy(row.type), None, 0)
                 self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=first_check)
             elif found.verdict is reconcile.Verdict.ABSENT:
                 self.store.move(row.id, JobState.PENDING, self.now())
@@ -375,106 +379,6 @@ class Engine:
                     f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
                     f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
                 )
-
-    # -- checking -------------------------------------------------------------------
-
-    async def _check(self, row: JobRow) -> None:
-        try:
-            async with self.check_limiter:
-                await self._check_once(row)
-        finally:
-            self.busy.discard(row.id)
-            self._notify()
-
-    async def _check_once(self, row: JobRow) -> None:
-        assert row.remote_id is not None
-        job_type = JobType(row.type)
-        try:
-            raw = await retry.idempotent(
-                lambda: self.api.get_job(job_type, row.remote_id or ""),
-                self.settings.retry,
-                f"check {row.id}",
-            )
-        except NotFound:
-            # The API does not know the id it gave us: keep asking, slowly.
-            self.store.update_remote(
-                row.id,
-                remote_state="not-found",
-                percentage=None,
-                next_check_at=self.now() + self.settings.poll.max_s,
-                now=self.now(),
-            )
-            self._problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
-            return
-        except (AuthError, QuotaError):
-            raise
-        except Exception as exc:
-            log.warning("job.check_failed job_id=%s error=%s", row.id, exc)
-            self.store.update_remote(
-                row.id,
-                remote_state=row.remote_state or "?",
-                percentage=row.percentage,
-                next_check_at=self.now() + self.settings.poll.max_s / 4,
-                now=self.now(),
-            )
-            return
-        remote = parse_job(raw)
-        self.remote[row.id] = remote
-        await self._apply(row, remote)
-
-    async def _apply(self, row: JobRow, remote: RemoteJob) -> None:
-        now = self.now()
-        if remote.state is RemoteState.SUCCESS:
-            self._on_success(row, remote)
-        elif remote.state is RemoteState.FAILURE:
-            self.store.update_remote(
-                row.id,
-                remote_state=remote.raw_state,
-                percentage=remote.percentage_done,
-                next_check_at=None,
-                now=now,
-            )
-            self.store.move(row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure")
-            self._problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
-        else:
-            if remote.state is RemoteState.OTHER:
-                log.warning("job.unknown_state job_id=%s state=%r", row.id, remote.raw_state)
-            wait = next_check_in(self.settings.poll, remote, row.checks)
-            self.store.update_remote(
-                row.id,
-                remote_state=remote.raw_state,
-                percentage=remote.percentage_done,
-                next_check_at=now + wait,
-                now=now,
-            )
-            if remote.state is RemoteState.RUNNING and row.state is JobState.QUEUED:
-                self.store.move(row.id, JobState.RUNNING, now)
-
-    def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
-        now = self.now()
-        spec = self.specs.get(row.id)
-        if remote.final_checkpoint_id:
-            self.store.set_checkpoint(row.id, remote.final_checkpoint_id)
-        wanted = select(remote, spec.download if spec else None)
-        self.store.add_files(
-            row.id,
-            [
-                FileRow(
-                    job_id=row.id,
-                    remote_id=a.remote_id,
-                    name=a.name,
-                    kind=a.kind,
-                    size_bytes=a.size_bytes,
-                    sha256=None,
-                    done=False,
-                    lost=False,
-                )
-                for a in wanted
-            ],
-        )
-        self.store.update_remote(row.id, remote_state=remote.raw_state, percentage=100.0, next_check_at=None, now=now)
-        self.store.move(row.id, JobState.SUCCEEDED, now)
-        log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
 
     # -- downloading ----------------------------------------------------------------
 

@@ -139,3 +139,14 @@ def describe_detail(detail: Any) -> str:
                 parts.append(str(item))
         return "; ".join(parts)
     return str(detail)
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The error to report from what a task group raised: ours first, else the first."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    ours, _ = error.split(DreamlookBatchError)
+    chosen: BaseException = ours if ours is not None else error
+    while isinstance(chosen, BaseExceptionGroup):
+        chosen = chosen.exceptions[0]
+    return chosen

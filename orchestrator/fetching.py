@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from . import output
 from .config import RunSettings
 from .download import Downloader
-from .errors import DownloadError, FileGone, StoreError
+from .errors import ApiError, AuthError, DownloadError, FileGone, QuotaError, StoreError, TransportError
 from .models import Artifact, ArtifactKind, JobState, RemoteJob
 from .store import SqliteStore
 from .urls import expires_at
@@ -154,9 +154,9 @@ class FetchStage:
                     self._enqueue(job_id, artifact, remote)
             self.prepared.add(job_id)
             self._finish_if_complete(job_id)
-        except StoreError:
+        except (StoreError, AuthError, QuotaError):
             raise
-        except Exception as exc:
+        except (ApiError, TransportError) as exc:
             self.given_up.add(job_id)
             self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
         finally:
@@ -188,14 +188,20 @@ class FetchStage:
             if artifact is None or not artifact.available:
                 raise FileGone(f"{name}: the service no longer offers it")
             got = await self.downloader.fetch(
-                artifact, self.out_dir / job_id, renew, StorePartLog(self.store, job_id, remote_id),
-                attempts=self.settings.download_attempts, renew_margin_s=self.settings.url_renew_margin_s,
-            )  # fmt: skip
+                artifact,
+                self.out_dir / job_id,
+                renew,
+                StorePartLog(self.store, job_id, remote_id),
+                attempts=self.settings.download_attempts,
+                renew_margin_s=self.settings.url_renew_margin_s,
+            )
         except FileGone as exc:
             self.store.file_lost(job_id, remote_id)
             self.problem(job_id, f"lost {name}: {exc}")
             return
-        except (DownloadError, OSError) as exc:
+        except (AuthError, QuotaError):
+            raise
+        except (DownloadError, OSError, ApiError, TransportError) as exc:  # renewing a URL can fail too
             rounds = self.rounds.get((job_id, remote_id), 0) + 1
             self.rounds[(job_id, remote_id)] = rounds
             if rounds < self.settings.download_rounds and artifact is not None:

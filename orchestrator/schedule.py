@@ -1,29 +1,75 @@
-"""When to look at a job next: the one place that turns what we know into a wait.
+"""When to look at a job next, and the one primitive every wait of the engine goes through.
 
-Queued jobs back off from `queued_s`; running jobs are checked near their predicted
-end (from `percentage_done` and `running_duration`); without an estimate, a jittered
-exponential backoff from `min_s`. Always within [min_s, max_s].
+A running job with progress is checked shortly before its predicted end (from
+`percentage_done` and `running_duration`), then shortly after it; a job with no
+progress yet is predicted from what similar jobs of this campaign took; without any
+estimate, a jittered exponential backoff. Always within [min_s, max_s]. Training and
+image jobs have their own policies (config.py).
 """
 
 from __future__ import annotations
 
 import random
+import statistics
+
+import anyio
 
 from .config import PollPolicy
 from .models import RemoteJob, RemoteState
 
-FINISH_EARLY_SHARE = 0.9  # check a little before the predicted end
+BEFORE_END_SHARE = 0.9  # the first look: a little before the predicted end
+MAX_WAIT_S = 3_600.0  # no wait of the engine lasts longer than this
 
 
-def next_check_in(policy: PollPolicy, remote: RemoteJob | None, checks: int) -> float:
-    """Seconds until the next GET of a job that has not ended."""
-    if remote is not None and remote.state is RemoteState.RUNNING:
-        pct, ran = remote.percentage_done, remote.running_duration_s
-        if pct and ran and 0 < pct < 100:
-            wait = ran * (100 - pct) / pct * FINISH_EARLY_SHARE
-        else:
-            wait = policy.min_s * policy.backoff ** min(checks, 30)
-    else:
-        wait = policy.queued_s * policy.backoff ** min(checks, 30)
+def next_check_in(
+    policy: PollPolicy,
+    remote: RemoteJob | None,
+    checks: int,
+    *,
+    age_s: float = 0.0,
+    typical_s: float | None = None,
+) -> float:
+    """Seconds until the next GET of a job that has not ended.
+
+    `age_s`: how long since it was submitted; `typical_s`: how long similar jobs of this
+    campaign took from submission to end (None while none has ended).
+    """
+    wait: float | None = None
+    if policy.use_estimates:
+        if remote is not None and remote.state is RemoteState.RUNNING:
+            pct, ran = remote.percentage_done, remote.running_duration_s
+            if pct and ran and 0 < pct < 100:
+                remaining = ran * (100 - pct) / pct
+                # Far from the end: look just before it. Near it: just after it.
+                wait = remaining * BEFORE_END_SHARE if remaining > 4 * policy.min_s else remaining + policy.min_s / 2
+        if wait is None and typical_s is not None and age_s < typical_s:
+            wait = (
+                (typical_s - age_s) * BEFORE_END_SHARE
+                if typical_s - age_s > 4 * policy.min_s
+                else typical_s - age_s + policy.min_s / 2
+            )
+    if wait is None:
+        start = policy.queued_s if remote is None or remote.state is not RemoteState.RUNNING else policy.min_s
+        wait = start * policy.backoff ** min(checks, 30)
     wait *= 1 + random.uniform(-policy.jitter, policy.jitter)
     return min(policy.max_s, max(policy.min_s, wait))
+
+
+def typical(durations: list[float]) -> float | None:
+    """What similar jobs took: the median, once three have ended."""
+    return statistics.median(durations) if len(durations) >= 3 else None
+
+
+class Wakeup:
+    """Wait for whichever comes first: a notification, a due time, or the deadline."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        with anyio.move_on_after(min(max(0.0, seconds), MAX_WAIT_S)):
+            await self._event.wait()
+        self._event = anyio.Event()

@@ -23,6 +23,7 @@ FAST_SCALE = 20_000.0
 def fast_sim(**overrides: Any) -> SimSettings:
     base = SimSettings(
         time_scale=FAST_SCALE,
+        retention_s=1e9,  # far off: at 20000x 48 h is 8.6 s; tests of retention set their own
         checkpoint_bytes=256 * 1024 + 13,
         sdxl_checkpoint_bytes=512 * 1024 + 29,
         lora_bytes=64 * 1024 + 5,

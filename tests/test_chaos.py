@@ -29,27 +29,63 @@ from .conftest import fast_sim
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "chaos-results.json"  # written by `make chaos` only
 RATES = FaultRates(
-    server_error=0.05, rate_limited=0.05, retry_after_share=0.5, slow=0.01, ghost_submit=0.05, ghost_5xx=0.03,
-    reset_download=0.08, truncate_download=0.04, job_failure=0.03,
-)  # fmt: skip
+    server_error=0.05,
+    rate_limited=0.05,
+    retry_after_share=0.5,
+    slow=0.01,
+    ghost_submit=0.05,
+    ghost_5xx=0.03,
+    reset_download=0.08,
+    truncate_download=0.04,
+    job_failure=0.03,
+)
 
 
 def _cli(manifest: Path, sim: Any) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", sim.url, "--time-scale", "20000",
-            "--max-active", "25", "--submit-rate", "200", "--requests-per-s", "1000", "--api-timeout", "0.5",
-            "--log-format", "json"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        str(manifest),
+        "--api-url",
+        sim.url,
+        "--time-scale",
+        "20000",
+        "--max-active",
+        "25",
+        "--submit-rate",
+        "200",
+        "--requests-per-s",
+        "1000",
+        "--api-timeout",
+        "0.5",
+        "--log-format",
+        "json",
+    ]
     env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key}
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def chaos(tmp_path: Path, threaded_sim: Any, *, trainings: int, combined: int, images: int, kills: int,
-          seed: int, tags_listed: bool = True, max_wait_s: float = 1.5) -> dict[str, Any]:  # fmt: skip
+def chaos(
+    tmp_path: Path,
+    threaded_sim: Any,
+    *,
+    trainings: int,
+    combined: int,
+    images: int,
+    kills: int,
+    seed: int,
+    tags_listed: bool = True,
+    max_wait_s: float = 1.5,
+) -> dict[str, Any]:
     manifest = mixed_manifest(tmp_path, trainings=trainings, combined=combined, plain_images=images)
     job_ids = [f"t{i:03d}" for i in range(trainings)] + [f"t{i:03d}-img" for i in range(trainings)]
     job_ids += [f"c{i:03d}" for i in range(combined)] + [f"g{i:03d}" for i in range(images)]
     rng = random.Random(seed)
-    settings = fast_sim(seed=seed, retention_s=1e9, list_echoes_tags=tags_listed,
-                        faults=FaultPlan(rates=RATES, slow_s=1.0))  # fmt: skip
+    settings = fast_sim(
+        seed=seed, retention_s=1e9, list_echoes_tags=tags_listed, faults=FaultPlan(rates=RATES, slow_s=1.0)
+    )
     survived = 0
     with threaded_sim(settings) as sim:
         for _ in range(kills):
@@ -64,8 +100,10 @@ def chaos(tmp_path: Path, threaded_sim: Any, *, trainings: int, combined: int, i
             run = _cli(manifest, sim)
             finals.append(run.wait(180))
             with sqlite3.connect(tmp_path / ".dreamlook-batch" / "mixed.db") as db:
-                open_jobs = db.execute("SELECT COUNT(*) FROM jobs WHERE state NOT IN "
-                                       "('done','failed','invalid','unknown','lost','skipped')").fetchone()[0]  # fmt: skip
+                open_jobs = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state NOT IN "
+                    "('done','failed','invalid','unknown','lost','skipped')"
+                ).fetchone()[0]
             if open_jobs == 0:
                 break
         with sqlite3.connect(tmp_path / ".dreamlook-batch" / "mixed.db") as db:
@@ -100,10 +138,15 @@ def chaos(tmp_path: Path, threaded_sim: Any, *, trainings: int, combined: int, i
     # No .part file under a final name; none left at all once jobs are finished.
     assert not list(out.rglob("*.part"))
     report = {
-        "jobs": len(job_ids), "kills_survived": survived, "duplicates": duplicates, "states": dict(states),
-        "final_exit_codes": finals, "submit_requests": submit_requests, "download_faults": dict(faults),
+        "jobs": len(job_ids),
+        "kills_survived": survived,
+        "duplicates": duplicates,
+        "states": dict(states),
+        "final_exit_codes": finals,
+        "submit_requests": submit_requests,
+        "download_faults": dict(faults),
         "tags_listed": tags_listed,
-    }  # fmt: skip
+    }
     print(json.dumps(report))
     return report
 
@@ -122,5 +165,7 @@ def test_chaos_quick(tmp_path: Path, threaded_sim: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("tags_listed", [True, False], ids=["list-has-tags", "list-without-tags"])
 def test_chaos_long(tmp_path: Path, threaded_sim: Any, tags_listed: bool) -> None:
-    report = chaos(tmp_path, threaded_sim, trainings=60, combined=30, images=90, kills=40, seed=7, tags_listed=tags_listed)
+    report = chaos(
+        tmp_path, threaded_sim, trainings=60, combined=30, images=90, kills=40, seed=7, tags_listed=tags_listed
+    )
     _record(f"long-{'tags' if tags_listed else 'no-tags'}", report)

@@ -59,8 +59,11 @@ def test_run_example_exits_0_and_says_where_the_files_are(
         code, out, _ = run(["run", str(example), "--once"], capsys)
         assert code == 0 and dict(sim.ledger.requests) == before
     assert sorted(p.name for p in (example.parent / "outputs" / "example").iterdir()) == [
-        "alice", "alice-portraits", "bob-all-in-one", "summary.json",
-    ]  # fmt: skip
+        "alice",
+        "alice-portraits",
+        "bob-all-in-one",
+        "summary.json",
+    ]
 
 
 def test_broken_manifest_exits_2_names_the_place_and_sends_nothing(
@@ -172,24 +175,40 @@ def test_the_docs_curl_examples_work_against_the_sim_command(tmp_path: Path) -> 
         pytest.skip("curl is not installed")
     sim = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sim", "--port", "0", "--time-scale", "100000", "--small-files"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert sim.stdout is not None
         url = sim.stdout.readline().split(" at ")[1].strip()
         key = SimSettings().api_keys[0]
         auth = ["-H", "content-type: application/json", "-H", f"authorization: Bearer {key}"]
         # The docs' dry run example, host changed.
-        body = json.dumps({
-            "steps": 1200, "learning_rate": 0.000001, "instance_prompt": "photo of ukj person",
-            "base_model": "stable-diffusion-v1-5", "saved_model_weights_format": "safetensors", "dry_run": True,
-            "image_urls": ["https://example.com/1.jpg"],
-        })  # fmt: skip
+        body = json.dumps(
+            {
+                "steps": 1200,
+                "learning_rate": 0.000001,
+                "instance_prompt": "photo of ukj person",
+                "base_model": "stable-diffusion-v1-5",
+                "saved_model_weights_format": "safetensors",
+                "dry_run": True,
+                "image_urls": ["https://example.com/1.jpg"],
+            }
+        )
         dry = json.loads(subprocess.check_output(["curl", "-sS", f"{url}/dreambooth", *auth, "--data-raw", body]))
         assert dry["job_id"].startswith("TEST_")
-        real = json.loads(subprocess.check_output(
-            ["curl", "-sS", f"{url}/dreambooth", *auth, "--data-raw", body.replace('"dry_run": true', '"steps": 100')]
-        ))  # fmt: skip
+        real = json.loads(
+            subprocess.check_output(
+                [
+                    "curl",
+                    "-sS",
+                    f"{url}/dreambooth",
+                    *auth,
+                    "--data-raw",
+                    body.replace('"dry_run": true', '"steps": 100'),
+                ]
+            )
+        )
         job = json.loads(subprocess.check_output(["curl", "-sS", *auth, f"{url}/jobs/dreambooth/{real['job_id']}"]))
         assert job["job_id"] == real["job_id"] and job["job_type"] == "dreambooth"
         listed = json.loads(subprocess.check_output(["curl", "-sS", *auth, f"{url}/jobs/dreambooth"]))

@@ -41,9 +41,12 @@ async def test_300_job_mixed_campaign_end_to_end(tmp_path: Path, capsys: pytest.
     assert len(manifest.jobs) == 300
     async with Simulator(fast_sim(seed=3)) as sim:
         request = RunRequest(
-            manifest=manifest, paths=paths_for(manifest), settings=fast_run(), api_url=sim.url,
+            manifest=manifest,
+            paths=paths_for(manifest),
+            settings=fast_run(),
+            api_url=sim.url,
             api_key_file=key_file(tmp_path, sim),
-        )  # fmt: skip
+        )
         with anyio.fail_after(120):
             result = await run_campaign(request)
         assert result.outcome.exit_code == 0, result.outcome.problems
@@ -64,9 +67,13 @@ async def test_the_same_campaign_by_cron_style_once_passes(tmp_path: Path, capsy
     manifest = load_manifest(path)
     async with Simulator(fast_sim(seed=4)) as sim:
         request = RunRequest(
-            manifest=manifest, paths=paths_for(manifest), settings=fast_run(max_active=50), api_url=sim.url,
-            api_key_file=key_file(tmp_path, sim), once=True,
-        )  # fmt: skip
+            manifest=manifest,
+            paths=paths_for(manifest),
+            settings=fast_run(max_active=50),
+            api_url=sim.url,
+            api_key_file=key_file(tmp_path, sim),
+            once=True,
+        )
         passes = 0
         with anyio.fail_after(120):
             while True:
@@ -101,9 +108,12 @@ jobs:
     manifest = load_manifest(path)
     async with Simulator(fast_sim()) as sim:
         request = RunRequest(
-            manifest=manifest, paths=paths_for(manifest), settings=fast_run().__class__(dry_run=True),
-            api_url=sim.url, api_key_file=key_file(tmp_path, sim),
-        )  # fmt: skip
+            manifest=manifest,
+            paths=paths_for(manifest),
+            settings=fast_run().__class__(dry_run=True),
+            api_url=sim.url,
+            api_key_file=key_file(tmp_path, sim),
+        )
         result = await run_campaign(request)
         assert sim.ledger.jobs == []
         assert dict(sim.ledger.requests) == {"submit": 4}  # no GET, no list, no download

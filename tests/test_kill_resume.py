@@ -21,8 +21,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(manifest: Path, url: str, key: str, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DREAMLOOK_API_KEY": key}
-    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", url, "--time-scale", "20000",
-            "--parallel-min-mb", "1", "--range-mb", "1", "--connections-per-file", "4", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        str(manifest),
+        "--api-url",
+        url,
+        "--time-scale",
+        "20000",
+        "--parallel-min-mb",
+        "1",
+        "--range-mb",
+        "1",
+        "--connections-per-file",
+        "4",
+        *extra,
+    ]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

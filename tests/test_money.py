@@ -35,8 +35,24 @@ def jobs_yaml(folder: Path, count: int, *, same_config: bool = False) -> Path:
 
 
 def cli(manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", sim.url, "--time-scale", "20000",
-            "--max-active", "50", "--submit-rate", "500", "--requests-per-s", "2000", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        str(manifest),
+        "--api-url",
+        sim.url,
+        "--time-scale",
+        "20000",
+        "--max-active",
+        "50",
+        "--submit-rate",
+        "500",
+        "--requests-per-s",
+        "2000",
+        *extra,
+    ]
     full_env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, **(env or {})}
     return subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -111,8 +127,9 @@ def test_an_ambiguous_listing_makes_unknown_and_a_person_settles_it(
         assert first.returncode == 0, out
         assert len(sim.ledger.jobs) == 2
     with threaded_sim(fast_sim(list_echoes_tags=False, faults=FaultPlan(script=script))) as sim:
-        first = cli(manifest, sim, "--max-active", "2",
-                    "--state", str(tmp_path / "other.db"), "--out", str(tmp_path / "other"))  # fmt: skip
+        first = cli(
+            manifest, sim, "--max-active", "2", "--state", str(tmp_path / "other.db"), "--out", str(tmp_path / "other")
+        )
         out = first.communicate(timeout=60)[0]
         assert first.returncode == 1, out  # both ghosts at once: two identical listed jobs, two claimants
         assert "unknown whether it was created" in out and "settle" in out

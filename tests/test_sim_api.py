@@ -15,21 +15,60 @@ SDXL = "stable-diffusion-xl-v1-0"
 
 # The vendor's example job object (dreamlook-api-docs.txt), its keys at each level.
 DOC_JOB_KEYS = {
-    "job_type", "job_id", "state", "state_updated", "state_running_start", "state_running_end",
-    "state_queued_start", "state_queued_end", "queued_duration", "running_duration", "queueing_state",
-    "config", "dreambooth_result", "image_gen_results", "percentage_done", "failure_reason",
-    "failure_reason_data", "thumbnails", "tags",
-}  # fmt: skip
+    "job_type",
+    "job_id",
+    "state",
+    "state_updated",
+    "state_running_start",
+    "state_running_end",
+    "state_queued_start",
+    "state_queued_end",
+    "queued_duration",
+    "running_duration",
+    "queueing_state",
+    "config",
+    "dreambooth_result",
+    "image_gen_results",
+    "percentage_done",
+    "failure_reason",
+    "failure_reason_data",
+    "thumbnails",
+    "tags",
+}
 DOC_CONFIG_KEYS = {
-    "image_urls", "instance_prompt", "steps", "saved_model_format", "saved_model_weights_format",
-    "base_model", "checkpoint_id", "crop_method", "learning_rate", "learning_rate_te", "learning_rate_te1",
-    "learning_rate_te2", "enable_offset_noise", "callback", "extract_lora", "captions_file_url",
-    "save_checkpoints_at", "text_encoder_training", "checkpoint_availability_mode", "priority",
-}  # fmt: skip
+    "image_urls",
+    "instance_prompt",
+    "steps",
+    "saved_model_format",
+    "saved_model_weights_format",
+    "base_model",
+    "checkpoint_id",
+    "crop_method",
+    "learning_rate",
+    "learning_rate_te",
+    "learning_rate_te1",
+    "learning_rate_te2",
+    "enable_offset_noise",
+    "callback",
+    "extract_lora",
+    "captions_file_url",
+    "save_checkpoints_at",
+    "text_encoder_training",
+    "checkpoint_availability_mode",
+    "priority",
+}
 DOC_CHECKPOINT_KEYS = {
-    "checkpoint_id", "url", "is_extracted_lora", "model_type", "checkpoint_type", "training_step",
-    "size_bytes", "file_format", "availability_mode", "is_available",
-}  # fmt: skip
+    "checkpoint_id",
+    "url",
+    "is_extracted_lora",
+    "model_type",
+    "checkpoint_type",
+    "training_step",
+    "size_bytes",
+    "file_format",
+    "availability_mode",
+    "is_available",
+}
 
 
 async def wait_state(http: Http, kind: str, job_id: str, states: set[str], limit_s: float = 10) -> dict:
@@ -82,7 +121,7 @@ async def test_submit_prefixes_both_spellings_and_tags_echoed() -> None:
         ("image_gen", {**IG_BODY, "num_samples": 0}, "num_samples"),
         ("dreambooth_image_gen", {"dreambooth": DB_BODY}, "image_gen"),
     ],
-)  # fmt: skip
+)
 async def test_invalid_submissions_get_fastapi_422(kind: str, body: dict, field: str) -> None:
     async with Simulator(fast_sim()) as sim, Http(sim) as http:
         status, data, _ = await http.call("POST", f"/{kind}", json=body)

@@ -23,8 +23,14 @@ from orchestrator.models import TERMINAL, JobSpec, JobState, JobType
 from orchestrator.store import SqliteStore
 
 JOBS = ["a", "b"]
-ORDER = [JobState.PENDING, JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
-         JobState.DOWNLOADING]  # fmt: skip
+ORDER = [
+    JobState.PENDING,
+    JobState.SUBMITTING,
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+    JobState.DOWNLOADING,
+]
 
 
 def rank(state: JobState) -> int:

@@ -36,6 +36,7 @@ CREATE TABLE jobs (
     intent_at REAL,
     submitted_at REAL,
     finished_at REAL,
+    ended_at REAL,
     updated_at REAL NOT NULL,
     next_check_at REAL,
     checks INTEGER NOT NULL DEFAULT 0,
@@ -66,7 +67,7 @@ CREATE TABLE file_ranges (
 """
 _JOB_COLUMNS = (
     "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
-    "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, updated_at, "
+    "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
     "next_check_at, checks, reason, in_manifest"
 )
 
@@ -209,6 +210,15 @@ class SqliteStore:
         rows = self._query("SELECT state, COUNT(*) FROM jobs WHERE in_manifest=1 GROUP BY state")
         return {JobState(r[0]): r[1] for r in rows}
 
+    def durations(self, job_type: str, limit: int = 50) -> list[float]:
+        """Seconds from submission to the API's end, for this campaign's finished jobs of a type."""
+        rows = self._query(
+            "SELECT ended_at - submitted_at FROM jobs WHERE type=? AND ended_at IS NOT NULL"
+            " AND submitted_at IS NOT NULL ORDER BY ended_at DESC LIMIT ?",
+            (job_type, limit),
+        )
+        return [r[0] for r in rows]
+
     def campaign(self) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key='campaign'")
         return rows[0][0] if rows else None
@@ -254,10 +264,12 @@ class SqliteStore:
             if not can_move(current, state):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
             finished = now if state.terminal else None
+            # When we learned that the API ended the job: what waiting is judged by.
+            ended = now if state in (JobState.SUCCEEDED, JobState.FAILED) and current.in_flight else None
             db.execute(
                 "UPDATE jobs SET state=?, updated_at=?, reason=COALESCE(?, reason),"
-                " finished_at=COALESCE(?, finished_at) WHERE id=?",
-                (state.value, now, reason, finished, job_id),
+                " finished_at=COALESCE(?, finished_at), ended_at=COALESCE(?, ended_at) WHERE id=?",
+                (state.value, now, reason, finished, ended, job_id),
             )
             if state is JobState.PENDING:  # provably never created: forget the intent
                 db.execute(
@@ -291,6 +303,10 @@ class SqliteStore:
                 " WHERE id=?",
                 (remote_state, percentage, next_check_at, now, job_id),
             )
+
+    def check_at(self, job_id: str, when: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET next_check_at=? WHERE id=?", (when, job_id))
 
     def set_checkpoint(self, job_id: str, checkpoint_id: str) -> None:
         with self._tx() as db:

@@ -1,0 +1,260 @@
+"""The check stage: learning how the jobs in flight are doing, with as few requests as will do.
+
+When several jobs of a type are due, one `GET /jobs/{type}` reads them together
+(a page covers up to 50); jobs the list does not cover, and successes whose list
+entry carries no results, are read by GET of the job. What is learned sets the next
+look (schedule.py). A callback only brings a job's next look forward: a GET confirms.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import retry
+from .api import ApiClient
+from .config import PollPolicy, RunSettings
+from .errors import ApiError, AuthError, NotFound, QuotaError, TransportError
+from .models import JobSpec, JobState, JobType, RemoteJob, RemoteState
+from .results import parse_job, parse_time, select
+from .schedule import next_check_in, typical
+from .store import FileRow, JobRow, SqliteStore
+
+log = logging.getLogger(__name__)
+BATCH_MIN_JOBS = 3  # due jobs of one type that make a list request worth it
+LIST_PAGE = 50  # the API's default page
+LIST_MAX_PAGES = 4
+CHECKS_AT_ONCE = 8
+CLOCK_SKEW_S = 300.0
+TYPICAL_REFRESH_S = 1.0
+
+
+class CheckStage:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        api: ApiClient,
+        settings: RunSettings,
+        specs: Mapping[str, JobSpec],
+        remote: dict[str, RemoteJob],
+        problem: Callable[[str, str], None],
+        notify: Callable[[], None],
+        now: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.api = api
+        self.settings = settings
+        self.specs = specs
+        self.remote = remote
+        self.problem = problem
+        self.notify = notify
+        self.now = now
+        self.limiter = anyio.CapacityLimiter(CHECKS_AT_ONCE)
+        self.busy: set[str] = set()
+        self.callbacks_accepted = 0
+        self._hints_seen: set[tuple[str, str]] = set()
+        self._typical: dict[str, tuple[float, float | None]] = {}
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def policy(self, job_type: str) -> PollPolicy:
+        return self.settings.image_poll if job_type == JobType.IMAGE_GEN.value else self.settings.poll
+
+    def _typical_s(self, job_type: str) -> float | None:
+        stamp, value = self._typical.get(job_type, (0.0, None))
+        if time.monotonic() - stamp > TYPICAL_REFRESH_S:
+            value = typical(self.store.durations(job_type))
+            self._typical[job_type] = (time.monotonic(), value)
+        return value
+
+    def next_due(self) -> float | None:
+        due = [r.next_check_at for r in self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if r.id not in self.busy]
+        return min((d for d in due if d is not None), default=None)
+
+    def start_due(self, tg: TaskGroup, *, everything: bool = False) -> int:
+        """Start checks of the jobs that are due (all in flight, with `everything`)."""
+        now = self.now()
+        due: dict[str, list[JobRow]] = {}
+        for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
+            if row.id in self.busy or row.remote_id is None:
+                continue
+            if everything or row.next_check_at is None or row.next_check_at <= now:
+                due.setdefault(row.type, []).append(row)
+        started = 0
+        for job_type, rows in due.items():
+            self.busy.update(r.id for r in rows)
+            if len(rows) >= BATCH_MIN_JOBS:
+                tg.start_soon(self._check_batch, job_type, rows)
+                started += 1
+            else:
+                for row in rows:
+                    tg.start_soon(self._check, row)
+                    started += 1
+        return started
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _check(self, row: JobRow) -> None:
+        try:
+            async with self.limiter:
+                await self._check_one(row)
+        finally:
+            self.busy.discard(row.id)
+            self.notify()
+
+    async def _check_batch(self, job_type: str, rows: list[JobRow]) -> None:
+        try:
+            left = await self._read_list(job_type, rows)
+            for row in left:
+                async with self.limiter:
+                    await self._check_one(row)
+        finally:
+            self.busy.difference_update(r.id for r in rows)
+            self.notify()
+
+    async def _read_list(self, job_type: str, rows: list[JobRow]) -> list[JobRow]:
+        """Apply what the job list says of `rows`; the rows it did not settle."""
+        wanted = {r.remote_id: r for r in rows}
+        found: dict[str, Mapping[str, Any]] = {}
+        oldest = min((r.submitted_at or 0.0) for r in rows) - CLOCK_SKEW_S
+        try:
+            async with self.limiter:
+                for page in range(LIST_MAX_PAGES):
+
+                    async def list_page(offset: int = page * LIST_PAGE) -> list[dict[str, Any]]:
+                        return await self.api.list_jobs(JobType(job_type), limit=LIST_PAGE, offset=offset)
+
+                    items = await retry.idempotent(list_page, self.settings.retry, f"list {job_type}")
+                    found.update((str(i.get("job_id")), i) for i in items if i.get("job_id") in wanted)
+                    created = [parse_time(i.get("state_queued_start")) for i in items]
+                    reached_back = any(c is not None and c < oldest for c in created)
+                    if len(found) == len(wanted) or len(items) < LIST_PAGE or reached_back:
+                        break
+        except (AuthError, QuotaError):
+            raise
+        except (ApiError, TransportError) as exc:
+            log.info("check.list_failed type=%s error=%s: one GET per job instead", job_type, exc)
+            return rows
+        left = []
+        for remote_id, row in wanted.items():
+            item = found.get(remote_id or "")
+            if item is None:
+                left.append(row)
+                continue
+            remote = parse_job(item)
+            has_results = item.get("dreambooth_result") is not None or item.get("image_gen_results") is not None
+            if remote.state is RemoteState.SUCCESS and not has_results:
+                left.append(row)  # a summary: the results need a GET of the job
+                continue
+            self.remote[row.id] = remote
+            self._apply(row, remote)
+        return left
+
+    async def _check_one(self, row: JobRow) -> None:
+        job_type = JobType(row.type)
+        try:
+            raw = await retry.idempotent(
+                lambda: self.api.get_job(job_type, row.remote_id or ""), self.settings.retry, f"check {row.id}"
+            )
+        except NotFound:
+            # The API does not know the id it gave us: keep asking, slowly.
+            self.store.update_remote(
+                row.id,
+                remote_state="not-found",
+                percentage=None,
+                next_check_at=self.now() + self.policy(row.type).max_s,
+                now=self.now(),
+            )
+            self.problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
+            return
+        except (AuthError, QuotaError):
+            raise
+        except Exception as exc:
+            log.warning("job.check_failed job_id=%s error=%s", row.id, exc)
+            self.store.update_remote(
+                row.id,
+                remote_state=row.remote_state or "?",
+                percentage=row.percentage,
+                next_check_at=self.now() + self.policy(row.type).max_s / 4,
+                now=self.now(),
+            )
+            return
+        remote = parse_job(raw)
+        self.remote[row.id] = remote
+        self._apply(row, remote)
+
+    # -- what it means --------------------------------------------------------------
+
+    def _apply(self, row: JobRow, remote: RemoteJob) -> None:
+        now = self.now()
+        if remote.state is RemoteState.SUCCESS:
+            self._on_success(row, remote)
+            return
+        if remote.state is RemoteState.FAILURE:
+            self.store.update_remote(
+                row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=None, now=now
+            )
+            self.store.move(row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure")
+            self.problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
+            return
+        if remote.state is RemoteState.OTHER:
+            log.warning("job.unknown_state job_id=%s state=%r: still waiting", row.id, remote.raw_state)
+        age = now - (row.submitted_at or now)
+        policy, typical_s = self.policy(row.type), self._typical_s(row.type)
+        wait = next_check_in(policy, remote, row.checks, age_s=age, typical_s=typical_s)
+        if self.callbacks_accepted:
+            wait *= self.settings.callback_poll_relax  # callbacks arrive: polls are only a safety net
+        self.store.update_remote(
+            row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=now + wait, now=now
+        )
+        if remote.state is RemoteState.RUNNING and row.state is JobState.QUEUED:
+            self.store.move(row.id, JobState.RUNNING, now)
+
+    def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
+        now = self.now()
+        spec = self.specs.get(row.id)
+        if remote.final_checkpoint_id:
+            self.store.set_checkpoint(row.id, remote.final_checkpoint_id)
+        wanted = select(remote, spec.download if spec else None)
+        files = [
+            FileRow(
+                job_id=row.id,
+                remote_id=a.remote_id,
+                name=a.name,
+                kind=a.kind,
+                size_bytes=a.size_bytes,
+                sha256=None,
+                done=False,
+                lost=False,
+            )
+            for a in wanted
+        ]
+        self.store.add_files(row.id, files)
+        self.store.update_remote(row.id, remote_state=remote.raw_state, percentage=100.0, next_check_at=None, now=now)
+        self.store.move(row.id, JobState.SUCCEEDED, now)
+        log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
+
+    # -- callbacks ------------------------------------------------------------------
+
+    def hint(self, job_id: str, remote_id: str, marker: str) -> str:
+        """A callback said `remote_id` (our `job_id`) changed: look at it now. Returns the verdict."""
+        try:
+            row = self.store.job(job_id)
+        except Exception:
+            return "unknown-job"
+        if row.remote_id != remote_id:
+            return "unknown-job"
+        if (remote_id, marker) in self._hints_seen:
+            return "replayed"
+        self._hints_seen.add((remote_id, marker))
+        self.callbacks_accepted += 1
+        if row.state in (JobState.QUEUED, JobState.RUNNING):
+            self.store.check_at(row.id, self.now())
+            self.notify()
+        return "accepted"
