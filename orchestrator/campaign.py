@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from .api import ApiClient
+from .callbacks import CallbackReceiver, derive_secret, parse_listen
 from .config import DEFAULT_API_URL, RunSettings
 from .download import Downloader
 from .engine import Engine, RunOutcome, StopReason
@@ -122,11 +123,39 @@ async def run_campaign(request: RunRequest) -> RunResult:
                         connections_per_file=settings.connections_per_file,
                     )
                 )
-                engine = Engine(request.manifest, store, api, downloader, settings, request.paths.out)
+                engines: list[Engine] = []  # the receiver starts first: its address goes into the jobs
+                base = secret = None
+                if settings.listen is not None and not settings.dry_run:
+                    _check_no_own_callbacks(request.manifest)
+                    secret = derive_secret(key, request.manifest.campaign)
+                    host, port = parse_listen(settings.listen)
+                    receiver = await stack.enter_async_context(
+                        CallbackReceiver(host, port, secret, lambda *hint: engines[0].check.hint(*hint))
+                    )
+                    base = settings.callback_url or receiver.url
+                engine = Engine(
+                    request.manifest,
+                    store,
+                    api,
+                    downloader,
+                    settings,
+                    request.paths.out,
+                    callback_base=base,
+                    callback_secret=secret,
+                )
+                engines.append(engine)
                 outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
                 return RunResult(outcome, request.paths, api.requests, sim_url)
         finally:
             store.close()
+
+
+def _check_no_own_callbacks(manifest: Manifest) -> None:
+    own = [j.id for j in manifest.jobs if "callback" in j.payload]
+    if own:
+        raise UsageError(
+            f"jobs {', '.join(own[:5])} set their own callback; --listen would replace it. Remove one or the other."
+        )
 
 
 async def _run_with_signals(engine: Engine, *, once: bool, grace_s: float) -> RunOutcome:

@@ -1,9 +1,11 @@
 """The check stage: learning how the jobs in flight are doing, with as few requests as will do.
 
-When several jobs of a type are due, one `GET /jobs/{type}` reads them together
-(a page covers up to 50); jobs the list does not cover, and successes whose list
-entry carries no results, are read by GET of the job. What is learned sets the next
-look (schedule.py). A callback only brings a job's next look forward: a GET confirms.
+The job list shows the newest jobs first, 50 a page. When a due job is among our 50
+most recent of its type and enough others of them are in flight, one page of
+`GET /jobs/{type}` updates all it shows, due or not; due jobs it does not show, and
+successes whose list entry carries no results, are read by GET of the job. What is
+learned sets the next look (schedule.py). A callback only brings a job's next look
+forward: a GET confirms.
 """
 
 from __future__ import annotations
@@ -21,16 +23,14 @@ from .api import ApiClient
 from .config import PollPolicy, RunSettings
 from .errors import ApiError, AuthError, NotFound, QuotaError, TransportError
 from .models import JobSpec, JobState, JobType, RemoteJob, RemoteState
-from .results import parse_job, parse_time, select
+from .results import parse_job, select
 from .schedule import next_check_in, typical
 from .store import FileRow, JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 BATCH_MIN_JOBS = 3  # due jobs of one type that make a list request worth it
 LIST_PAGE = 50  # the API's default page
-LIST_MAX_PAGES = 4
 CHECKS_AT_ONCE = 8
-CLOCK_SKEW_S = 300.0
 TYPICAL_REFRESH_S = 1.0
 
 
@@ -74,28 +74,40 @@ class CheckStage:
         return value
 
     def next_due(self) -> float | None:
-        due = [r.next_check_at for r in self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if r.id not in self.busy]
-        return min((d for d in due if d is not None), default=None)
+        return self.store.next_check_due(self.now())
 
     def start_due(self, tg: TaskGroup, *, everything: bool = False) -> int:
-        """Start checks of the jobs that are due (all in flight, with `everything`)."""
-        now = self.now()
-        due: dict[str, list[JobRow]] = {}
-        for row in self.store.jobs([JobState.QUEUED, JobState.RUNNING]):
-            if row.id in self.busy or row.remote_id is None:
-                continue
-            if everything or row.next_check_at is None or row.next_check_at <= now:
-                due.setdefault(row.type, []).append(row)
+        """Start checks of the jobs that are due (all in flight, with `everything`).
+
+        With many jobs of a type in flight, one reading of the job list updates all it
+        covers, due or not; only due jobs it misses get a GET of their own.
+        """
+        due_by_type: dict[str, list[JobRow]] = {}
+        rows = (
+            self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if everything else self.store.due_for_check(self.now())
+        )
+        for row in rows:
+            if row.id not in self.busy and row.remote_id is not None:
+                due_by_type.setdefault(row.type, []).append(row)
         started = 0
-        for job_type, rows in due.items():
-            self.busy.update(r.id for r in rows)
-            if len(rows) >= BATCH_MIN_JOBS:
-                tg.start_soon(self._check_batch, job_type, rows)
-                started += 1
-            else:
-                for row in rows:
-                    tg.start_soon(self._check, row)
+        for job_type, due in due_by_type.items():
+            on_first_page = self.store.newest_submitted(job_type, LIST_PAGE)
+            if any(r.id in on_first_page for r in due):
+                in_flight = [
+                    r
+                    for r in self.store.jobs_by_id(on_first_page - self.busy)
+                    if r.state in (JobState.QUEUED, JobState.RUNNING) and r.remote_id is not None
+                ]
+                if len(in_flight) >= BATCH_MIN_JOBS:
+                    batch = {r.id: r for r in [*in_flight, *due]}
+                    self.busy.update(batch)
+                    tg.start_soon(self._check_batch, job_type, list(batch.values()), due)
                     started += 1
+                    continue
+            self.busy.update(r.id for r in due)
+            for row in due:
+                tg.start_soon(self._check, row)
+                started += 1
         return started
 
     # -- reading --------------------------------------------------------------------
@@ -108,53 +120,48 @@ class CheckStage:
             self.busy.discard(row.id)
             self.notify()
 
-    async def _check_batch(self, job_type: str, rows: list[JobRow]) -> None:
+    async def _check_batch(self, job_type: str, rows: list[JobRow], due: list[JobRow]) -> None:
         try:
-            left = await self._read_list(job_type, rows)
-            for row in left:
+            missed = await self._read_list(job_type, rows, due)
+            for row in missed:
                 async with self.limiter:
                     await self._check_one(row)
         finally:
             self.busy.difference_update(r.id for r in rows)
             self.notify()
 
-    async def _read_list(self, job_type: str, rows: list[JobRow]) -> list[JobRow]:
-        """Apply what the job list says of `rows`; the rows it did not settle."""
-        wanted = {r.remote_id: r for r in rows}
-        found: dict[str, Mapping[str, Any]] = {}
-        oldest = min((r.submitted_at or 0.0) for r in rows) - CLOCK_SKEW_S
+    async def _read_list(self, job_type: str, rows: list[JobRow], due: list[JobRow]) -> list[JobRow]:
+        """Apply what the job list says of `rows`; the due rows it did not settle."""
+        by_remote = {r.remote_id: r for r in rows}
+        due_remote = {r.remote_id for r in due}
         try:
             async with self.limiter:
-                for page in range(LIST_MAX_PAGES):
 
-                    async def list_page(offset: int = page * LIST_PAGE) -> list[dict[str, Any]]:
-                        return await self.api.list_jobs(JobType(job_type), limit=LIST_PAGE, offset=offset)
+                async def first_page() -> list[dict[str, Any]]:
+                    return await self.api.list_jobs(JobType(job_type), limit=LIST_PAGE)
 
-                    items = await retry.idempotent(list_page, self.settings.retry, f"list {job_type}")
-                    found.update((str(i.get("job_id")), i) for i in items if i.get("job_id") in wanted)
-                    created = [parse_time(i.get("state_queued_start")) for i in items]
-                    reached_back = any(c is not None and c < oldest for c in created)
-                    if len(found) == len(wanted) or len(items) < LIST_PAGE or reached_back:
-                        break
+                items = await retry.idempotent(first_page, self.settings.retry, f"list {job_type}")
+            found = {str(i.get("job_id")): i for i in items if i.get("job_id") in by_remote}
         except (AuthError, QuotaError):
             raise
         except (ApiError, TransportError) as exc:
             log.info("check.list_failed type=%s error=%s: one GET per job instead", job_type, exc)
-            return rows
-        left = []
-        for remote_id, row in wanted.items():
+            return due
+        missed = []
+        for remote_id, row in by_remote.items():
             item = found.get(remote_id or "")
             if item is None:
-                left.append(row)
+                if remote_id in due_remote:
+                    missed.append(row)
                 continue
             remote = parse_job(item)
             has_results = item.get("dreambooth_result") is not None or item.get("image_gen_results") is not None
             if remote.state is RemoteState.SUCCESS and not has_results:
-                left.append(row)  # a summary: the results need a GET of the job
+                missed.append(row)  # a summary: the results need a GET of the job
                 continue
             self.remote[row.id] = remote
             self._apply(row, remote)
-        return left
+        return missed
 
     async def _check_one(self, row: JobRow) -> None:
         job_type = JobType(row.type)

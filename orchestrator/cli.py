@@ -121,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections for one large file (default %(default)s)",
     )
     p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="receive the API's callbacks here (each is only a hint, confirmed with a GET)",
+    )
+    p.add_argument(
+        "--callback-url",
+        metavar="URL",
+        help="the public URL that reaches --listen (default: the listener's own address)",
+    )
+    p.add_argument(
         "--api-timeout",
         type=float,
         default=RunSettings().timeouts.api_read_s,
@@ -319,6 +329,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
             limits=limits,
             dry_run=args.dry_run,
             timeouts=Timeouts(api_read_s=args.api_timeout),
+            listen=args.listen or (_default_listen(args.callback_url) if args.callback_url else None),
+            callback_url=args.callback_url,
             parallel_min_bytes=int(args.parallel_min_mb * 2**20),
             range_bytes=max(64 * 1024, int(args.range_mb * 2**20)),
             connections_per_file=args.connections_per_file,
@@ -336,6 +348,15 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     if args.once and code == EXIT_OK:
         return EXIT_OK
     return code
+
+
+def _default_listen(public_url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--callback-url {public_url!r}: give an http(s) URL that reaches this machine")
+    return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _print_outcome(result: campaign.RunResult, *, dry_run: bool, once: bool) -> None:

@@ -106,6 +106,8 @@ class RunSettings:
     download_requeue_s: float = DOWNLOAD_REQUEUE_S
     stop_grace_s: float = STOP_GRACE_S
     dry_run: bool = False
+    listen: str | None = None  # HOST:PORT of the callback receiver; None: no callbacks
+    callback_url: str | None = None  # the public URL that reaches it (default: its own address)
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""

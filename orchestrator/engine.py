@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from . import output, reconcile, retry
 from .api import ApiClient
+from .callbacks import callback_url
 from .checking import CheckStage
 from .config import RunSettings
 from .download import Downloader
@@ -79,8 +80,12 @@ class RunOutcome:
         return 0
 
 
-def _sent_body(spec: JobSpec, campaign: str, checkpoint_id: str | None, dry_run: bool) -> dict[str, Any]:
+def _sent_body(
+    spec: JobSpec, campaign: str, checkpoint_id: str | None, dry_run: bool, callback: str | None
+) -> dict[str, Any]:
     body = dict(spec.payload)
+    if callback is not None:
+        body["callback"] = callback
     if checkpoint_id is not None:
         body["checkpoint_id"] = checkpoint_id
     tags = [t for t in body.get("tags") or [] if t.get("key") != CAMPAIGN_TAG_KEY]
@@ -101,8 +106,11 @@ class Engine:
         out_dir: Path,
         *,
         clock: Callable[[], float] = time.time,
+        callback_base: str | None = None,
+        callback_secret: str | None = None,
     ) -> None:
         self.manifest = manifest
+        self.callback_base, self.callback_secret = callback_base, callback_secret
         self.specs = manifest.by_id
         self.store = store
         self.api = api
@@ -246,39 +254,25 @@ class Engine:
         if room <= 0:
             return 0
         batch: list[tuple[JobRow, JobSpec, str | None]] = []
-        pending = self.store.jobs([JobState.PENDING])
-        parents = {r.id: r for r in self.store.jobs()} if any(r.checkpoint_from for r in pending) else {}
-        for row in pending:
+        for row, parent_state, parent_checkpoint in self.store.ready_to_submit(room + len(self.busy)):
             spec = self.specs.get(row.id)
-            if spec is None or row.id in self.busy or not row.in_manifest:
+            if spec is None or row.id in self.busy:
                 continue
-            checkpoint_id = None
-            if spec.checkpoint_from is not None:
-                parent = parents.get(spec.checkpoint_from)
-                if parent is None or parent.checkpoint_id is None:
-                    if parent is not None and parent.state.terminal and parent.state not in TRAINED_STATES:
-                        self.store.move(
-                            row.id,
-                            JobState.SKIPPED,
-                            self.now(),
-                            reason=f"not sent: {parent.id} ended {parent.state}",
-                        )
-                    elif self.settings.dry_run:
-                        self.store.move(
-                            row.id,
-                            JobState.SKIPPED,
-                            self.now(),
-                            reason=f"not sent: a dry run makes no checkpoint for {parent.id if parent else '?'}",
-                        )
-                    continue
-                checkpoint_id = parent.checkpoint_id
-            batch.append((row, spec, checkpoint_id))
+            if spec.checkpoint_from is not None and parent_checkpoint is None:
+                # The parent ended without a checkpoint: this job can never run.
+                why = f"not sent: {spec.checkpoint_from} ended {parent_state}"
+                if self.settings.dry_run:
+                    why = f"not sent: a dry run makes no checkpoint for {spec.checkpoint_from}"
+                self.store.move(row.id, JobState.SKIPPED, self.now(), reason=why)
+                continue
+            batch.append((row, spec, parent_checkpoint))
             if len(batch) >= room:
                 break
         if not batch:
             return 0
         bodies = {
-            row.id: _sent_body(spec, self.manifest.campaign, ckp, self.settings.dry_run) for row, spec, ckp in batch
+            row.id: _sent_body(spec, self.manifest.campaign, ckp, self.settings.dry_run, self._callback_for(spec.id))
+            for row, spec, ckp in batch
         }
         if not self.settings.dry_run:
             intents = [
@@ -345,6 +339,11 @@ class Engine:
         first_check = self.now() + next_check_in(self.check.policy(spec.type.value), None, 0)
         self.store.mark_submitted(job_id, remote_id, self.now(), next_check_at=first_check)
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
+
+    def _callback_for(self, job_id: str) -> str | None:
+        if self.callback_base is None or self.callback_secret is None or self.settings.dry_run:
+            return None
+        return callback_url(self.callback_base, self.callback_secret, job_id)
 
     def _back_to_pending(self, job_id: str) -> None:
         if not self.settings.dry_run:

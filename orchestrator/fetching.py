@@ -96,8 +96,8 @@ class FetchStage:
         """Anything this stage could still move on in this run?"""
         if self.queue or self.active or self.preparing:
             return True
-        waiting = self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING])
-        return any(r.id not in self.prepared and r.id not in self.given_up for r in waiting)
+        waiting = self.store.ids([JobState.SUCCEEDED, JobState.DOWNLOADING])
+        return any(job_id not in self.prepared and job_id not in self.given_up for job_id in waiting)
 
     def next_due(self) -> float | None:
         return min((q.not_before for q in self.queue), default=None)
@@ -106,10 +106,10 @@ class FetchStage:
 
     def start_due(self, tg: TaskGroup) -> int:
         started = 0
-        for row in self.store.jobs([JobState.SUCCEEDED, JobState.DOWNLOADING]):
-            if row.id not in self.prepared and row.id not in self.preparing and row.id not in self.given_up:
-                self.preparing.add(row.id)
-                tg.start_soon(self._prepare, row.id)
+        for job_id in self.store.ids([JobState.SUCCEEDED, JobState.DOWNLOADING]):
+            if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:
+                self.preparing.add(job_id)
+                tg.start_soon(self._prepare, job_id)
                 started += 1
         now = self.now()
         held: list[_Queued] = []

@@ -19,6 +19,7 @@ from .models import RemoteJob, RemoteState
 
 BEFORE_END_SHARE = 0.9  # the first look: a little before the predicted end
 MAX_WAIT_S = 3_600.0  # no wait of the engine lasts longer than this
+COALESCE_S = 0.005  # after a wake-up, let other finishing tasks pile up: one pass serves them all
 
 
 def next_check_in(
@@ -72,4 +73,5 @@ class Wakeup:
     async def wait(self, seconds: float) -> None:
         with anyio.move_on_after(min(max(0.0, seconds), MAX_WAIT_S)):
             await self._event.wait()
+            await anyio.sleep(COALESCE_S)
         self._event = anyio.Event()

@@ -66,6 +66,7 @@ async def _gate(request: web.Request, route: Route) -> tuple[FaultKind, int | No
         return _detail(401, "Invalid or missing API key" if auth else "Not authenticated")
     wait = sim.faults.throttle(key, sim.now())
     if wait is not None:
+        sim.service.ledger.requests["throttled"] += 1  # over the per-key limit: refused
         return _detail(429, "Too many requests", {"Retry-After": str(int(wait))})
     fault = sim.faults.pick(route)
     if fault is None:

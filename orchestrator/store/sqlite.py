@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import ArtifactKind, JobSpec, JobState, can_move
+from ..models import TERMINAL, ArtifactKind, JobSpec, JobState, can_move
 from .base import FileRow, JobRow, SyncReport
 
 SCHEMA_VERSION = 1
@@ -44,7 +44,7 @@ CREATE TABLE jobs (
     in_manifest INTEGER NOT NULL DEFAULT 1,
     position INTEGER NOT NULL
 );
-CREATE INDEX jobs_by_state ON jobs (state);
+CREATE INDEX jobs_by_state ON jobs (state, position);
 CREATE TABLE files (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     remote_id TEXT NOT NULL,
@@ -72,7 +72,7 @@ _JOB_COLUMNS = (
 )
 
 
-def _job(row: sqlite3.Row) -> JobRow:
+def _job(row: sqlite3.Row | dict[str, Any]) -> JobRow:
     values = dict(row)
     values["state"] = JobState(values["state"])
     values["in_manifest"] = bool(values["in_manifest"])
@@ -205,6 +205,64 @@ class SqliteStore:
             marks = ",".join("?" * len(wanted))
             rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY position", wanted)
         return [_job(r) for r in rows]
+
+    def newest_submitted(self, job_type: str, limit: int) -> set[str]:
+        """Our most recently submitted jobs of a type: those a first page of the job list shows."""
+        rows = self._query(
+            "SELECT id FROM jobs WHERE type=? AND submitted_at IS NOT NULL ORDER BY submitted_at DESC LIMIT ?",
+            (job_type, limit),
+        )
+        return {r[0] for r in rows}
+
+    def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]:
+        """Pending jobs that may go now or must be skipped, in manifest order, with their
+        parent's state and checkpoint: no parent, or a parent that has ended."""
+        ended = [s.value for s in TERMINAL | {JobState.SUCCEEDED, JobState.DOWNLOADING}]
+        marks = ",".join("?" * len(ended))
+        columns = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
+        rows = self._query(
+            f"SELECT {columns}, p.state AS parent_state, p.checkpoint_id AS parent_checkpoint FROM jobs j"
+            " LEFT JOIN jobs p ON p.id = j.checkpoint_from"
+            f" WHERE j.state=? AND j.in_manifest=1 AND (j.checkpoint_from IS NULL OR p.state IN ({marks}))"
+            " ORDER BY j.position LIMIT ?",
+            (JobState.PENDING.value, *ended, limit),
+        )
+        out = []
+        for r in rows:
+            values = dict(r)
+            parent_state, parent_checkpoint = values.pop("parent_state"), values.pop("parent_checkpoint")
+            row = _job(values)
+            out.append((row, JobState(parent_state) if parent_state else None, parent_checkpoint))
+        return out
+
+    def ids(self, states: Iterable[JobState]) -> list[str]:
+        wanted = [s.value for s in states]
+        marks = ",".join("?" * len(wanted))
+        return [r[0] for r in self._query(f"SELECT id FROM jobs WHERE state IN ({marks}) ORDER BY position", wanted)]
+
+    def jobs_by_id(self, ids: Iterable[str]) -> list[JobRow]:
+        wanted = list(ids)
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        return [_job(r) for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", wanted)]
+
+    def due_for_check(self, now: float) -> list[JobRow]:
+        """Jobs in flight whose next look is due."""
+        rows = self._query(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) AND remote_id IS NOT NULL"
+            " AND (next_check_at IS NULL OR next_check_at <= ?) ORDER BY position",
+            (JobState.QUEUED.value, JobState.RUNNING.value, now),
+        )
+        return [_job(r) for r in rows]
+
+    def next_check_due(self, after: float) -> float | None:
+        """The soonest look due after `after` (those due before it are being taken)."""
+        rows = self._query(
+            "SELECT MIN(next_check_at) FROM jobs WHERE state IN (?, ?) AND next_check_at > ?",
+            (JobState.QUEUED.value, JobState.RUNNING.value, after),
+        )
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def counts(self) -> dict[JobState, int]:
         rows = self._query("SELECT state, COUNT(*) FROM jobs WHERE in_manifest=1 GROUP BY state")
