@@ -90,6 +90,14 @@ def _prepare(folder: Path, part: Path, size: int | None) -> int:
     return have
 
 
+def _total_of(resp: aiohttp.ClientResponse, known: int | None) -> int | None:
+    """The file's size: as the job says, else from a 416's `Content-Range: bytes */N`."""
+    if known is not None:
+        return known
+    match = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
 def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str | None) -> Fetched:
     return place(part, final, hashes, size_bytes=size, md5=md5)
 
@@ -224,9 +232,13 @@ class Downloader:
         where = redact(artifact.url)
         try:
             async with self._session.get(artifact.url, headers=headers) as resp:
-                if resp.status == 416 and have and have == artifact.size_bytes:
-                    writer = await self._thread(partial(PartWriter, part, have, md5=False))  # already whole
+                if resp.status == 416 and have and have == _total_of(resp, artifact.size_bytes):
+                    # The part is already whole (killed before its rename): check it and place it.
+                    writer = await self._thread(partial(PartWriter, part, have, md5=False))
                     md5 = None
+                elif resp.status == 416:
+                    await self._thread(part.unlink)  # a part that fits no size we know: start over
+                    raise DownloadError(f"{artifact.name}: the partial file does not fit; fetching it again")
                 elif resp.status in (400, 401, 403):
                     raise UrlExpired(
                         f"{artifact.name}: storage answered {resp.status} ({_xml_code(await resp.text())})"

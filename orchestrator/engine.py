@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from .api import ApiClient
 from .callbacks import callback_url
 from .checking import CheckStage
 from .config import RunSettings
+from .crashpoints import crash_point
 from .download import Downloader
 from .errors import (
     AuthError,
@@ -46,7 +45,6 @@ from .schedule import Wakeup, next_check_in
 from .store import JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
-CRASH_ENV = "DREAMLOOK_BATCH_CRASH_AT"
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 TRAINED_STATES = (JobState.SUCCEEDED, JobState.DOWNLOADING, JobState.DONE, JobState.LOST)
 
@@ -64,6 +62,7 @@ class RunOutcome:
     problems: list[str] = field(default_factory=list)
     changed_after_submit: tuple[str, ...] = ()
     dry_run: bool = False
+    once: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -75,8 +74,11 @@ class RunOutcome:
         bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
         if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
             return 1
-        if self.stopped_by == StopReason.QUOTA and any(n for s, n in self.counts.items() if not s.terminal):
+        unfinished = any(n for s, n in self.counts.items() if not s.terminal)
+        if self.stopped_by == StopReason.QUOTA and unfinished:
             return 3
+        if unfinished and not self.once:
+            return 1  # e.g. files that kept failing: the next run resumes them
         return 0
 
 
@@ -190,7 +192,12 @@ class Engine:
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
         self._write_summary()
         return RunOutcome(
-            self.store.counts(), self.stopped_by, self.problems, report.changed_after_submit, self.settings.dry_run
+            self.store.counts(),
+            self.stopped_by,
+            self.problems,
+            report.changed_after_submit,
+            self.settings.dry_run,
+            once,
         )
 
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
@@ -428,12 +435,6 @@ class Engine:
             ],
         }
         output.write_summary(self.out_dir / "summary.json", summary)
-
-
-def crash_point(name: str) -> None:
-    """Where tests kill the process (DREAMLOOK_BATCH_CRASH_AT=name) to prove a restart recovers."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _storable(body: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .crashpoints import crash_point
 from .errors import DownloadError, VerificationFailed
 
 READ_BYTES = 1024 * 1024
@@ -118,6 +119,7 @@ def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, md
         except VerificationFailed:
             part.unlink()
             raise
+    crash_point("before-rename")
     os.replace(part, final)
     fsync_dir(final.parent)
     return Fetched(final, size, hashes.sha.hexdigest())

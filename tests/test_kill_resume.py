@@ -86,3 +86,40 @@ def test_sigkill_mid_parallel_download_then_resume(tmp_path: Path, threaded_sim:
         assert resumed == set(range(25)) - done_at_kill
         assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])
     assert ranges_done(state) == set()  # forgotten once the file is placed
+
+
+def test_killed_between_verifying_and_renaming_a_file(tmp_path: Path, threaded_sim: Any) -> None:
+    """A whole .part with no final name yet: images (size unknown) and checkpoints alike."""
+    manifest = write(
+        tmp_path / "mix.yaml",
+        "campaign: mix\njobs:\n"
+        "  - {id: img, type: image_gen, prompt: p, base_model: stable-diffusion-v1-5, num_samples: 2}\n"
+        "  - {id: ckp, type: dreambooth, instance_prompt: p, image_urls: [u], base_model: stable-diffusion-v1-5}\n",
+    )
+    with threaded_sim(fast_sim()) as sim:
+        env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, "DREAMLOOK_BATCH_CRASH_AT": "before-rename"}
+        args = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            str(manifest),
+            "--api-url",
+            sim.url,
+            "--time-scale",
+            "20000",
+            "--max-downloads",
+            "1",
+        ]
+        crashed = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert crashed.returncode == -signal.SIGKILL
+        parts = list((tmp_path / "outputs" / "mix").rglob("*.part"))
+        assert len(parts) == 1 and parts[0].stat().st_size > 0
+        served = len(sim.ledger.downloads)
+        del env["DREAMLOOK_BATCH_CRASH_AT"]
+        rerun = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        # The whole part was placed after a 416 said so: its bytes were not fetched again.
+        name = parts[0].name.removesuffix(".part")
+        assert [d.status for d in sim.ledger.downloads[served:] if d.path.endswith(name)] == [416]
+        assert_campaign_on_disk(sim, tmp_path / "outputs" / "mix", "mix", ["img", "ckp"])
