@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class RunRequest:
     api_key_file: Path | None = None
     simulate: Any = None  # SimSettings: run against an in-process simulator
     once: bool = False
+    watch: Callable[[Engine], contextlib.AbstractAsyncContextManager[Any]] | None = None  # e.g. a live view
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class RunResult:
     paths: Paths
     api_requests: int
     sim_url: str | None
+    files_done: int = 0
+    bytes_done: int = 0
 
 
 async def run_campaign(request: RunRequest) -> RunResult:
@@ -144,8 +148,13 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     callback_secret=secret,
                 )
                 engines.append(engine)
+                if request.watch is not None:
+                    await stack.enter_async_context(request.watch(engine))
                 outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
-                return RunResult(outcome, request.paths, api.requests, sim_url)
+                done = [f for f in store.all_files() if f.done]
+                return RunResult(
+                    outcome, request.paths, api.requests, sim_url, len(done), sum(f.size_bytes or 0 for f in done)
+                )
         finally:
             store.close()
 

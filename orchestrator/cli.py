@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 from rich.console import Console
-from rich.table import Table
 
-from . import campaign, logs
+from . import campaign, logs, ui
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -30,7 +31,7 @@ from .errors import (
     first_error,
 )
 from .manifest import load_manifest
-from .models import BAD_ENDINGS, JobState, JobType
+from .models import JobState, JobType
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 out = Console(highlight=False, soft_wrap=True)
@@ -342,8 +343,13 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
     )
     if simulate is not None:
         err.print(f"[dim]running against the built-in simulator ({simulate.time_scale:g}x faster than the service)[/]")
+    if out.is_terminal and args.log_format == "text" and not args.quiet:
+        # The live view shows the events; log lines would tear through it.
+        logs.configure(args.log_format, args.verbose - args.quiet - 1)
+        request = replace(request, watch=lambda engine: ui.LiveView(engine, out))
+    started = time.monotonic()
     result = anyio.run(campaign.run_campaign, request)
-    _print_outcome(result, dry_run=args.dry_run, once=args.once)
+    ui.print_summary(out, result, dry_run=args.dry_run, once=args.once, elapsed_s=time.monotonic() - started)
     code = result.outcome.exit_code
     if args.once and code == EXIT_OK:
         return EXIT_OK
@@ -357,30 +363,6 @@ def _default_listen(public_url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--callback-url {public_url!r}: give an http(s) URL that reaches this machine")
     return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-
-
-def _print_outcome(result: campaign.RunResult, *, dry_run: bool, once: bool) -> None:
-    outcome = result.outcome
-    counts = {s: n for s, n in outcome.counts.items() if n}
-    summary = ", ".join(f"{n} {s.value}" for s, n in sorted(counts.items(), key=lambda kv: kv[0].value))
-    out.print(
-        f"[bold]{'dry run' if dry_run else 'run' if not once else 'pass'}:[/] {summary or 'no jobs'}"
-        f" ({result.api_requests} API requests)"
-    )
-    for problem in outcome.problems:
-        out.print(f"  [red]-[/] {problem}")
-    if dry_run:
-        out.print("nothing was charged; no state was saved")
-        return
-    done = counts.get(JobState.DONE, 0)
-    if done:
-        out.print(f"files: {result.paths.out}")
-    if outcome.stopped_by == "interrupted":
-        out.print("interrupted: state saved; run the same command again to carry on")
-    elif outcome.stopped_by == "quota":
-        out.print("out of tokens: top up, then run again; nothing already paid for was dropped")
-    if any(counts.get(s) for s in BAD_ENDINGS):
-        out.print("some jobs need attention: `dreamlook-batch status MANIFEST` lists each with its reason")
 
 
 def _plan(manifest: Any, paths: campaign.Paths) -> int:
@@ -432,18 +414,7 @@ def _status(paths: campaign.Paths, *, as_json: bool) -> int:
         }
         sys.stdout.write(campaign.dump_json(data) + "\n")
         return EXIT_OK
-    table = Table("job", "type", "state", "remote id", "files", "reason")
-    for r in rows:
-        fs = files.get(r.id, [])
-        table.add_row(
-            r.id,
-            r.type,
-            r.state.value,
-            r.remote_id or "",
-            f"{sum(f.done for f in fs)}/{len(fs)}" if fs else "",
-            r.reason or "",
-        )
-    out.print(table)
+    out.print(ui.status_table(rows, files, time.time()))
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +44,20 @@ BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
 FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass
+class Transfer:
+    """One file being fetched, for progress displays."""
+
+    name: str
+    total: int | None
+    started: float = field(default_factory=time.monotonic)
+    counter: list[int] = field(default_factory=lambda: [0])  # bytes so far (shared with ranged.py)
+
+    @property
+    def done(self) -> int:
+        return self.counter[0]
 
 
 class _Source:
@@ -133,11 +148,12 @@ class Downloader:
         self.connections_per_file = connections_per_file
         self._session: aiohttp.ClientSession | None = None
         self._io: anyio.CapacityLimiter | None = None
-        self._bytes = [0]  # fetched so far, for progress and benchmarks
+        self.transfers: dict[str, Transfer] = {}  # in flight, by "job/name"
+        self._finished_bytes = 0
 
     @property
     def bytes_fetched(self) -> int:
-        return self._bytes[0]
+        return self._finished_bytes + sum(t.done for t in self.transfers.values())
 
     async def _thread(self, func: Callable[..., T], *args: object) -> T:
         return await anyio.to_thread.run_sync(func, *args, limiter=self._io)
@@ -173,6 +189,24 @@ class Downloader:
         renew_margin_s: float,
     ) -> Fetched:
         """Download `artifact` into `folder`, resuming, renewing and retrying as needed."""
+        key = f"{folder.name}/{artifact.name}"
+        transfer = self.transfers[key] = Transfer(key, artifact.size_bytes)
+        try:
+            return await self._fetch(artifact, folder, renew, part_log, transfer, attempts, renew_margin_s)
+        finally:
+            self._finished_bytes += transfer.done
+            del self.transfers[key]
+
+    async def _fetch(
+        self,
+        artifact: Artifact,
+        folder: Path,
+        renew: Callable[[], Awaitable[Artifact]],
+        part_log: PartLog,
+        transfer: Transfer,
+        attempts: int,
+        renew_margin_s: float,
+    ) -> Fetched:
         source = _Source(artifact, renew)
         final = folder / artifact.name
         part = folder / (artifact.name + ".part")
@@ -185,9 +219,9 @@ class Downloader:
             try:
                 if parallel and size is not None:
                     await self._thread(_prepare, folder, part, 0)
-                    hashes, md5 = await self._ranged(source, part, size, part_log)
+                    hashes, md5 = await self._ranged(source, part, size, part_log, transfer)
                     return await self._thread(_place, part, final, hashes, size, md5)
-                return await self._one_stream(source, folder, part, final, part_log)
+                return await self._one_stream(source, folder, part, final, part_log, transfer)
             except RangesIgnored:
                 log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
                 parallel = False
@@ -209,7 +243,9 @@ class Downloader:
                 delay = min(delay * 2, BACKOFF_MAX_S)
         raise DownloadError(f"{artifact.name}: gave up after {attempts} attempts: {last}")
 
-    async def _ranged(self, source: _Source, part: Path, size: int, part_log: PartLog) -> tuple[Hashes, str | None]:
+    async def _ranged(
+        self, source: _Source, part: Path, size: int, part_log: PartLog, transfer: Transfer
+    ) -> tuple[Hashes, str | None]:
         assert self._session is not None, "use Downloader in `async with`"
         return await fetch_ranges(
             self._session,
@@ -219,11 +255,13 @@ class Downloader:
             part_log,
             connections=self.connections_per_file,
             range_bytes=self.range_bytes,
-            counter=self._bytes,
+            counter=transfer.counter,
             io=self._io,
         )
 
-    async def _one_stream(self, source: _Source, folder: Path, part: Path, final: Path, part_log: PartLog) -> Fetched:
+    async def _one_stream(
+        self, source: _Source, folder: Path, part: Path, final: Path, part_log: PartLog, transfer: Transfer
+    ) -> Fetched:
         assert self._session is not None, "use Downloader in `async with`"
         artifact = source.artifact
         have = await self._thread(_prepare, folder, part, artifact.size_bytes)
@@ -255,7 +293,7 @@ class Downloader:
                     if start == 0:
                         part_log.set_etag(etag)
                     md5 = _md5_of(resp.headers.getall("x-goog-hash", []))
-                    writer = await self._stream(resp, part, start, md5=md5 is not None)
+                    writer = await self._stream(resp, part, start, transfer, md5=md5 is not None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
         await self._thread(writer.close)
@@ -275,9 +313,12 @@ class Downloader:
             raise ObjectChanged(f"storage now has {total} bytes, the job says {artifact.size_bytes}")
         return have
 
-    async def _stream(self, resp: aiohttp.ClientResponse, part: Path, start: int, *, md5: bool) -> PartWriter:
+    async def _stream(
+        self, resp: aiohttp.ClientResponse, part: Path, start: int, transfer: Transfer, *, md5: bool
+    ) -> PartWriter:
         """Write the body into `part` from `start`, hashing as it goes, off the event loop."""
         writer = await self._thread(partial(PartWriter, part, start, md5=md5))
+        transfer.counter[0] = start
         buffer = bytearray()
         try:
             async for piece in resp.content.iter_chunked(CHUNK_BYTES):
@@ -285,12 +326,12 @@ class Downloader:
                 if len(buffer) >= CHUNK_BYTES:
                     full, buffer = buffer, bytearray()  # hand the block over: no copy
                     await self._thread(writer.write, full)
-                    self._bytes[0] += len(full)
+                    transfer.counter[0] += len(full)
         finally:
             # Bytes that arrived before a break are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):
                 if buffer:
                     await self._thread(writer.write, buffer)
-                    self._bytes[0] += len(buffer)
+                    transfer.counter[0] += len(buffer)
                 await self._thread(writer.close)
         return writer

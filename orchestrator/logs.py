@@ -51,8 +51,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str, verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity
+    level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * verbosity))
     handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
     handler.addFilter(ScrubFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -61,7 +62,7 @@ def configure(log_format: str, verbosity: int) -> None:
         logging.Formatter.converter = time.localtime
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(max(logging.DEBUG, min(logging.CRITICAL, level)))
+    root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
