@@ -32,6 +32,7 @@ from .errors import (
 )
 from .manifest import load_manifest
 from .models import JobState, JobType
+from .report import write_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 out = Console(highlight=False, soft_wrap=True)
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _campaign_opts(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="write OUT/report.html: the campaign to review, with its pictures")
+    _common(p)
+    _campaign_opts(p)
 
     p = sub.add_parser("settle", help="decide an `unknown` job: it is REMOTE_ID, or --resubmit, or --give-up")
     _common(p)
@@ -292,6 +297,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _plan(manifest, paths)
     if command == "status":
         return _status(paths, as_json=args.json)
+    if command == "report":
+        rows, files = campaign.status_rows(paths)
+        page = write_report(manifest.campaign, rows, files, paths.out)
+        out.print(f"report: {page}")
+        return EXIT_OK
     if command == "settle":
         message = campaign.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
         out.print(message)
