@@ -35,8 +35,11 @@ def sim_process(*args: str) -> Iterator[SimProcess]:
     """`dreamlook-batch sim` on a free port, in its own process (its own core)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "sim", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split(" at ")[1].strip()

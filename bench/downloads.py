@@ -98,8 +98,13 @@ def _urls(sim_url: str, key: str, count: int) -> list[str]:
     import aiohttp
 
     async def make() -> list[str]:
-        body = {"image_urls": ["u"], "instance_prompt": "p", "base_model": "stable-diffusion-v1-5", "steps": 100,
-                "extract_lora": "disabled"}  # fmt: skip
+        body = {
+            "image_urls": ["u"],
+            "instance_prompt": "p",
+            "base_model": "stable-diffusion-v1-5",
+            "steps": 100,
+            "extract_lora": "disabled",
+        }
         async with aiohttp.ClientSession(headers={"authorization": f"Bearer {key}"}) as s:
             ids = []
             for _ in range(count):

@@ -48,8 +48,12 @@ async def _hammer(url: str, key: str, ids: list[str], seconds: float) -> dict[st
 
 async def _make_jobs(url: str, key: str, n: int) -> tuple[list[str], str]:
     headers = {"authorization": f"Bearer {key}"}
-    body = {"image_urls": ["https://example.com/1.jpg"], "instance_prompt": "p", "base_model": "stable-diffusion-v1-5",
-            "steps": 100}  # fmt: skip
+    body = {
+        "image_urls": ["https://example.com/1.jpg"],
+        "instance_prompt": "p",
+        "base_model": "stable-diffusion-v1-5",
+        "steps": 100,
+    }
     async with aiohttp.ClientSession(headers=headers) as session:
         ids = []
         for _ in range(n):

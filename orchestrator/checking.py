@@ -91,7 +91,7 @@ class CheckStage:
                 due_by_type.setdefault(row.type, []).append(row)
         started = 0
         for job_type, due in due_by_type.items():
-            on_first_page = self.store.newest_submitted(job_type, LIST_PAGE)
+            on_first_page = self.store.newest_submitted(job_type, LIST_PAGE) if self.settings.batch_status else set()
             if any(r.id in on_first_page for r in due):
                 in_flight = [
                     r
@@ -224,10 +224,7 @@ class CheckStage:
             self.store.move(row.id, JobState.RUNNING, now)
 
     def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
-        now = self.now()
         spec = self.specs.get(row.id)
-        if remote.final_checkpoint_id:
-            self.store.set_checkpoint(row.id, remote.final_checkpoint_id)
         wanted = select(remote, spec.download if spec else None)
         files = [
             FileRow(
@@ -242,9 +239,9 @@ class CheckStage:
             )
             for a in wanted
         ]
-        self.store.add_files(row.id, files)
-        self.store.update_remote(row.id, remote_state=remote.raw_state, percentage=100.0, next_check_at=None, now=now)
-        self.store.move(row.id, JobState.SUCCEEDED, now)
+        self.store.record_success(
+            row.id, checkpoint_id=remote.final_checkpoint_id, files=files, remote_state=remote.raw_state, now=self.now()
+        )
         log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
 
     # -- callbacks ------------------------------------------------------------------

@@ -193,6 +193,9 @@ def _sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=int, help="jobs running at once; more wait queued")
     p.add_argument("--api-key", dest="sim_keys", action="append", help="a key the simulator accepts (repeatable)")
     p.add_argument("--small-files", action="store_true", help="checkpoints of a few MiB instead of GBs")
+    p.add_argument(
+        "--job-seconds", type=float, help="every job queues 0 s and runs this long (service seconds), whatever its size"
+    )
     p.add_argument("--checkpoint-bytes", type=int, help="size of a full SD 1.5 checkpoint (default: the docs' 2.1 GB)")
     p.add_argument("--lora-bytes", type=int, help="size of an extracted LoRA (default: the docs' 75 MB)")
     p.add_argument(
@@ -223,7 +226,17 @@ def _sim_settings(args: argparse.Namespace) -> Any:
     keys = tuple(args.sim_keys) if args.sim_keys else base.api_keys
     from dataclasses import replace
 
-    sizes = {k: v for k, v in (("checkpoint_bytes", args.checkpoint_bytes), ("lora_bytes", args.lora_bytes)) if v}
+    sizes: dict[str, Any] = {
+        k: v for k, v in (("checkpoint_bytes", args.checkpoint_bytes), ("lora_bytes", args.lora_bytes)) if v
+    }
+    if args.job_seconds is not None:
+        sizes.update(
+            queue_s=0.0,
+            dreambooth_base_s=args.job_seconds,
+            dreambooth_s_per_step=0.0,
+            image_base_s=args.job_seconds,
+            image_s_per_sample=0.0,
+        )
     return replace(
         base,
         **sizes,

@@ -95,6 +95,7 @@ class RunSettings:
         default_factory=lambda: PollPolicy(queued_s=IMAGE_POLL_QUEUED_S, min_s=IMAGE_POLL_MIN_S, max_s=IMAGE_POLL_MAX_S)
     )
     callback_poll_relax: float = CALLBACK_POLL_RELAX
+    batch_status: bool = True  # read many jobs' states from one page of the job list
     timeouts: Timeouts = field(default_factory=Timeouts)
     url_renew_margin_s: float = URL_RENEW_MARGIN_S
     retention_s: float = RETENTION_S

@@ -46,6 +46,7 @@ from .store import JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
+ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one synced commit
 TRAINED_STATES = (JobState.SUCCEEDED, JobState.DOWNLOADING, JobState.DONE, JobState.LOST)
 
 
@@ -129,6 +130,7 @@ class Engine:
         self.stopped_by: str | None = None
         self.problems: list[str] = []
         self.wakeup = Wakeup()
+        self.ids = IdCommitter(store, clock)
         self._stopping = False
         self._tg: TaskGroup | None = None
         self.check = CheckStage(
@@ -227,12 +229,11 @@ class Engine:
 
     def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
         """Is anything left that this run could still move on?"""
-        counts = self.store.counts()
-        if check and (counts.get(JobState.QUEUED) or counts.get(JobState.RUNNING)):
+        if check and self.store.count([JobState.QUEUED, JobState.RUNNING]):
             return True
         if self.fetch.has_work():
             return True
-        return submit and bool(counts.get(JobState.PENDING)) and self._submissions_allowed()
+        return submit and self._submissions_allowed() and bool(self.store.count([JobState.PENDING]))
 
     def _start_due_work(self, *, check: bool, submit: bool) -> int:
         assert self._tg is not None
@@ -252,8 +253,7 @@ class Engine:
     def _start_submissions(self, tg: TaskGroup) -> int:
         if not self._submissions_allowed() or self._stopping:
             return 0
-        counts = self.store.counts()
-        active = sum(n for s, n in counts.items() if s.in_flight)
+        active = self.store.count([JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING])
         room = self.settings.limits.max_active - active
         cap = self.settings.limits.max_new_jobs
         if cap is not None:
@@ -344,7 +344,7 @@ class Engine:
             return
         crash_point("after-post")
         first_check = self.now() + next_check_in(self.check.policy(spec.type.value), None, 0)
-        self.store.mark_submitted(job_id, remote_id, self.now(), next_check_at=first_check)
+        await self.ids.commit(job_id, remote_id, first_check)
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
 
     def _callback_for(self, job_id: str) -> str | None:
@@ -435,6 +435,41 @@ class Engine:
             ],
         }
         output.write_summary(self.out_dir / "summary.json", summary)
+
+
+class IdCommitter:
+    """Rule 1 at scale: job ids that arrive within `ID_COMMIT_WINDOW_S` are synced in one
+    transaction, and each caller returns only once its own id is durable."""
+
+    def __init__(self, store: SqliteStore, now: Callable[[], float]) -> None:
+        self.store, self.now = store, now
+        self._pending: list[tuple[str, str, float | None]] = []
+        self._committed = anyio.Event()
+        self._error: BaseException | None = None
+        self._flushing = False
+
+    async def commit(self, job_id: str, remote_id: str, next_check_at: float | None) -> None:
+        self._pending.append((job_id, remote_id, next_check_at))
+        committed = self._committed
+        if self._flushing:
+            await committed.wait()
+        else:
+            self._flushing = True  # this caller flushes for all that arrive meanwhile
+            try:
+                await anyio.sleep(ID_COMMIT_WINDOW_S)
+            finally:
+                batch, self._pending = self._pending, []
+                self._committed, self._flushing = anyio.Event(), False
+                try:
+                    self.store.mark_submitted_many(batch, self.now())
+                    self._error = None
+                except BaseException as exc:
+                    self._error = exc
+                    raise
+                finally:
+                    committed.set()
+        if self._error is not None:
+            raise self._error
 
 
 def _storable(body: dict[str, Any]) -> dict[str, Any]:

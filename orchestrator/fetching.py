@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 from anyio.abc import TaskGroup
 
 from . import output
@@ -89,24 +90,31 @@ class FetchStage:
         self.rounds: dict[tuple[str, str], int] = {}
         self.given_up: set[str] = set()
         self._seq = 0
+        self._swept = False
+        self.queued_per_job: dict[str, int] = {}
+        self._delayed = 0  # queued items with a not_before: only they make next_due worth computing
 
     # -- what is left ---------------------------------------------------------------
 
     def has_work(self) -> bool:
         """Anything this stage could still move on in this run?"""
-        if self.queue or self.active or self.preparing:
+        if self.queue or self.active or self.preparing or not self._swept:
             return True
-        waiting = self.store.ids([JobState.SUCCEEDED, JobState.DOWNLOADING])
-        return any(job_id not in self.prepared and job_id not in self.given_up for job_id in waiting)
+        return self.store.count([JobState.SUCCEEDED]) > 0
 
     def next_due(self) -> float | None:
+        if not self._delayed:
+            return None
         return min((q.not_before for q in self.queue), default=None)
 
     # -- starting work --------------------------------------------------------------
 
     def start_due(self, tg: TaskGroup) -> int:
         started = 0
-        for job_id in self.store.ids([JobState.SUCCEEDED, JobState.DOWNLOADING]):
+        # Jobs left `downloading` by an earlier run are swept once; after that only new successes.
+        states = [JobState.SUCCEEDED] if self._swept else [JobState.SUCCEEDED, JobState.DOWNLOADING]
+        self._swept = True
+        for job_id in self.store.ids(states):
             if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:
                 self.preparing.add(job_id)
                 tg.start_soon(self._prepare, job_id)
@@ -118,6 +126,8 @@ class FetchStage:
             if item.not_before > now:
                 held.append(item)
                 continue
+            self._delayed -= 1 if item.not_before else 0
+            self.queued_per_job[item.job_id] -= 1
             self.active.add((item.job_id, item.remote_id))
             tg.start_soon(self._fetch, item.job_id, item.remote_id)
             started += 1
@@ -132,6 +142,8 @@ class FetchStage:
 
     def _enqueue(self, job_id: str, artifact: Artifact, remote: RemoteJob, not_before: float = 0.0) -> None:
         self._seq += 1
+        self._delayed += 1 if not_before else 0
+        self.queued_per_job[job_id] = self.queued_per_job.get(job_id, 0) + 1
         heapq.heappush(
             self.queue, _Queued(self._deadline(artifact, remote), not_before, self._seq, job_id, artifact.remote_id)
         )
@@ -142,6 +154,14 @@ class FetchStage:
             row = self.store.job(job_id)
             if row.state is JobState.SUCCEEDED:
                 self.store.move(job_id, JobState.DOWNLOADING, self.now())
+            folder = self.out_dir / job_id
+            files = self.store.files(job_id)
+            # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
+            present = await anyio.to_thread.run_sync(lambda: {f.name for f in files if (folder / f.name).exists()})
+            for f in files:
+                if f.done and f.name not in present:
+                    self.store.file_missing(job_id, f.remote_id)
+                    log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
             pending = [f for f in self.store.files(job_id) if not f.done and not f.lost]
             remote = self.remote.get(job_id) or await self.fresh(job_id)
             by_id = {a.remote_id: a for a in remote.artifacts}
@@ -153,7 +173,7 @@ class FetchStage:
                 else:
                     self._enqueue(job_id, artifact, remote)
             self.prepared.add(job_id)
-            self._finish_if_complete(job_id)
+            await self._finish_if_complete(job_id)
         except (StoreError, AuthError, QuotaError):
             raise
         except (ApiError, TransportError) as exc:
@@ -169,7 +189,8 @@ class FetchStage:
             await self._fetch_file(job_id, remote_id)
         finally:
             self.active.discard(key)
-            self._finish_if_complete(job_id)
+            with anyio.CancelScope(shield=True):
+                await self._finish_if_complete(job_id)
             self.notify()
 
     async def _fetch_file(self, job_id: str, remote_id: str) -> None:
@@ -214,8 +235,8 @@ class FetchStage:
         self.store.file_done(job_id, remote_id, got.sha256, got.size)
         log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
 
-    def _finish_if_complete(self, job_id: str) -> None:
-        if job_id not in self.prepared or any(q.job_id == job_id for q in self.queue):
+    async def _finish_if_complete(self, job_id: str) -> None:
+        if job_id not in self.prepared or self.queued_per_job.get(job_id):
             return
         if any(j == job_id for j, _ in self.active):
             return
@@ -223,8 +244,8 @@ class FetchStage:
         if any(not f.done and not f.lost for f in files):
             return
         remote = self.remote.get(job_id)
-        if remote is not None:
-            output.write_job_files(self.out_dir / job_id, remote.raw, files)
+        if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
+            await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
         lost = [f.name for f in files if f.lost]
         if lost:
             self.store.move(

@@ -7,32 +7,39 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .store import FileRow
 from .urls import redact_tree
+from .verify import fsync_dir
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
+    """Write to a temporary name, sync, rename. One process per campaign (the lock) writes here,
+    so a fixed temporary name is safe, and cheaper than a random one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if sync_folder:
+        fsync_dir(path.parent)
 
 
 def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
-    """`job.json` (signatures removed) and `SHA256SUMS` (sha256sum -c format) of one job."""
-    write_atomic(folder / "job.json", json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n")
+    """`job.json` (signatures removed) and `SHA256SUMS` (sha256sum -c format) of one job; then the
+    folder is synced once, which makes the renames of its result files durable too."""
+    write_atomic(
+        folder / "job.json", json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n", sync_folder=False
+    )
     sums = "".join(f"{f.sha256}  {f.name}\n" for f in sorted(files, key=lambda f: f.name) if f.done and f.sha256)
     write_atomic(folder / "SHA256SUMS", sums)
 

@@ -93,8 +93,10 @@ def render(campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]
             parts.append("</div></div>")
     trained = [r for r in rows if any(f.kind is not ArtifactKind.IMAGE for f in files.get(r.id, []))]
     if trained:
-        parts.append("<h2>Checkpoints</h2><table id=checkpoints><thead><tr><th>job</th><th>file</th><th>kind</th>"
-                     "<th>size</th><th>sha256</th></tr></thead><tbody>")  # fmt: skip
+        parts.append(
+            "<h2>Checkpoints</h2><table id=checkpoints><thead><tr><th>job</th><th>file</th><th>kind</th>"
+            "<th>size</th><th>sha256</th></tr></thead><tbody>"
+        )
         for r in trained:
             for f in files[r.id]:
                 if f.kind is ArtifactKind.IMAGE:

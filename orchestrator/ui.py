@@ -33,10 +33,20 @@ if TYPE_CHECKING:
 REFRESH_S = 0.25
 EVENTS_SHOWN = 8
 STATE_ORDER = [
-    JobState.PENDING, JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
-    JobState.DOWNLOADING, JobState.DONE, JobState.FAILED, JobState.INVALID, JobState.SKIPPED,
-    JobState.UNKNOWN, JobState.LOST, JobState.DRY_RUN_OK,
-]  # fmt: skip
+    JobState.PENDING,
+    JobState.SUBMITTING,
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.SUCCEEDED,
+    JobState.DOWNLOADING,
+    JobState.DONE,
+    JobState.FAILED,
+    JobState.INVALID,
+    JobState.SKIPPED,
+    JobState.UNKNOWN,
+    JobState.LOST,
+    JobState.DRY_RUN_OK,
+]
 STATE_STYLE = {JobState.DONE: "green", JobState.DRY_RUN_OK: "green", **{s: "red" for s in BAD_ENDINGS}}
 
 
@@ -110,10 +120,11 @@ class LiveView:
         engine = self.engine
         counts = engine.store.counts()
         head = Text.assemble(
-            ("dreamlook-batch ", "bold"), (f"campaign {engine.manifest.campaign}", "cyan"),
+            ("dreamlook-batch ", "bold"),
+            (f"campaign {engine.manifest.campaign}", "cyan"),
             f"  {human_seconds(time.monotonic() - self.started)}  ",
             (f"({engine.stopped_by})" if engine.stopped_by else "", "yellow"),
-        )  # fmt: skip
+        )
         states = Text()
         for state in STATE_ORDER:
             if counts.get(state):
@@ -127,8 +138,13 @@ class LiveView:
             rate = (total - then) / (now - when)
             self._speed = (now, total, rate)
         if transfers:
-            table = Table(box=None, pad_edge=False, title=f"downloads: {len(transfers)} active, {human_bytes(rate)}/s",
-                          title_justify="left", show_header=False)  # fmt: skip
+            table = Table(
+                box=None,
+                pad_edge=False,
+                title=f"downloads: {len(transfers)} active, {human_bytes(rate)}/s",
+                title_justify="left",
+                show_header=False,
+            )
             for t in sorted(transfers, key=lambda t: t.name)[:10]:
                 speed = t.done / max(now - t.started, 1e-6)
                 share = f"{100 * t.done / t.total:.0f}%" if t.total else ""
@@ -159,8 +175,10 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
     counts = {s: n for s, n in outcome.counts.items() if n}
     what = "dry run" if dry_run else "pass" if once else "run"
     summary = ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts.get(s))
-    console.print(f"[bold]{what} finished in {human_seconds(elapsed_s)}:[/] {summary or 'no jobs'}"
-                  f" ({result.api_requests} API requests)")  # fmt: skip
+    console.print(
+        f"[bold]{what} finished in {human_seconds(elapsed_s)}:[/] {summary or 'no jobs'}"
+        f" ({result.api_requests} API requests)"
+    )
     for problem in outcome.problems:
         console.print(f"  [red]-[/] {scrub(problem)}")
     if dry_run:
@@ -177,8 +195,10 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
     if counts.get(JobState.UNKNOWN):
         console.print("unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle MANIFEST JOB ...`")
     if any(counts.get(s) for s in BAD_ENDINGS):
-        console.print("`dreamlook-batch status MANIFEST` lists every job with its reason; "
-                      "`dreamlook-batch report MANIFEST` writes a page to review")  # fmt: skip
+        console.print(
+            "`dreamlook-batch status MANIFEST` lists every job with its reason; "
+            "`dreamlook-batch report MANIFEST` writes a page to review"
+        )
 
 
 def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: float) -> Table:
@@ -188,8 +208,15 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
         fs = files.get(r.id, [])
         age = human_seconds(now - r.submitted_at) if r.submitted_at else ""
         file_text = f"{sum(f.done for f in fs)}/{len(fs)}" if fs else ""
-        table.add_row(r.id, r.type, Text(r.state.value, style=STATE_STYLE.get(r.state, "")), r.remote_id or "",
-                      age, file_text, scrub(r.reason or ""))  # fmt: skip
+        table.add_row(
+            r.id,
+            r.type,
+            Text(r.state.value, style=STATE_STYLE.get(r.state, "")),
+            r.remote_id or "",
+            age,
+            file_text,
+            scrub(r.reason or ""),
+        )
         totals[r.state.value] = totals.get(r.state.value, 0) + 1
     table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
     return table

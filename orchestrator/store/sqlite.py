@@ -235,6 +235,12 @@ class SqliteStore:
             out.append((row, JobState(parent_state) if parent_state else None, parent_checkpoint))
         return out
 
+    def count(self, states: Iterable[JobState]) -> int:
+        """How many jobs are in these states (an index lookup, not a scan)."""
+        wanted = [s.value for s in states]
+        marks = ",".join("?" * len(wanted))
+        return int(self._query(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", wanted)[0][0])
+
     def ids(self, states: Iterable[JobState]) -> list[str]:
         wanted = [s.value for s in states]
         marks = ",".join("?" * len(wanted))
@@ -304,14 +310,19 @@ class SqliteStore:
                     raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
 
     def mark_submitted(self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None) -> None:
+        self.mark_submitted_many([(job_id, remote_id, next_check_at)], now)
+
+    def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
+        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one synced transaction."""
         with self._tx(durable=True) as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued',"
-                " next_check_at=? WHERE id=? AND state=?",
-                (JobState.QUEUED.value, remote_id, now, now, next_check_at, job_id, JobState.SUBMITTING.value),
-            )
-            if cur.rowcount != 1:
-                raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+            for job_id, remote_id, next_check_at in items:
+                cur = db.execute(
+                    "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued',"
+                    " next_check_at=? WHERE id=? AND state=?",
+                    (JobState.QUEUED.value, remote_id, now, now, next_check_at, job_id, JobState.SUBMITTING.value),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
 
     def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
         with self._tx() as db:
@@ -420,6 +431,30 @@ class SqliteStore:
     def clear_ranges(self, job_id: str, remote_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+
+    def file_missing(self, job_id: str, remote_id: str) -> None:
+        """A file recorded as done is not on disk: fetch it again."""
+        with self._tx() as db:
+            db.execute("UPDATE files SET done=0, sha256=NULL WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+
+    def record_success(
+        self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
+    ) -> None:
+        """What a success tells, at once: the trained checkpoint, the files to fetch, the state."""
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            current = JobState(row[0])
+            if not can_move(current, JobState.SUCCEEDED):
+                raise StoreError(f"job {job_id!r} cannot move from {current} to succeeded")
+            db.executemany(
+                "INSERT OR IGNORE INTO files (job_id, remote_id, name, kind, size_bytes) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, f.remote_id, f.name, f.kind.value, f.size_bytes) for f in files],
+            )
+            db.execute(
+                "UPDATE jobs SET state=?, checkpoint_id=COALESCE(?, checkpoint_id), remote_state=?, percentage=100,"
+                " next_check_at=NULL, checks=checks+1, updated_at=?, ended_at=COALESCE(ended_at, ?) WHERE id=?",
+                (JobState.SUCCEEDED.value, checkpoint_id, remote_state, now, now, job_id),
+            )
 
     def file_lost(self, job_id: str, remote_id: str) -> None:
         with self._tx() as db:
