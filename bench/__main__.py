@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import downloads, simceiling
+from . import downloads, simceiling, throughput, waiting
 from .common import machine
 
 Section = tuple[str, Callable[[bool], dict[str, object]], Callable[[dict[str, object]], list[str]]]
@@ -72,9 +72,78 @@ def _download_lines(r: dict[str, object]) -> list[str]:
     return lines
 
 
+def _waiting_lines(r: dict[str, object]) -> list[str]:
+    ways = ("ours", "ours+callbacks", "fixed 20 s / 5 s")
+    base = r[ways[2]]
+    assert isinstance(base, dict)
+    scale = float(r["time_scale"])  # type: ignore[arg-type]
+    lines = [
+        f"{r['jobs']} jobs (half training 10 to 30 min, half image generation 30 s to 3 min), at {scale:g}x.",
+        "Lag: from the simulator's end of a job to the state store recording that we noticed, in service seconds",
+        "(real milliseconds in brackets: the time scale multiplies every real delay, the client's own included).",
+        "",
+        "| way | API requests per job | ratio to baseline | median lag | p95 lag |",
+        "|---|---|---|---|---|",
+    ]
+    for way in ways:
+        w = r[way]
+        assert isinstance(w, dict)
+        med, p95 = float(w["lag_median_s"]), float(w["lag_p95_s"])
+        lines.append(
+            f"| {way} | {w['requests_per_job']:.2f} | {w['requests_per_job'] / base['requests_per_job']:.2f} | "
+            f"{med:.1f} s ({1000 * med / scale:.0f} ms) | {p95:.1f} s ({1000 * p95 / scale:.0f} ms) |"
+        )
+    ours = r["ours"]
+    assert isinstance(ours, dict)
+    lines += [
+        "",
+        f"Ours uses {ours['requests_per_job'] / base['requests_per_job']:.0%} of the baseline's requests (goal: 25% or "
+        f"fewer) at a median lag of {ours['lag_median_s']:.1f} s against {base['lag_median_s']:.1f} s: the schedule "
+        "aims at each job's predicted end and the job list answers for many jobs at once. With callbacks the lag "
+        "is what the client takes to confirm with a GET.",
+    ]
+    return lines
+
+
+def _throughput_lines(r: dict[str, object]) -> list[str]:
+    e2e, man = r["end_to_end"], r["manifest"]
+    assert isinstance(e2e, dict) and isinstance(man, dict)
+    ours, naive = e2e["ours"], e2e["naive"]
+    lines = [
+        f"{e2e['jobs']:,} image jobs of ~50 ms with two files each, at most {e2e['max_active']} active, the simulator "
+        "in its own process. The naive script polls every 50 ms; ours runs with `--time-scale 100` (its image "
+        "schedule then starts at 100 ms and never waits under 30 ms).",
+        "",
+        "| client | wall | jobs/s | CPU ms per job | peak RSS | API requests per job | files |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, x in (("dreamlook-batch", ours), ("bench/naive.py", naive)):
+        lines.append(
+            f"| {name} | {x['wall_s']:.1f} s | {x['jobs_per_s']:.0f} | {x['cpu_ms_per_job']:.2f} | "
+            f"{x['peak_rss_mb']:.0f} MB | {x['api_requests_per_job']:.2f} | {x['files']:,} |"
+        )
+    lines += [
+        "",
+        f"Ratios, ours to naive: time {ours['wall_s'] / naive['wall_s']:.2f}, "
+        f"CPU {ours['cpu_s'] / naive['cpu_s']:.2f}, "
+        f"requests {ours['api_requests_per_job'] / naive['api_requests_per_job']:.2f}. Goals: 10,000 jobs under 60 s "
+        "and 300 MB, faster than naive. What ours pays for that the naive script does not: a synced intent and job "
+        "id before and after each paid POST, about a dozen state-store commits per job, and five fsyncs per job "
+        "(each file, `job.json`, `SHA256SUMS`, the folder) so that no file is lost or torn by a crash; fsync costs "
+        "about 1 ms on this machine. The naive script keeps nothing and verifies nothing.",
+        "",
+        f"Manifest scale: `validate` of a {man['jobs']:,}-job bulk manifest (template + CSV) took "
+        f"{man['validate']['wall_s']:.1f} s with peak RSS {man['validate']['peak_rss_mb']:.0f} MB, `plan` "
+        f"{man['plan']['wall_s']:.1f} s and {man['plan']['peak_rss_mb']:.0f} MB (goal: under 10 s).",
+    ]
+    return lines
+
+
 SECTIONS: list[Section] = [
     ("The simulator's own ceiling", simceiling.measure, _sim_lines),
     ("Downloads: ours against curl", downloads.measure, _download_lines),
+    ("Waiting: requests and lag against fixed-interval polling", waiting.measure, _waiting_lines),
+    ("Throughput and scale against the naive script", throughput.measure, _throughput_lines),
 ]
 
 
