@@ -31,7 +31,8 @@ from .errors import (
     first_error,
 )
 from .manifest import load_manifest
-from .models import JobState, JobType
+from .models import JobType
+from .output import campaign_record
 from .report import write_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -309,7 +310,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "plan":
         return _plan(manifest, paths)
     if command == "status":
-        return _status(paths, as_json=args.json)
+        return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
         rows, files = campaign.status_rows(paths)
         page = write_report(manifest.campaign, rows, files, paths.out)
@@ -403,39 +404,10 @@ def _plan(manifest: Any, paths: campaign.Paths) -> int:
     return EXIT_OK
 
 
-def _status(paths: campaign.Paths, *, as_json: bool) -> int:
+def _status(campaign_name: str, paths: campaign.Paths, *, as_json: bool) -> int:
     rows, files = campaign.status_rows(paths)
     if as_json:
-        counts: dict[str, int] = {}
-        for r in rows:
-            counts[r.state.value] = counts.get(r.state.value, 0) + 1
-        data = {
-            "counts": counts,
-            "done": bool(rows) and all(r.state is JobState.DONE for r in rows),
-            "jobs": [
-                {
-                    "id": r.id,
-                    "type": r.type,
-                    "state": r.state.value,
-                    "remote_id": r.remote_id,
-                    "reason": r.reason,
-                    "percentage": r.percentage,
-                    "files": [
-                        {
-                            "name": f.name,
-                            "kind": f.kind.value,
-                            "bytes": f.size_bytes,
-                            "sha256": f.sha256,
-                            "done": f.done,
-                            "lost": f.lost,
-                        }
-                        for f in files.get(r.id, [])
-                    ],
-                }
-                for r in rows
-            ],
-        }
-        sys.stdout.write(campaign.dump_json(data) + "\n")
+        sys.stdout.write(campaign.dump_json(campaign_record(campaign_name, rows, files)) + "\n")
         return EXIT_OK
     out.print(ui.status_table(rows, files, time.time()))
     return EXIT_OK

@@ -42,7 +42,7 @@ from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
 from .ratelimit import RequestBudget
 from .results import parse_job
 from .schedule import Wakeup, next_check_in
-from .store import JobRow, SqliteStore
+from .store import FileRow, JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
@@ -403,38 +403,12 @@ class Engine:
     def _write_summary(self) -> None:
         if self.settings.dry_run:
             return
-        rows = self.store.jobs()
-        files: dict[str, list[dict[str, Any]]] = {}
+        rows = [r for r in self.store.jobs() if r.in_manifest]
+        files: dict[str, list[FileRow]] = {}
         for f in self.store.all_files():
-            files.setdefault(f.job_id, []).append(
-                {
-                    "name": f.name,
-                    "kind": f.kind.value,
-                    "bytes": f.size_bytes,
-                    "sha256": f.sha256,
-                    "done": f.done,
-                    "lost": f.lost,
-                }
-            )
-        summary = {
-            "campaign": self.manifest.campaign,
-            "manifest": str(self.manifest.path),
-            "written_at": self.now(),
-            "counts": {s.value: n for s, n in self.store.counts().items()},
-            "jobs": [
-                {
-                    "id": r.id,
-                    "type": r.type,
-                    "state": r.state.value,
-                    "remote_id": r.remote_id,
-                    "reason": r.reason,
-                    "files": files.get(r.id, []),
-                }
-                for r in rows
-                if r.in_manifest
-            ],
-        }
-        output.write_summary(self.out_dir / "summary.json", summary)
+            files.setdefault(f.job_id, []).append(f)
+        record = output.campaign_record(self.manifest.campaign, rows, files)
+        output.write_summary(self.out_dir / "summary.json", {**record, "manifest": str(self.manifest.path)})
 
 
 class IdCommitter:

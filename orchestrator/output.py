@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .store import FileRow
+from .models import JobState
+from .store import FileRow, JobRow
 from .urls import redact_tree
 from .verify import fsync_dir
 
@@ -46,3 +47,37 @@ def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def campaign_record(campaign: str, rows: Sequence[JobRow], files: Mapping[str, Sequence[FileRow]]) -> dict[str, Any]:
+    """The campaign as data: what `summary.json` holds and `status --json` prints."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state.value] = counts.get(r.state.value, 0) + 1
+    return {
+        "campaign": campaign,
+        "counts": counts,
+        "done": bool(rows) and all(r.state is JobState.DONE for r in rows),
+        "jobs": [
+            {
+                "id": r.id,
+                "type": r.type,
+                "state": r.state.value,
+                "remote_id": r.remote_id,
+                "reason": r.reason,
+                "percentage": r.percentage,
+                "files": [
+                    {
+                        "name": f.name,
+                        "kind": f.kind.value,
+                        "bytes": f.size_bytes,
+                        "sha256": f.sha256,
+                        "done": f.done,
+                        "lost": f.lost,
+                    }
+                    for f in files.get(r.id, [])
+                ],
+            }
+            for r in rows
+        ],
+    }

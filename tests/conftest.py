@@ -5,6 +5,9 @@ the real simulator over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -80,6 +83,24 @@ class ThreadedSim:
 def threaded_sim() -> Iterator[Any]:
     """Call it with settings: `with threaded_sim(fast_sim()) as sim: ...`."""
     yield ThreadedSim
+
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST_CLI = ["--time-scale", "20000", "--max-active", "50", "--submit-rate", "500", "--requests-per-s", "2000"]
+
+
+def cli_process(
+    manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None, capture: bool = True
+) -> subprocess.Popen[str]:
+    """`dreamlook-batch run` against `sim` in a process of its own (to be killed, signalled, timed).
+
+    With `capture`, read its output with communicate(); without, it goes to /dev/null (a pipe
+    nobody reads could fill and stall the run)."""
+    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", sim.url, *FAST_CLI, *extra]
+    full_env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, **(env or {})}
+    output = subprocess.PIPE if capture else subprocess.DEVNULL
+    stderr = subprocess.STDOUT if capture else subprocess.DEVNULL
+    return subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=output, stderr=stderr, text=True)
 
 
 def write(path: Path, text: str) -> Path:

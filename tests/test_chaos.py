@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 from orchestrator.sim import FaultPlan, FaultRates
 
 from .campaigns import mixed_manifest
-from .conftest import fast_sim
+from .conftest import cli_process, fast_sim
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "chaos-results.json"  # written by `make chaos` only
@@ -41,17 +39,10 @@ RATES = FaultRates(
 )
 
 
-def _cli(manifest: Path, sim: Any) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        str(manifest),
-        "--api-url",
-        sim.url,
-        "--time-scale",
-        "20000",
+def _cli(manifest: Path, sim: Any) -> subprocess.Popen[str]:
+    return cli_process(
+        manifest,
+        sim,
         "--max-active",
         "25",
         "--submit-rate",
@@ -62,9 +53,9 @@ def _cli(manifest: Path, sim: Any) -> subprocess.Popen[bytes]:
         "0.5",
         "--log-format",
         "json",
-    ]
-    env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key}
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        "-q",
+        capture=False,
+    )
 
 
 def chaos(

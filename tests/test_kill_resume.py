@@ -3,43 +3,22 @@ range again and the file ends with the right sha256."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .campaigns import assert_campaign_on_disk
-from .conftest import fast_sim, write
+from .conftest import cli_process, fast_sim, write
 
 MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(manifest: Path, url: str, key: str, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "DREAMLOOK_API_KEY": key}
-    args = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        str(manifest),
-        "--api-url",
-        url,
-        "--time-scale",
-        "20000",
-        "--parallel-min-mb",
-        "1",
-        "--range-mb",
-        "1",
-        "--connections-per-file",
-        "4",
-        *extra,
-    ]
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def cli(manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    parallel = ["--parallel-min-mb", "1", "--range-mb", "1", "--connections-per-file", "4"]
+    return cli_process(manifest, sim, *parallel, *extra, env=env)
 
 
 def ranges_done(state: Path) -> set[int]:
@@ -63,7 +42,7 @@ def test_sigkill_mid_parallel_download_then_resume(tmp_path: Path, threaded_sim:
     # 4 connections at 3 MiB/s each: ~2 s for the file, time to kill it in the middle.
     settings = fast_sim(checkpoint_bytes=size, retention_s=1e9, download_bytes_per_s=3 * MiB)
     with threaded_sim(settings) as sim:
-        first = cli(manifest, sim.url, sim.api_key)
+        first = cli(manifest, sim)
         deadline = time.monotonic() + 30
         while len(ranges_done(state)) < 6:
             assert first.poll() is None, first.communicate()[0]
@@ -77,7 +56,7 @@ def test_sigkill_mid_parallel_download_then_resume(tmp_path: Path, threaded_sim:
         assert (tmp_path / "outputs" / "big" / "big").is_dir()
         assert not list((tmp_path / "outputs" / "big" / "big").glob("*.safetensors")), "no final file yet"
 
-        second = cli(manifest, sim.url, sim.api_key)
+        second = cli(manifest, sim)
         output = second.communicate(timeout=60)[0]
         assert second.returncode == 0, output
         again = [d for d in sim.ledger.downloads[served_before:] if d.start // MiB in done_at_kill]
@@ -97,28 +76,15 @@ def test_killed_between_verifying_and_renaming_a_file(tmp_path: Path, threaded_s
         "  - {id: ckp, type: dreambooth, instance_prompt: p, image_urls: [u], base_model: stable-diffusion-v1-5}\n",
     )
     with threaded_sim(fast_sim()) as sim:
-        env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, "DREAMLOOK_BATCH_CRASH_AT": "before-rename"}
-        args = [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            str(manifest),
-            "--api-url",
-            sim.url,
-            "--time-scale",
-            "20000",
-            "--max-downloads",
-            "1",
-        ]
-        crashed = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        crashed = cli(manifest, sim, "--max-downloads", "1", env={"DREAMLOOK_BATCH_CRASH_AT": "before-rename"})
+        crashed.communicate(timeout=60)
         assert crashed.returncode == -signal.SIGKILL
         parts = list((tmp_path / "outputs" / "mix").rglob("*.part"))
         assert len(parts) == 1 and parts[0].stat().st_size > 0
         served = len(sim.ledger.downloads)
-        del env["DREAMLOOK_BATCH_CRASH_AT"]
-        rerun = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        rerun = cli(manifest, sim, "--max-downloads", "1")
+        output = rerun.communicate(timeout=60)[0]
+        assert rerun.returncode == 0, output
         # The whole part was placed after a 416 said so: its bytes were not fetched again.
         name = parts[0].name.removesuffix(".part")
         assert [d.status for d in sim.ledger.downloads[served:] if d.path.endswith(name)] == [416]

@@ -4,11 +4,9 @@ ambiguous listings, spending caps, manifest edits, clean shutdown."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from orchestrator.cli import main
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
 
 from .campaigns import assert_campaign_on_disk
-from .conftest import fast_run, fast_sim, write
+from .conftest import cli_process, fast_run, fast_sim, write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,26 +33,7 @@ def jobs_yaml(folder: Path, count: int, *, same_config: bool = False) -> Path:
 
 
 def cli(manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        str(manifest),
-        "--api-url",
-        sim.url,
-        "--time-scale",
-        "20000",
-        "--max-active",
-        "50",
-        "--submit-rate",
-        "500",
-        "--requests-per-s",
-        "2000",
-        *extra,
-    ]
-    full_env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, **(env or {})}
-    return subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return cli_process(manifest, sim, *extra, env=env)
 
 
 def states(manifest: Path) -> dict[str, tuple[str, str | None]]:
