@@ -225,8 +225,6 @@ def _sim_settings(args: argparse.Namespace) -> Any:
             raise UsageError(f"--fault {item!r}: the rate must be a number between 0 and 1") from exc
     base = SimSettings.for_demo() if args.small_files else SimSettings()
     keys = tuple(args.sim_keys) if args.sim_keys else base.api_keys
-    from dataclasses import replace
-
     sizes: dict[str, Any] = {
         k: v for k, v in (("checkpoint_bytes", args.checkpoint_bytes), ("lora_bytes", args.lora_bytes)) if v
     }

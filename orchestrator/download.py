@@ -89,18 +89,25 @@ class _Source:
             await self.renew_after(self.url)
 
 
-def _prepare(folder: Path, part: Path, size: int | None) -> int:
-    """Make the folder, check free space; how many bytes of a one-stream part can be resumed."""
+def _prepare(folder: Path, part: Path, size: int | None, *, sparse: bool = False) -> int:
+    """Make the folder and check free space; how many bytes of a one-stream part can be resumed.
+
+    `sparse`: a ranged download's part, preallocated to full size; what is left to write
+    is what its blocks do not hold yet.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
+    exists = part.exists()
+    have = part.stat().st_size if exists else 0
     if size is not None and have > size:
         have = 0  # a part longer than the file is not ours to trust
-    needed = (size or 0) - have
+    written = part.stat().st_blocks * 512 if sparse and exists else have
+    needed = (size or 0) - min(written, size or 0)
     stats = os.statvfs(folder)
     free = stats.f_bavail * stats.f_frsize
     if needed > 0 and free < needed + FREE_SPACE_MARGIN_BYTES:
         raise VerificationFailed(
-            f"not enough free space in {folder}: {part.name} needs {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB free"
+            f"not enough free space in {folder}: {part.name} needs {needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB "
+            "are free; free some space (or choose another --out), then run again"
         )
     return have
 
@@ -218,7 +225,7 @@ class Downloader:
             await source.ensure_fresh(renew_margin_s)
             try:
                 if parallel and size is not None:
-                    await self._thread(_prepare, folder, part, 0)
+                    await self._thread(partial(_prepare, folder, part, size, sparse=True))
                     hashes, md5 = await self._ranged(source, part, size, part_log, transfer)
                     return await self._thread(_place, part, final, hashes, size, md5)
                 return await self._one_stream(source, folder, part, final, part_log, transfer)

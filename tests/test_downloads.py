@@ -133,3 +133,16 @@ async def test_an_object_rewritten_under_a_resumed_part_is_fetched_again_whole(t
         assert sim.service.generations  # it really was rewritten
     # reset at 100 kB; resume at 100 kB meets a new ETag; the whole file again from 0
     assert served == [(0, 200, "reset"), (100_000, 206, "rewrite"), (0, 200, None)]
+
+
+async def test_a_file_larger_than_the_free_space_is_refused_clearly(tmp_path: Path) -> None:
+    path = manifest(tmp_path, trainings=1, lora=False)
+    petabyte = 10**15  # the simulator makes bytes lazily: offering this costs nothing
+    async with Simulator(fast_sim(checkpoint_bytes=petabyte)) as sim:
+        result = await run(sim, path, fast_run(settings={"download_rounds": 1}))
+        served = list(sim.ledger.downloads)
+    assert result.outcome.exit_code == 1
+    assert any("not enough free space" in p and "free some space" in p for p in result.outcome.problems)
+    assert served == []  # refused before a byte was asked for
+    folder = result.paths.out / "t0"
+    assert not folder.exists() or not list(folder.glob("*.safetensors*"))  # nothing was written
