@@ -38,7 +38,6 @@ CONNECTIONS_PER_FILE = 4
 DOWNLOAD_ROUNDS = 3  # times a file that keeps failing is queued again in one run
 DOWNLOAD_REQUEUE_S = 30.0  # wait before queuing it again
 DOWNLOAD_ATTEMPTS = 5
-RECONCILE_LIST_LIMIT = 50  # the API's default page
 STOP_GRACE_S = 20.0  # after Ctrl-C: how long in-flight calls may finish
 
 

@@ -47,7 +47,6 @@ from .store import FileRow, JobRow, SqliteStore
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one synced commit
-TRAINED_STATES = (JobState.SUCCEEDED, JobState.DOWNLOADING, JobState.DONE, JobState.LOST)
 
 
 class StopReason:
@@ -123,7 +122,6 @@ class Engine:
         self.now = clock
         self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s)
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
-        self.download_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_downloads))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
         self.submitted_this_run = 0

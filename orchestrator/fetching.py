@@ -22,7 +22,7 @@ from . import output
 from .config import RunSettings
 from .download import Downloader
 from .errors import ApiError, AuthError, DownloadError, FileGone, QuotaError, StoreError, TransportError
-from .models import Artifact, ArtifactKind, JobState, RemoteJob
+from .models import Artifact, JobState, RemoteJob
 from .store import SqliteStore
 from .urls import expires_at
 
@@ -254,7 +254,3 @@ class FetchStage:
         else:
             self.store.move(job_id, JobState.DONE, self.now())
             log.info("job.done job_id=%s files=%d", job_id, len(files))
-
-    @staticmethod
-    def images_first(kind: ArtifactKind) -> int:
-        return 0 if kind is ArtifactKind.IMAGE else 1

@@ -150,7 +150,6 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.SKIPPED: frozenset(),
     _S.DRY_RUN_OK: frozenset(),
 }
-SETTLE_FROM_UNKNOWN = frozenset({_S.QUEUED, _S.PENDING, _S.FAILED})
 
 
 def can_move(source: JobState, target: JobState) -> bool:

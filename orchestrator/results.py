@@ -161,7 +161,3 @@ def select(job: RemoteJob, wanted: frozenset[str] | None) -> list[Artifact]:
         if keep:
             chosen.append(a)
     return chosen
-
-
-def has_tag(job: RemoteJob, key: str, value: str) -> bool:
-    return (key, value) in job.tags

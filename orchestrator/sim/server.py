@@ -24,7 +24,7 @@ from aiohttp import web
 from anyio.abc import TaskGroup
 
 from .app import build_app
-from .content import FileContent, expected_sha256, png_image
+from .content import expected_sha256, png_image
 from .faults import FaultInjector
 from .render import Renderer
 from .service import Ledger, Service, SimJob
@@ -133,10 +133,6 @@ class Simulator:
             elif f.png is not None:
                 out[name] = _sha256(png_image(*f.png))
         return out
-
-    def file_content(self, path: str) -> FileContent | None:
-        file = self.service.files.get(path)
-        return file.content if file else None
 
 
 def _sha256(data: bytes) -> str:

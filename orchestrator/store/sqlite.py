@@ -283,10 +283,6 @@ class SqliteStore:
         )
         return [r[0] for r in rows]
 
-    def campaign(self) -> str | None:
-        rows = self._query("SELECT value FROM meta WHERE key='campaign'")
-        return rows[0][0] if rows else None
-
     # -- writing --------------------------------------------------------------------
 
     def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
