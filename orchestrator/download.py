@@ -297,8 +297,10 @@ class Downloader:
                     if resp.status == 206 and known_etag and etag and etag != known_etag:
                         raise ObjectChanged(f"the stored object changed under the part (ETag {known_etag} -> {etag})")
                     start = self._start_of(resp, have, artifact)
-                    if start == 0 and (artifact.size_bytes is None or artifact.size_bytes > CHUNK_BYTES):
-                        part_log.set_etag(etag)  # smaller files come whole or not at all, their md5 guards them
+                    if start == 0 and artifact.size_bytes is not None and artifact.size_bytes > CHUNK_BYTES:
+                        # Worth a commit only where a resume is worth it. Files of unknown size are
+                        # images, which come whole or not at all, and storage's md5 guards them.
+                        part_log.set_etag(etag)
                     md5 = _md5_of(resp.headers.getall("x-goog-hash", []))
                     writer = await self._stream(resp, part, start, transfer, md5=md5 is not None)
         except (aiohttp.ClientError, TimeoutError) as exc:

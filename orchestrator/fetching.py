@@ -157,9 +157,14 @@ class FetchStage:
             folder = self.out_dir / job_id
             files = self.store.files(job_id)
             # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
-            present = await anyio.to_thread.run_sync(lambda: {f.name for f in files if (folder / f.name).exists()})
-            for f in files:
-                if f.done and f.name not in present:
+            done = [f for f in files if f.done]
+            present = (
+                await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
+                if done
+                else set()
+            )
+            for f in done:
+                if f.name not in present:
                     self.store.file_missing(job_id, f.remote_id)
                     log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
             pending = [f for f in self.store.files(job_id) if not f.done and not f.lost]
