@@ -45,6 +45,8 @@ CREATE TABLE jobs (
     position INTEGER NOT NULL
 );
 CREATE INDEX jobs_by_state ON jobs (state, position);
+CREATE INDEX jobs_by_submission ON jobs (type, submitted_at);
+CREATE INDEX jobs_by_end ON jobs (type, ended_at);
 CREATE TABLE files (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     remote_id TEXT NOT NULL,
