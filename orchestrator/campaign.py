@@ -252,10 +252,7 @@ def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
     if store is None:
         raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
     try:
-        files: dict[str, list[FileRow]] = {}
-        for f in store.all_files():
-            files.setdefault(f.job_id, []).append(f)
-        return [r for r in store.jobs() if r.in_manifest], files
+        return [r for r in store.jobs() if r.in_manifest], store.files_by_job()
     finally:
         store.close()
 

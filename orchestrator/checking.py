@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -43,6 +43,7 @@ class CheckStage:
         settings: RunSettings,
         specs: Mapping[str, JobSpec],
         remote: dict[str, RemoteJob],
+        fresh: Callable[[str], Awaitable[RemoteJob]],
         problem: Callable[[str, str], None],
         notify: Callable[[], None],
         now: Callable[[], float],
@@ -52,6 +53,7 @@ class CheckStage:
         self.settings = settings
         self.specs = specs
         self.remote = remote
+        self.fresh = fresh
         self.problem = problem
         self.notify = notify
         self.now = now
@@ -164,11 +166,8 @@ class CheckStage:
         return missed
 
     async def _check_one(self, row: JobRow) -> None:
-        job_type = JobType(row.type)
         try:
-            raw = await retry.idempotent(
-                lambda: self.api.get_job(job_type, row.remote_id or ""), self.settings.retry, f"check {row.id}"
-            )
+            remote = await self.fresh(row.id)
         except NotFound:
             # The API does not know the id it gave us: keep asking, slowly.
             self.store.update_remote(
@@ -192,8 +191,6 @@ class CheckStage:
                 now=self.now(),
             )
             return
-        remote = parse_job(raw)
-        self.remote[row.id] = remote
         self._apply(row, remote)
 
     # -- what it means --------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from rich.console import Console
@@ -379,8 +380,6 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
 
 
 def _default_listen(public_url: str) -> str:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(public_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--callback-url {public_url!r}: give an http(s) URL that reaches this machine")

@@ -32,7 +32,7 @@ from .errors import DownloadError, FileGone, UrlExpired, VerificationFailed
 from .models import Artifact
 from .ranged import ObjectChanged, PartLog, RangesIgnored, fetch_ranges
 from .urls import expires_at, redact
-from .verify import Fetched, Hashes, PartWriter, place
+from .verify import CONTENT_RANGE, Fetched, Hashes, PartWriter, place, storage_md5
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,7 +43,6 @@ BACKOFF_S = 0.5
 BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
 FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass
@@ -127,15 +126,6 @@ def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str |
 def _xml_code(body: str) -> str:
     match = re.search(r"<Code>([^<]+)</Code>", body)
     return match.group(1) if match else "no error code"
-
-
-def _md5_of(headers: list[str]) -> str | None:
-    for header in headers:
-        for item in header.split(","):
-            name, _, value = item.strip().partition("=")
-            if name == "md5" and value:
-                return value
-    return None
 
 
 class Downloader:
@@ -301,7 +291,7 @@ class Downloader:
                         # Worth a commit only where a resume is worth it. Files of unknown size are
                         # images, which come whole or not at all, and storage's md5 guards them.
                         part_log.set_etag(etag)
-                    md5 = _md5_of(resp.headers.getall("x-goog-hash", []))
+                    md5 = storage_md5(resp.headers.getall("x-goog-hash", []))
                     writer = await self._stream(resp, part, start, transfer, md5=md5 is not None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
@@ -313,7 +303,7 @@ class Downloader:
         """Where this body starts in the file: `have` on a good 206, else 0 (start over)."""
         if resp.status == 200:
             return 0
-        match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        match = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
         if not match or int(match.group(1)) != have:
             got = resp.headers.get("Content-Range")
             raise DownloadError(f"{artifact.name}: Content-Range {got!r} does not resume at {have}")

@@ -42,7 +42,7 @@ from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
 from .ratelimit import RequestBudget
 from .results import parse_job
 from .schedule import Wakeup, next_check_in
-from .store import FileRow, JobRow, SqliteStore
+from .store import JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
@@ -137,6 +137,7 @@ class Engine:
             settings=settings,
             specs=self.specs,
             remote=self.remote,
+            fresh=self._fresh,
             problem=self._problem,
             notify=self._notify,
             now=clock,
@@ -384,13 +385,13 @@ class Engine:
                     f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
                 )
 
-    # -- downloading ----------------------------------------------------------------
+    # -- reading a job --------------------------------------------------------------
 
     async def _fresh(self, job_id: str) -> RemoteJob:
-        """GET the job again: its URLs are signed anew."""
+        """GET the job (retried), parsed, and kept: its URLs are signed anew on every GET."""
         row = self.store.job(job_id)
         raw = await retry.idempotent(
-            lambda: self.api.get_job(JobType(row.type), row.remote_id or ""), self.settings.retry, f"renew {job_id}"
+            lambda: self.api.get_job(JobType(row.type), row.remote_id or ""), self.settings.retry, f"get {job_id}"
         )
         remote = parse_job(raw)
         self.remote[job_id] = remote
@@ -402,10 +403,7 @@ class Engine:
         if self.settings.dry_run:
             return
         rows = [r for r in self.store.jobs() if r.in_manifest]
-        files: dict[str, list[FileRow]] = {}
-        for f in self.store.all_files():
-            files.setdefault(f.job_id, []).append(f)
-        record = output.campaign_record(self.manifest.campaign, rows, files)
+        record = output.campaign_record(self.manifest.campaign, rows, self.store.files_by_job())
         output.write_summary(self.out_dir / "summary.json", {**record, "manifest": str(self.manifest.path)})
 
 

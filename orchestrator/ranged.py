@@ -9,7 +9,6 @@ A hasher follows the finished prefix in order, reading back what was just writte
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Protocol
 
@@ -17,12 +16,11 @@ import aiohttp
 import anyio
 
 from .errors import DownloadError, FileGone, UrlExpired
-from .verify import READ_BYTES, Hashes
+from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5
 
 RANGE_ATTEMPTS = 5
 RANGE_BACKOFF_S = 0.25
 WRITE_BYTES = 1024 * 1024
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class PartLog(Protocol):
@@ -198,7 +196,7 @@ async def _get_range(
                 raise RangesIgnored("storage ignored the Range header")
             if resp.status != 206:
                 raise DownloadError(f"storage answered HTTP {resp.status}")
-            match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            match = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
                 raise DownloadError(f"Content-Range {resp.headers.get('Content-Range')!r} is not {start}-{end - 1}")
             if match.group(3) != "*" and int(match.group(3)) != size:
@@ -209,11 +207,7 @@ async def _get_range(
                 log.set_etag(etag)
             elif etag and etag != known:
                 raise ObjectChanged(f"the stored object changed (ETag {known} -> {etag})")
-            for header in resp.headers.getall("x-goog-hash", []):
-                for item in header.split(","):
-                    name, _, value = item.strip().partition("=")
-                    if name == "md5" and value:
-                        md5[0] = value
+            md5[0] = md5[0] or storage_md5(resp.headers.getall("x-goog-hash", []))
             headers_seen.set()
             offset = start
             buffer = bytearray()

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,19 @@ from .crashpoints import crash_point
 from .errors import DownloadError, VerificationFailed
 
 READ_BYTES = 1024 * 1024
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def storage_md5(headers: list[str]) -> str | None:
+    """Storage's md5 of the whole object, from its `x-goog-hash` headers (`crc32c=...,md5=...`)."""
+    for header in headers:
+        for item in header.split(","):
+            name, _, value = item.strip().partition("=")
+            if name == "md5" and value:
+                return value
+    return None
+
+
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 

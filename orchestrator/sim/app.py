@@ -84,11 +84,27 @@ async def _gate(request: web.Request, route: Route) -> tuple[FaultKind, int | No
     return fault
 
 
-async def submit(request: web.Request) -> web.StreamResponse:
+GatedHandler = Callable[[web.Request, FaultKind | None], Awaitable[web.StreamResponse]]
+
+
+def gated(route: Route) -> Callable[[GatedHandler], Handler]:
+    """An API handler behind `_gate`: refused requests never reach it; it gets its fault, if any."""
+
+    def wrap(handler: GatedHandler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            gate = await _gate(request, route)
+            if isinstance(gate, web.Response):
+                return gate
+            return await handler(request, gate[0] if gate else None)
+
+        return run
+
+    return wrap
+
+
+@gated(Route.SUBMIT)
+async def submit(request: web.Request, fault: FaultKind | None) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
-    gate = await _gate(request, Route.SUBMIT)
-    if isinstance(gate, web.Response):
-        return gate
     kind = JobKind.parse(request.match_info["kind"])
     if kind is None:
         return _detail(404, "Not Found")
@@ -98,7 +114,6 @@ async def submit(request: web.Request) -> web.StreamResponse:
         return _detail(422, [{"loc": ["body"], "msg": "invalid JSON", "type": "value_error.jsondecode"}])
     if not isinstance(body, dict):
         return _detail(422, [{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
-    fault = gate[0] if gate else None
     try:
         job = sim.service.submit(kind, body, sim.now(), fail=fault is FaultKind.FAIL_JOB)
     except Rejected as rejected:
@@ -114,11 +129,9 @@ async def submit(request: web.Request) -> web.StreamResponse:
     return web.json_response({"job_id": job.job_id})
 
 
-async def get_job(request: web.Request) -> web.StreamResponse:
+@gated(Route.GET)
+async def get_job(request: web.Request, fault: FaultKind | None) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
-    gate = await _gate(request, Route.GET)
-    if isinstance(gate, web.Response):
-        return gate
     kind = JobKind.parse(request.match_info["kind"])
     job = sim.service.jobs.get(request.match_info["job_id"])
     if kind is None or job is None or job.kind is not kind:
@@ -126,11 +139,9 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     return web.json_response(sim.renderer.job(job, sim.now()))
 
 
-async def list_jobs(request: web.Request) -> web.StreamResponse:
+@gated(Route.LIST)
+async def list_jobs(request: web.Request, fault: FaultKind | None) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
-    gate = await _gate(request, Route.LIST)
-    if isinstance(gate, web.Response):
-        return gate
     kind = JobKind.parse(request.match_info["kind"])
     if kind is None:
         return _detail(404, "Not Found")

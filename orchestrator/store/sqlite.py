@@ -400,6 +400,12 @@ class SqliteStore:
         )
         return [_file(r) for r in rows]
 
+    def files_by_job(self) -> dict[str, list[FileRow]]:
+        grouped: dict[str, list[FileRow]] = {}
+        for f in self.all_files():
+            grouped.setdefault(f.job_id, []).append(f)
+        return grouped
+
     def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
         with self._tx() as db:
             db.execute(
