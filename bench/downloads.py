@@ -72,14 +72,14 @@ def worker(urls: list[str], size: int, out: str, parallel: bool) -> None:
 
 
 def _ours(urls: list[str], size: int, parallel: bool) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as out:
+    with tempfile.TemporaryDirectory(prefix="dreamlook-bench-") as out:
         code = f"from bench.downloads import worker; worker({urls!r}, {size}, {out!r}, {parallel})"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def _curl(url: str, *, verify: bool = False, sync: bool = False) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as out:
+    with tempfile.TemporaryDirectory(prefix="dreamlook-bench-") as out:
         target = os.path.join(out, "file.bin")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()

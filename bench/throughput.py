@@ -66,7 +66,7 @@ def _end_to_end(jobs: int) -> dict[str, object]:
     results: dict[str, object] = {"jobs": jobs, "max_active": MAX_ACTIVE}
     for name in ("ours", "naive"):
         with (
-            tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp,
+            tempfile.TemporaryDirectory(prefix="dreamlook-bench-") as tmp,
             sim_process("--job-seconds", "0.05", "--small-files", "--seed", "3") as sim,
         ):
             folder = Path(tmp)
@@ -124,7 +124,7 @@ def _end_to_end(jobs: int) -> dict[str, object]:
 
 
 def _manifest_scale(rows: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(dir=ROOT / "bench") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dreamlook-bench-") as tmp:
         folder = Path(tmp)
         with (folder / "subjects.csv").open("w") as fh:
             fh.write("name,token,steps,image_urls\n")

@@ -53,8 +53,7 @@ def worker(way: str, jobs: int, scale: float, seed: int) -> None:
     from orchestrator.config import Limits, PollPolicy, RunSettings
     from orchestrator.sim import SimSettings, Simulator
 
-    async def main() -> dict[str, object]:
-        folder = Path(tempfile.mkdtemp(dir=ROOT / "bench"))
+    async def main(folder: Path) -> dict[str, object]:
         manifest = load_manifest(_manifest(folder, jobs, seed))
         sim_settings = SimSettings(
             seed=seed,
@@ -97,7 +96,8 @@ def worker(way: str, jobs: int, scale: float, seed: int) -> None:
             "lag_p95_s": lags[int(0.95 * (len(lags) - 1))],
         }
 
-    print(json.dumps(anyio.run(main)))
+    with tempfile.TemporaryDirectory(prefix="dreamlook-bench-") as tmp:
+        print(json.dumps(anyio.run(main, Path(tmp))))
 
 
 def measure(quick: bool) -> dict[str, object]:
