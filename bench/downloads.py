@@ -22,31 +22,11 @@ from .common import ROOT, sim_process
 GiB = 1024**3
 
 
-class MemoryPartLog:
-    def __init__(self) -> None:
-        self._etag: str | None = None
-        self._done: set[int] = set()
-
-    def etag(self) -> str | None:
-        return self._etag
-
-    def set_etag(self, etag: str | None) -> None:
-        self._etag = etag
-
-    def ranges_done(self) -> set[int]:
-        return set(self._done)
-
-    def mark_range_done(self, index: int) -> None:
-        self._done.add(index)
-
-    def clear(self) -> None:
-        self._done.clear()
-
-
 def worker(urls: list[str], size: int, out: str, parallel: bool) -> None:
     """One process downloading `urls` at once; prints wall time, CPU and peak RSS as JSON."""
     from orchestrator.download import Downloader
     from orchestrator.models import Artifact, ArtifactKind
+    from orchestrator.parts import MemoryPartLog
 
     async def main() -> float:
         min_bytes = 64 * 1024**2 if parallel else 1 << 62

@@ -1,12 +1,15 @@
 """Fetching one result file to disk without ever losing or corrupting it (rule 4).
 
-Small files go in one stream to `<name>.part`, resumed with `Range` after a break
-(a server that ignores `Range` answers 200 and we start over; an object whose ETag
-changed is started over too). Files of `parallel_min_bytes` or more go over several
-connections on fixed ranges (`ranged.py`). Either way `verify.place` checks size,
-md5 and format before the rename. A signed URL that has expired, or will within the
-margin, is renewed through the caller's `renew` (a GET of the job) before a request,
-and on a 400/403 mid-way; renewals cost no backoff. Only 200/206 bodies are written.
+Small files go in one stream to `<name>.part`; files of `parallel_min_bytes` or more go
+over several connections in ranges (`ranged.py`). Either way only bytes proven in the
+state store (`parts.py`: synced spans of an object of known size and ETag) are ever
+reused: one stream resumes with `Range` from the end of the proven prefix, and proves
+what it writes every `range_bytes`; a server that ignores `Range` answers 200 and the
+file starts over; an object whose ETag or size changed starts over; a 416 proves
+nothing and starts over. `verify.place` checks size, md5 and format before the rename.
+A signed URL that has expired, or will within the margin, is renewed through the
+caller's `renew` (a GET of the job) before a request, and on a 400/403 mid-way;
+renewals cost no backoff. Only 200/206 bodies are written.
 
 This module talks to storage, never to the API: its session carries no API key.
 """
@@ -28,11 +31,13 @@ import aiohttp
 import anyio
 
 from .config import CONNECTIONS_PER_FILE, PARALLEL_MIN_BYTES, RANGE_BYTES, Timeouts
-from .errors import DownloadError, FileGone, UrlExpired, VerificationFailed
+from .crashpoints import crash_point
+from .errors import DownloadError, FileGone, NoSpace, UrlExpired, VerificationFailed
 from .models import Artifact
-from .ranged import ObjectChanged, PartLog, RangesIgnored, fetch_ranges
+from .parts import PartLog, PartRecord
+from .ranged import ObjectChanged, RangesIgnored, fetch_ranges, part_size
 from .urls import expires_at, redact
-from .verify import CONTENT_RANGE, Fetched, Hashes, PartWriter, place, storage_md5
+from .verify import CONTENT_RANGE, DISK_FULL, Fetched, Hashes, PartWriter, place, storage_md5
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +47,11 @@ IO_THREADS = 4  # file writes and hashes of all downloads; more threads only add
 BACKOFF_S = 0.5
 BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
-FREE_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+# Free space kept beyond what a file still needs (for the store, job.json, other writers):
+# a share of the file, within a floor and a cap.
+FREE_SPACE_MARGIN_SHARE = 0.02
+FREE_SPACE_MARGIN_MIN_BYTES = 1024 * 1024
+FREE_SPACE_MARGIN_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -88,35 +97,56 @@ class _Source:
             await self.renew_after(self.url)
 
 
-def _prepare(folder: Path, part: Path, size: int | None, *, sparse: bool = False) -> int:
-    """Make the folder and check free space; how many bytes of a one-stream part can be resumed.
+class SpaceRefused(NoSpace):
+    """A file refused before its download starts: the disk cannot hold it with its margin."""
 
-    `sparse`: a ranged download's part, preallocated to full size; what is left to write
-    is what its blocks do not hold yet.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    exists = part.exists()
-    have = part.stat().st_size if exists else 0
-    if size is not None and have > size:
-        have = 0  # a part longer than the file is not ours to trust
-    written = part.stat().st_blocks * 512 if sparse and exists else have
-    needed = (size or 0) - min(written, size or 0)
+
+def free_space_margin(size: int) -> int:
+    return min(FREE_SPACE_MARGIN_MAX_BYTES, max(FREE_SPACE_MARGIN_MIN_BYTES, int(size * FREE_SPACE_MARGIN_SHARE)))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 10_000_000 else f"{n / 1e6:,.0f} MB"
+
+
+def _free_bytes(folder: Path) -> int:
     stats = os.statvfs(folder)
-    free = stats.f_bavail * stats.f_frsize
-    if needed > 0 and free < needed + FREE_SPACE_MARGIN_BYTES:
-        raise VerificationFailed(
-            f"not enough free space in {folder}: {part.name} needs {needed / 1e6:,.0f} MB, {free / 1e6:,.0f} MB "
-            "are free; free some space (or choose another --out), then run again"
+    return stats.f_bavail * stats.f_frsize
+
+
+def _prepare(folder: Path, part: Path, size: int | None, proven: int) -> None:
+    """Make the folder; refuse a file the disk cannot hold with its margin, before a byte is fetched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if size is None:
+        return
+    needed = size - min(proven, size)
+    margin = free_space_margin(size)
+    free = _free_bytes(folder)
+    if needed > 0 and free < needed + margin:
+        raise SpaceRefused(
+            f"not enough free space in {folder}: {part.name} needs {_mb(needed)} more, plus {_mb(margin)} kept "
+            f"free ({FREE_SPACE_MARGIN_SHARE:.0%} of the file, at least {_mb(FREE_SPACE_MARGIN_MIN_BYTES)}, at most "
+            f"{_mb(FREE_SPACE_MARGIN_MAX_BYTES)}); {_mb(free)} are free. Free some space (or choose another --out), "
+            "then run again"
         )
-    return have
 
 
-def _total_of(resp: aiohttp.ClientResponse, known: int | None) -> int | None:
-    """The file's size: as the job says, else from a 416's `Content-Range: bytes */N`."""
-    if known is not None:
-        return known
-    match = re.match(r"bytes \*/(\d+)", resp.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def _disk_full(folder: Path, part: Path, size: int | None, record: PartRecord | None, error: Exception) -> NoSpace:
+    """The message for a disk that filled up mid-download: how much more is needed, where."""
+    proven = record.proven_bytes() if record is not None and record.size == size else 0
+    try:
+        free = _mb(_free_bytes(folder))
+    except OSError:
+        free = "an unknown amount"
+    if size is None:
+        need = "more space than is free"
+    else:
+        need = f"{_mb(size - proven)} more, plus {_mb(free_space_margin(size))} kept free"
+    return NoSpace(
+        f"{folder} filled up while writing {part.name} ({error}): it needs {need}; {free} are free. "
+        f"The {_mb(proven)} already fetched and proven are kept; free some space (or choose another --out), "
+        "then run again to resume"
+    )
 
 
 def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str | None) -> Fetched:
@@ -215,22 +245,29 @@ class Downloader:
             await source.ensure_fresh(renew_margin_s)
             try:
                 if parallel and size is not None:
-                    await self._thread(partial(_prepare, folder, part, size, sparse=True))
+                    record = part_log.record()
+                    proven = record.proven_bytes() if record is not None and record.size == size else 0
+                    await self._thread(_prepare, folder, part, size, proven)
                     hashes, md5 = await self._ranged(source, part, size, part_log, transfer)
                     return await self._thread(_place, part, final, hashes, size, md5)
                 return await self._one_stream(source, folder, part, final, part_log, transfer)
             except RangesIgnored:
                 log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
-                parallel = False
-                part_log.clear()
-                part.unlink(missing_ok=True)
+                parallel = False  # the proven spans stay: one stream resumes from their prefix
             except ObjectChanged as exc:
                 log.warning("download.object_changed file=%s %s: starting over", artifact.name, exc)
-                part_log.clear()
-                part_log.set_etag(None)
-                part.unlink(missing_ok=True)
+                part_log.start_over(size)  # forget the spans first, then the bytes
+                await self._thread(partial(part.unlink, missing_ok=True))
             except UrlExpired:
                 await source.renew_after(source.url)
+            except SpaceRefused:
+                raise  # before a byte was written: the message says it all
+            except NoSpace as exc:
+                raise _disk_full(folder, part, size, part_log.record(), exc) from exc
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                raise _disk_full(folder, part, size, part_log.record(), exc) from exc
             except (FileGone, VerificationFailed):
                 raise
             except DownloadError as exc:
@@ -261,42 +298,59 @@ class Downloader:
     ) -> Fetched:
         assert self._session is not None, "use Downloader in `async with`"
         artifact = source.artifact
-        have = await self._thread(_prepare, folder, part, artifact.size_bytes)
-        known_etag = part_log.etag() if have else None
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        size = artifact.size_bytes
+        # Worth a record only where a resume is worth it. Files of unknown size are images,
+        # which come whole or not at all, and storage's md5 guards them.
+        recorded = size is not None and size > CHUNK_BYTES
+        record = part_log.record() if recorded else None
+        on_disk = await self._thread(part_size, part)
+        have = record.prefix() if record is not None and record.size == size else 0
+        if on_disk is None or have > on_disk:
+            have = 0  # proven bytes the file no longer holds
+        await self._thread(_prepare, folder, part, size, have)
+        if recorded:
+            if have:
+                part_log.keep_only([(0, have)])  # what follows the prefix is about to be overwritten
+            else:
+                part_log.start_over(size)
+        known_etag = record.etag if have and record is not None else None
         where = redact(artifact.url)
+        if have and have == size:
+            # Every byte is proven (killed before its rename): check it and place it, no request.
+            writer = await self._thread(partial(PartWriter, part, have, md5=False))
+            await self._thread(writer.close)
+            return await self._thread(_place, part, final, writer.hashes, size, None)
+        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             async with self._session.get(artifact.url, headers=headers) as resp:
-                if resp.status == 416 and have and have == _total_of(resp, artifact.size_bytes):
-                    # The part is already whole (killed before its rename): check it and place it.
-                    writer = await self._thread(partial(PartWriter, part, have, md5=False))
-                    md5 = None
-                elif resp.status == 416:
-                    await self._thread(part.unlink)  # a part that fits no size we know: start over
-                    raise DownloadError(f"{artifact.name}: the partial file does not fit; fetching it again")
-                elif resp.status in (400, 401, 403):
+                if resp.status == 416:
+                    # Proves nothing about the part: forget it and fetch the file again.
+                    if recorded:
+                        part_log.start_over(size)
+                    await self._thread(partial(part.unlink, missing_ok=True))
+                    raise DownloadError(f"{artifact.name}: storage refused to resume at byte {have}; fetching it again")
+                if resp.status in (400, 401, 403):
                     raise UrlExpired(
                         f"{artifact.name}: storage answered {resp.status} ({_xml_code(await resp.text())})"
                     )
-                elif resp.status in (404, 410):
+                if resp.status in (404, 410):
                     raise FileGone(f"{artifact.name}: storage no longer has it ({where})")
-                elif resp.status not in (200, 206):
+                if resp.status not in (200, 206):
                     raise DownloadError(f"{artifact.name}: storage answered HTTP {resp.status}")
-                else:
-                    etag = resp.headers.get("ETag")
-                    if resp.status == 206 and known_etag and etag and etag != known_etag:
-                        raise ObjectChanged(f"the stored object changed under the part (ETag {known_etag} -> {etag})")
-                    start = self._start_of(resp, have, artifact)
-                    if start == 0 and artifact.size_bytes is not None and artifact.size_bytes > CHUNK_BYTES:
-                        # Worth a commit only where a resume is worth it. Files of unknown size are
-                        # images, which come whole or not at all, and storage's md5 guards them.
-                        part_log.set_etag(etag)
-                    md5 = storage_md5(resp.headers.getall("x-goog-hash", []))
-                    writer = await self._stream(resp, part, start, transfer, md5=md5 is not None)
+                etag = resp.headers.get("ETag")
+                if resp.status == 206 and known_etag and etag != known_etag:
+                    raise ObjectChanged(f"the stored object changed under the part (ETag {known_etag} -> {etag})")
+                start = self._start_of(resp, have, artifact)
+                if recorded and start == 0:
+                    if have:
+                        part_log.start_over(size)  # a 200: the whole file comes again
+                    part_log.set_etag(etag)
+                md5 = storage_md5(resp.headers.getall("x-goog-hash", []))
+                prove = part_log.prove if recorded else None
+                writer = await self._stream(resp, part, start, transfer, md5=md5 is not None, prove=prove)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
-        await self._thread(writer.close)
-        return await self._thread(_place, part, final, writer.hashes, artifact.size_bytes, md5)
+        return await self._thread(_place, part, final, writer.hashes, size, md5)
 
     @staticmethod
     def _start_of(resp: aiohttp.ClientResponse, have: int, artifact: Artifact) -> int:
@@ -313,12 +367,30 @@ class Downloader:
         return have
 
     async def _stream(
-        self, resp: aiohttp.ClientResponse, part: Path, start: int, transfer: Transfer, *, md5: bool
+        self,
+        resp: aiohttp.ClientResponse,
+        part: Path,
+        start: int,
+        transfer: Transfer,
+        *,
+        md5: bool,
+        prove: Callable[[int, int], None] | None,
     ) -> PartWriter:
-        """Write the body into `part` from `start`, hashing as it goes, off the event loop."""
+        """Write the body into `part` from `start`, hashing as it goes, off the event loop;
+        with `prove`, sync and record the prefix every `range_bytes` and at the end or a break."""
         writer = await self._thread(partial(PartWriter, part, start, md5=md5))
         transfer.counter[0] = start
+        proven = start
         buffer = bytearray()
+
+        async def sync_and_prove() -> None:
+            nonlocal proven
+            await self._thread(writer.sync)
+            if prove is not None and writer.position > proven:
+                prove(0, writer.position)  # only after the bytes are synced
+                proven = writer.position
+                crash_point("span-proven")
+
         try:
             async for piece in resp.content.iter_chunked(CHUNK_BYTES):
                 buffer += piece
@@ -326,11 +398,18 @@ class Downloader:
                     full, buffer = buffer, bytearray()  # hand the block over: no copy
                     await self._thread(writer.write, full)
                     transfer.counter[0] += len(full)
+                    if prove is not None and writer.position - proven >= self.range_bytes:
+                        await sync_and_prove()
         finally:
             # Bytes that arrived before a break are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):
-                if buffer:
-                    await self._thread(writer.write, buffer)
-                    transfer.counter[0] += len(buffer)
-                await self._thread(writer.close)
+                try:
+                    if buffer:
+                        await self._thread(writer.write, buffer)
+                        transfer.counter[0] += len(buffer)
+                finally:
+                    try:
+                        await sync_and_prove()  # what was written before a full disk is good too
+                    finally:
+                        await self._thread(writer.close)
         return writer

@@ -18,6 +18,7 @@ boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
     └── DownloadError          a result file could not be fetched
         ├── UrlExpired         its signed URL expired or was refused: renew and resume
         ├── FileGone           storage no longer has it (retention passed): the job is lost
+        ├── NoSpace            the disk filled up: the part is kept, to resume once there is room
         └── VerificationFailed the bytes do not match size, hash or format
 """
 
@@ -124,6 +125,10 @@ class FileGone(DownloadError):
 
 
 class VerificationFailed(DownloadError):
+    pass
+
+
+class NoSpace(DownloadError):
     pass
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,9 @@ from anyio.abc import TaskGroup
 from . import output
 from .config import RunSettings
 from .download import Downloader
-from .errors import ApiError, AuthError, DownloadError, FileGone, QuotaError, StoreError, TransportError
+from .errors import ApiError, AuthError, DownloadError, FileGone, NoSpace, QuotaError, StoreError, TransportError
 from .models import Artifact, JobState, RemoteJob
+from .parts import PartRecord, Span
 from .store import SqliteStore
 from .urls import expires_at
 
@@ -39,25 +40,25 @@ class _Queued:
 
 
 class StorePartLog:
-    """A partial download's memory (ETag, finished ranges), kept in the state store."""
+    """A partial download's memory (its object and proven spans), kept in the state store."""
 
     def __init__(self, store: SqliteStore, job_id: str, remote_id: str) -> None:
         self.store, self.job_id, self.remote_id = store, job_id, remote_id
 
-    def etag(self) -> str | None:
-        return self.store.part_etag(self.job_id, self.remote_id)
+    def record(self) -> PartRecord | None:
+        return self.store.part_record(self.job_id, self.remote_id)
+
+    def start_over(self, size: int | None) -> None:
+        self.store.part_start_over(self.job_id, self.remote_id, size)
 
     def set_etag(self, etag: str | None) -> None:
-        self.store.set_part_etag(self.job_id, self.remote_id, etag)
+        self.store.part_set_etag(self.job_id, self.remote_id, etag)
 
-    def ranges_done(self) -> set[int]:
-        return self.store.ranges_done(self.job_id, self.remote_id)
+    def prove(self, offset: int, length: int) -> None:
+        self.store.part_prove(self.job_id, self.remote_id, offset, length)
 
-    def mark_range_done(self, index: int) -> None:
-        self.store.mark_range_done(self.job_id, self.remote_id, index)
-
-    def clear(self) -> None:
-        self.store.clear_ranges(self.job_id, self.remote_id)
+    def keep_only(self, spans: Iterable[Span]) -> None:
+        self.store.part_keep_only(self.job_id, self.remote_id, list(spans))
 
 
 class FetchStage:
@@ -227,6 +228,10 @@ class FetchStage:
             return
         except (AuthError, QuotaError):
             raise
+        except NoSpace as exc:  # no use trying again in this run: the part waits for space
+            self.given_up.add(job_id)
+            self.problem(job_id, str(exc))
+            return
         except (DownloadError, OSError, ApiError, TransportError) as exc:  # renewing a URL can fail too
             rounds = self.rounds.get((job_id, remote_id), 0) + 1
             self.rounds[(job_id, remote_id)] = rounds

@@ -1,9 +1,11 @@
-"""Large files over several connections, on fixed-size ranges, each retried on its own.
+"""Large files over several connections, each range retried on its own.
 
-Every finished range is synced and recorded through a `PartLog` (the state store),
-so a restart, even after SIGKILL, fetches only the ranges that were not finished.
-A hasher follows the finished prefix in order, reading back what was just written
-(from the page cache), so sha256 and md5 are ready when the last range lands.
+What is proven of the `.part` (see `parts.py`) is reused exactly: only the gaps are
+fetched, cut into ranges of the current `range_bytes`. Every finished range is synced
+and then recorded as a span, so a restart, even after SIGKILL, fetches only bytes that
+were never proven. A hasher follows the file in order, reading back the proven bytes
+(from an earlier run too) and each range just written, so sha256 and md5 are of the
+whole file and ready when the last range lands.
 """
 
 from __future__ import annotations
@@ -15,22 +17,14 @@ from typing import Protocol
 import aiohttp
 import anyio
 
-from .errors import DownloadError, FileGone, UrlExpired
-from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5
+from .crashpoints import crash_point
+from .errors import DownloadError, FileGone, NoSpace, UrlExpired
+from .parts import PartLog, gaps, split
+from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5, write_at
 
 RANGE_ATTEMPTS = 5
 RANGE_BACKOFF_S = 0.25
 WRITE_BYTES = 1024 * 1024
-
-
-class PartLog(Protocol):
-    """What a partial download remembers across restarts."""
-
-    def etag(self) -> str | None: ...
-    def set_etag(self, etag: str | None) -> None: ...
-    def ranges_done(self) -> set[int]: ...
-    def mark_range_done(self, index: int) -> None: ...
-    def clear(self) -> None: ...
 
 
 class RangesIgnored(DownloadError):
@@ -38,7 +32,7 @@ class RangesIgnored(DownloadError):
 
 
 class ObjectChanged(DownloadError):
-    """The stored object changed (a new ETag) under a partial download: start over."""
+    """The stored object changed (a new ETag or size) under a partial download: start over."""
 
 
 class Renewable(Protocol):
@@ -47,21 +41,15 @@ class Renewable(Protocol):
     async def renew_after(self, stale_url: str) -> None: ...
 
 
-def _preallocate(part: Path, size: int) -> bool:
-    """A .part of the full size; False when it had to be made anew (nothing in it to trust)."""
+def part_size(part: Path) -> int | None:
+    return part.stat().st_size if part.exists() else None
+
+
+def _allocate(part: Path, size: int, *, fresh: bool) -> None:
+    """A .part of the full size (sparse): made anew, or an existing one extended."""
     part.parent.mkdir(parents=True, exist_ok=True)
-    if part.exists() and part.stat().st_size == size:
-        return True
-    with part.open("wb") as fh:
+    with part.open("wb" if fresh or not part.exists() else "r+b") as fh:
         fh.truncate(size)
-    return False
-
-
-def _write_at(fd: int, offset: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _hash_range(fd: int, start: int, end: int, hashes: Hashes) -> None:
@@ -87,33 +75,39 @@ async def fetch_ranges(
     io: anyio.CapacityLimiter | None = None,
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
-    if await anyio.to_thread.run_sync(_preallocate, part, size, limiter=io):
-        done = log.ranges_done()
+    on_disk = await anyio.to_thread.run_sync(part_size, part, limiter=io)
+    record = log.record()  # the store is used from this (the event loop's) thread only
+    covered = record.covered() if record is not None and record.size == size else []
+    if not covered or on_disk is None or on_disk > size or covered[-1][1] > min(on_disk, size):
+        # Nothing proven, or proven bytes the file cannot hold: forget them first, then the file.
+        log.start_over(size)
+        covered = []
+        etag: list[str | None] = [None]
+        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=True), limiter=io)
     else:
-        log.clear()  # the store is used from this (the event loop's) thread only
-        done = set()
-    count = -(-size // range_bytes)
-    todo = [i for i in range(count) if i not in done]
+        etag = [record.etag if record is not None else None]
+        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=False), limiter=io)
+    todo = split(gaps(covered, size), range_bytes)
+    pieces = sorted([*covered, *todo])  # the whole file in order, for the hasher
+    fetching = set(todo)
+    done = {i for i, piece in enumerate(pieces) if piece not in fetching}
     md5: list[str | None] = [None]
     headers_seen = anyio.Event()  # set by the first answer: we then know if an md5 is coming
     result: list[Hashes] = []
     progress = {"event": anyio.Event()}
     fd = os.open(part, os.O_RDWR)
 
-    def bounds(i: int) -> tuple[int, int]:
-        return i * range_bytes, min(size, (i + 1) * range_bytes)
-
     async def fetch_one(i: int) -> None:
-        start, end = bounds(i)
+        start, end = pieces[i]
         delay = RANGE_BACKOFF_S
         for attempt in range(RANGE_ATTEMPTS):
             url = source.url
             try:
-                await _get_range(session, url, fd, (start, end, size), log, md5, headers_seen, counter, io)
+                await _get_range(session, url, fd, (start, end, size), log, etag, md5, headers_seen, counter, io)
                 break
             except UrlExpired:
                 await source.renew_after(url)
-            except (RangesIgnored, ObjectChanged, FileGone):
+            except (RangesIgnored, ObjectChanged, FileGone, NoSpace):
                 raise
             except DownloadError:
                 if attempt == RANGE_ATTEMPTS - 1:
@@ -123,7 +117,8 @@ async def fetch_ranges(
         else:
             raise DownloadError(f"{part.name}: bytes {start}-{end - 1} kept failing")
         await anyio.to_thread.run_sync(os.fdatasync, fd, limiter=io)
-        log.mark_range_done(i)  # only after the bytes are synced
+        log.prove(start, end - start)  # only after the bytes are synced
+        crash_point("span-proven")
         done.add(i)
         progress["event"].set()
 
@@ -135,21 +130,20 @@ async def fetch_ranges(
         if todo:
             await headers_seen.wait()
         hashes = Hashes(md5=md5[0] is not None)
-        for i in range(count):
+        for i, (start, end) in enumerate(pieces):
             while i not in done:
                 progress["event"] = anyio.Event()
                 if i in done:
                     break
                 await progress["event"].wait()
-            start, end = bounds(i)
             await anyio.to_thread.run_sync(_hash_range, fd, start, end, hashes, limiter=io)
         result.append(hashes)
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(hasher)
-            queue = list(todo)
-            for _ in range(min(connections, len(todo))):
+            queue = [i for i in range(len(pieces)) if i not in done]
+            for _ in range(min(connections, len(queue))):
                 tg.start_soon(worker, queue)
     except BaseExceptionGroup as group:
         raise _decisive(group) from None
@@ -159,7 +153,14 @@ async def fetch_ranges(
 
 
 # When several connections fail at once, the caller acts on the most decisive reason.
-_PRECEDENCE: tuple[type[DownloadError], ...] = (FileGone, ObjectChanged, RangesIgnored, UrlExpired, DownloadError)
+_PRECEDENCE: tuple[type[DownloadError], ...] = (
+    NoSpace,
+    FileGone,
+    ObjectChanged,
+    RangesIgnored,
+    UrlExpired,
+    DownloadError,
+)
 
 
 def _decisive(group: BaseExceptionGroup) -> BaseException:
@@ -179,6 +180,7 @@ async def _get_range(
     fd: int,
     span: tuple[int, int, int],
     log: PartLog,
+    etag: list[str | None],
     md5: list[str | None],
     headers_seen: anyio.Event,
     counter: list[int] | None,
@@ -201,12 +203,12 @@ async def _get_range(
                 raise DownloadError(f"Content-Range {resp.headers.get('Content-Range')!r} is not {start}-{end - 1}")
             if match.group(3) != "*" and int(match.group(3)) != size:
                 raise ObjectChanged(f"storage now has {match.group(3)} bytes, not {size}")
-            etag = resp.headers.get("ETag")
-            known = log.etag()
-            if known is None and etag:
-                log.set_etag(etag)
-            elif etag and etag != known:
-                raise ObjectChanged(f"the stored object changed (ETag {known} -> {etag})")
+            got = resp.headers.get("ETag")
+            if etag[0] is None and got:
+                etag[0] = got
+                log.set_etag(got)
+            elif got and got != etag[0]:
+                raise ObjectChanged(f"the stored object changed (ETag {etag[0]} -> {got})")
             md5[0] = md5[0] or storage_md5(resp.headers.getall("x-goog-hash", []))
             headers_seen.set()
             offset = start
@@ -215,12 +217,12 @@ async def _get_range(
                 buffer += piece
                 if len(buffer) >= WRITE_BYTES:
                     full, buffer = buffer, bytearray()  # hand the block over: no copy
-                    await anyio.to_thread.run_sync(_write_at, fd, offset, full, limiter=io)
+                    await anyio.to_thread.run_sync(write_at, fd, offset, full, limiter=io)
                     offset += len(full)
                     if counter is not None:
                         counter[0] += len(full)
             if buffer:
-                await anyio.to_thread.run_sync(_write_at, fd, offset, buffer, limiter=io)
+                await anyio.to_thread.run_sync(write_at, fd, offset, buffer, limiter=io)
                 offset += len(buffer)
                 if counter is not None:
                     counter[0] += len(buffer)

@@ -9,6 +9,7 @@ syncs, renames and syncs the folder.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .crashpoints import crash_point
-from .errors import DownloadError, VerificationFailed
+from .errors import DownloadError, NoSpace, VerificationFailed
 
 READ_BYTES = 1024 * 1024
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def storage_md5(headers: list[str]) -> str | None:
@@ -62,28 +64,56 @@ class Hashes:
         return base64.b64encode(self.md5.digest()).decode() if self.md5 is not None else None
 
 
+def write_at(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    """All of `data` at `offset`; a full disk is `NoSpace` (the bytes before it stay good)."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise NoSpace(f"the disk is full ({exc.strerror})") from exc
+        raise
+
+
 class PartWriter:
     """A .part file written from `start` on, hashed as it goes (the bytes before `start`
-    are hashed once, from disk, when resuming)."""
+    are hashed once, from disk, when resuming; whatever follows them is cut off)."""
 
     def __init__(self, path: Path, start: int, *, md5: bool) -> None:
         self.path = path
         self.hashes = Hashes(md5=md5)
-        self._fh = path.open("r+b" if start and path.exists() else "wb")
-        while self.hashes.size < start and (chunk := self._fh.read(min(READ_BYTES, start - self.hashes.size))):
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        while self.hashes.size < start:
+            chunk = os.pread(self._fd, min(READ_BYTES, start - self.hashes.size), self.hashes.size)
+            if not chunk:
+                os.close(self._fd)
+                raise DownloadError(f"{path.name} ends at {self.hashes.size}, before the {start} bytes proven")
             self.hashes.update(chunk)
-        self._fh.seek(self.hashes.size)
-        self._fh.truncate()
+        os.ftruncate(self._fd, start)
+
+    @property
+    def position(self) -> int:
+        """Bytes in the file, all written and hashed (synced only after `sync` or `close`)."""
+        return self.hashes.size
 
     def write(self, chunk: bytes | bytearray) -> None:
-        self._fh.write(chunk)
+        assert self._fd is not None, "write after close"
+        write_at(self._fd, self.hashes.size, chunk)
         self.hashes.update(chunk)
 
+    def sync(self) -> None:
+        assert self._fd is not None, "sync after close"
+        os.fdatasync(self._fd)
+
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def check_safetensors(path: Path, size: int) -> None:

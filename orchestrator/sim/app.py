@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -186,8 +186,12 @@ async def _send_file(
 ) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
     kind = fault[0] if fault else None
-    if kind is FaultKind.REWRITE and file.content is not None:
+    if kind in (FaultKind.REWRITE, FaultKind.CORRUPT_HEADER) and file.content is not None:
         sim.service.generations[file.path] += 1
+        if kind is FaultKind.CORRUPT_HEADER:
+            sim.service.corrupt.add(file.path)
+        elif fault and fault[1]:
+            sim.service.resized[file.path] += fault[1]
     content = sim.service.content_of(file)
     generation = sim.service.generations[file.path] + 1
     png = png_image(*file.png) if file.png else None
@@ -222,11 +226,15 @@ async def _send_file(
         return response
     sim.ledger.downloads.append(Served(file.path, start, end, status, kind.value if kind else None))
     cut = None
-    if kind in (FaultKind.RESET, FaultKind.TRUNCATE) and end - start > 1:
+    if kind in (FaultKind.RESET, FaultKind.TRUNCATE, FaultKind.GARBLE) and end - start > 1:
         offset = fault[1] if fault and fault[1] is not None else sim.faults.rng.randrange(1, end - start)
         cut = start + offset
-    stop = end if cut is None else min(end, cut)
-    chunks = [memoryview(png)[start:stop]] if png is not None else content.read(start, stop) if content else []
+    stop = end if cut is None or kind is FaultKind.GARBLE else min(end, cut)
+    chunks: Iterable[memoryview | bytes] = (
+        [memoryview(png)[start:stop]] if png is not None else content.read(start, stop) if content else []
+    )
+    if kind is FaultKind.GARBLE and cut is not None:
+        chunks, cut = _garbled(chunks, start, cut), None  # the whole body arrives, wrong after the cut
     rate = sim.settings.download_bytes_per_s
     try:
         for chunk in chunks:
@@ -247,6 +255,18 @@ async def _send_file(
         return response
     await response.write_eof()
     return response
+
+
+def _garbled(chunks: Iterable[memoryview | bytes], start: int, cut: int) -> Iterator[memoryview | bytes]:
+    """The bytes as they are up to `cut`, inverted after it: same length, wrong content."""
+    pos = start
+    for chunk in chunks:
+        keep = max(0, min(len(chunk), cut - pos))
+        yield chunk[:keep]
+        if keep < len(chunk):
+            bad = bytes(chunk[keep:])
+            yield (int.from_bytes(bad, "big") ^ ((1 << (8 * len(bad))) - 1)).to_bytes(len(bad), "big")
+        pos += len(chunk)
 
 
 def _admin_ok(request: web.Request) -> bool:

@@ -29,10 +29,13 @@ class FileContent:
     key: str
     size: int
     safetensors: bool
+    corrupt_header: bool = False  # a header that is not JSON (a broken upload), of the same length
 
     def read(self, start: int, end: int) -> Iterator[memoryview]:
         """Yield the bytes in [start, end) in chunks of at most CHUNK_BYTES."""
         header = _safetensors_header(self.key, self.size) if self.safetensors else b""
+        if self.corrupt_header:
+            header = header[:8] + b"\x00" * (len(header) - 8)
         pos = start
         if pos < len(header):
             upto = min(end, len(header))

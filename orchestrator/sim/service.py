@@ -161,7 +161,9 @@ class Service:
         self.tokens = settings.tokens
         self.ledger = Ledger()
         self._slots: list[float] = []  # run ends of jobs holding a capacity slot
-        self.generations: Counter[str] = Counter()  # path -> rewrites (REWRITE fault)
+        self.generations: Counter[str] = Counter()  # path -> rewrites (REWRITE, CORRUPT_HEADER faults)
+        self.resized: Counter[str] = Counter()  # path -> bytes a rewrite added (or took away)
+        self.corrupt: set[str] = set()  # paths rewritten with a broken safetensors header
 
     def _scaled(self, service_s: float) -> float:
         return service_s / self.settings.time_scale
@@ -365,7 +367,12 @@ class Service:
         if file.content is None or not self.generations[file.path]:
             return file.content
         gen = self.generations[file.path]
-        return FileContent(key=f"{file.content.key}#g{gen}", size=file.content.size, safetensors=True)
+        return FileContent(
+            key=f"{file.content.key}#g{gen}",
+            size=file.content.size + self.resized[file.path],
+            safetensors=True,
+            corrupt_header=file.path in self.corrupt,
+        )
 
     # -- reading ------------------------------------------------------------------
 

@@ -48,7 +48,9 @@ class FaultKind(enum.StrEnum):
     TRUNCATE = "truncate"  # download: end the body early after `arg` bytes
     IGNORE_RANGE = "ignore-range"  # download: answer 200 with the whole file
     FAIL_JOB = "fail-job"  # submit: the job will end in failure
-    REWRITE = "rewrite"  # download: the object is replaced (new generation, ETag and bytes) first
+    REWRITE = "rewrite"  # download: the object is replaced (new generation, ETag and bytes; `arg` bytes longer) first
+    CORRUPT_HEADER = "corrupt-header"  # download: replaced first by one whose safetensors header is broken
+    GARBLE = "garble"  # download: right length and headers, wrong bytes from `arg` on (default: half the body)
 
 
 class Route(enum.StrEnum):
@@ -69,7 +71,7 @@ class ScriptedFault:
     kind: FaultKind
     nth: int = 1
     count: int = 1
-    arg: int | None = None  # bytes before a reset/truncate; default: half the body
+    arg: int | None = None  # bytes before a reset/truncate/garble (default: half the body); a rewrite's growth
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 from ..errors import StoreError
 from ..models import TERMINAL, ArtifactKind, JobSpec, JobState, can_move
+from ..parts import PartRecord
 from .base import FileRow, JobRow, SyncReport
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5_000
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,7 +67,33 @@ CREATE TABLE file_ranges (
     idx INTEGER NOT NULL,
     PRIMARY KEY (job_id, remote_id, idx)
 );
+"""  # schema 1; what later versions change is in _MIGRATIONS
+
+# ---- schema 2, files: proven spans of partial downloads --------------------------------
+# Version 1 kept an index of finished ranges, read back with the current --range-mb: a
+# resume with another range size trusted the wrong bytes. It is dropped (those files start
+# over, which is safe); a partial file is now its object (size, ETag) and proven spans.
+_V2_FILES = """
+DROP TABLE file_ranges;
+ALTER TABLE files DROP COLUMN etag;
+CREATE TABLE part_objects (
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    size INTEGER,
+    etag TEXT,
+    PRIMARY KEY (job_id, remote_id)
+);
+CREATE TABLE part_spans (
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (job_id, remote_id, start)
+);
 """
+# ---- end of schema 2, files --------------------------------------------------------------
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES,)}  # version -> scripts that reach it
 _JOB_COLUMNS = (
     "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
     "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
@@ -106,16 +133,23 @@ class SqliteStore:
         with self._tx():
             exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
             if not exists:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                return
+                self._run_script(_SCHEMA)
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
             version = int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} was written by a newer dreamlook-batch (schema {version}, this one "
-                f"knows {SCHEMA_VERSION}): upgrade dreamlook-batch"
-            )
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer dreamlook-batch (schema {version}, this one "
+                    f"knows {SCHEMA_VERSION}): upgrade dreamlook-batch"
+                )
+            # Upgrades run in the same transaction as the check: two processes never both migrate.
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for script in _MIGRATIONS.get(target, ()):
+                    self._run_script(script)
+                self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(target),))
+
+    def _run_script(self, script: str) -> None:
+        for statement in filter(str.strip, script.split(";")):
+            self._db.execute(statement)
 
     @contextmanager
     def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
@@ -409,32 +443,50 @@ class SqliteStore:
     def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE files SET done=1, sha256=?, size_bytes=?, etag=NULL WHERE job_id=? AND remote_id=?",
+                "UPDATE files SET done=1, sha256=?, size_bytes=? WHERE job_id=? AND remote_id=?",
                 (sha256, size, job_id, remote_id),
             )
-            db.execute("DELETE FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+            self._forget_part(db, job_id, remote_id)
 
-    # -- partial downloads: what is already on disk, so a restart fetches it never again
+    # -- partial downloads: the object and the byte spans proven on disk (see parts.py)
 
-    def part_etag(self, job_id: str, remote_id: str) -> str | None:
-        rows = self._query("SELECT etag FROM files WHERE job_id=? AND remote_id=?", (job_id, remote_id))
-        return rows[0][0] if rows else None
+    def part_record(self, job_id: str, remote_id: str) -> PartRecord | None:
+        key = (job_id, remote_id)
+        rows = self._query("SELECT size, etag FROM part_objects WHERE job_id=? AND remote_id=?", key)
+        if not rows:
+            return None
+        spans = self._query("SELECT start, length FROM part_spans WHERE job_id=? AND remote_id=? ORDER BY start", key)
+        return PartRecord(size=rows[0][0], etag=rows[0][1], spans=tuple((r[0], r[1]) for r in spans))
 
-    def set_part_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
+    def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None:
+        """Nothing of the part is proven any more; it is (to be) fetched from an object of `size`."""
         with self._tx() as db:
-            db.execute("UPDATE files SET etag=? WHERE job_id=? AND remote_id=?", (etag, job_id, remote_id))
+            self._forget_part(db, job_id, remote_id)
+            db.execute("INSERT INTO part_objects VALUES (?, ?, ?, NULL)", (job_id, remote_id, size))
 
-    def ranges_done(self, job_id: str, remote_id: str) -> set[int]:
-        rows = self._query("SELECT idx FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
-        return {r[0] for r in rows}
-
-    def mark_range_done(self, job_id: str, remote_id: str, index: int) -> None:
+    def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO file_ranges VALUES (?, ?, ?)", (job_id, remote_id, index))
+            db.execute("UPDATE part_objects SET etag=? WHERE job_id=? AND remote_id=?", (etag, job_id, remote_id))
 
-    def clear_ranges(self, job_id: str, remote_id: str) -> None:
+    def part_prove(self, job_id: str, remote_id: str, start: int, length: int) -> None:
+        """Bytes [start, start + length) are written and synced (a longer span at one start replaces a shorter)."""
         with self._tx() as db:
-            db.execute("DELETE FROM file_ranges WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+            db.execute(
+                "INSERT INTO part_spans VALUES (?, ?, ?, ?) ON CONFLICT (job_id, remote_id, start)"
+                " DO UPDATE SET length=MAX(length, excluded.length)",
+                (job_id, remote_id, start, length),
+            )
+
+    def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
+        """Forget every proven span but these (before the bytes outside them are overwritten)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM part_spans WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+            db.executemany("INSERT INTO part_spans VALUES (?, ?, ?, ?)", [(job_id, remote_id, s, n) for s, n in spans])
+
+    @staticmethod
+    def _forget_part(db: sqlite3.Connection, job_id: str, remote_id: str) -> None:
+        db.execute("DELETE FROM part_spans WHERE job_id=? AND remote_id=?", (job_id, remote_id))
+        db.execute("DELETE FROM part_objects WHERE job_id=? AND remote_id=?", (job_id, remote_id))
 
     def file_missing(self, job_id: str, remote_id: str) -> None:
         """A file recorded as done is not on disk: fetch it again."""
