@@ -15,7 +15,7 @@ from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
 from orchestrator.campaign import RunResult
 from orchestrator.config import RunSettings
 from orchestrator.models import JobState
-from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
+from orchestrator.sim import FaultPlan, FaultRates, Simulator
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import FAST_SCALE, fast_run, fast_sim, write
@@ -117,22 +117,6 @@ async def test_hostile_file_names_stay_inside_the_output_folder(tmp_path: Path) 
         assert all(n.isprintable() and not n.startswith(".") and "/" not in n for n in names), names
         got = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / job).glob("*.safetensors"))
         assert got == expected[job]
-
-
-async def test_an_object_rewritten_under_a_resumed_part_is_fetched_again_whole(tmp_path: Path) -> None:
-    script = (
-        ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.RESET, nth=1, arg=100_000),
-        ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.REWRITE, nth=2),
-    )
-    path = manifest(tmp_path, trainings=1, lora=False)
-    async with Simulator(fast_sim(faults=FaultPlan(script=script))) as sim:
-        result = await run(sim, path, fast_run())
-        assert result.outcome.exit_code == 0, result.outcome.problems
-        served = [(d.start, d.status, d.fault) for d in sim.ledger.downloads]
-        assert_campaign_on_disk(sim, result.paths.out, "dl", ["t0"])  # the new generation's bytes
-        assert sim.service.generations  # it really was rewritten
-    # reset at 100 kB; resume at 100 kB meets a new ETag; the whole file again from 0
-    assert served == [(0, 200, "reset"), (100_000, 206, "rewrite"), (0, 200, None)]
 
 
 async def test_a_file_larger_than_the_free_space_is_refused_clearly(tmp_path: Path) -> None:

@@ -1,74 +1,121 @@
-"""SIGKILL in the middle of a large parallel download; the restart fetches no finished
-range again and the file ends with the right sha256."""
+"""SIGKILL in the middle of a download, at a crash point (never at a moment chosen by a
+clock), then a resume with other download settings: the resume reuses exactly the bytes
+the first run proved and fetches no proven byte again; the file ends with the bytes the
+simulator made."""
 
 from __future__ import annotations
 
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import cli_process, fast_sim, write
 
 MiB = 1024 * 1024
+SIZE = 6 * MiB + 7  # above the 1 MiB from which a part is recorded, and not a whole number of ranges
+CRASH = "DREAMLOOK_BATCH_CRASH_AT"
+
+RANGES_1MB = ("--parallel-min-mb", "1", "--range-mb", "1", "--connections-per-file", "4")
+ONE_STREAM_1MB = ("--parallel-min-mb", "100", "--range-mb", "1")  # above the file: one stream
 
 
-def cli(manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    parallel = ["--parallel-min-mb", "1", "--range-mb", "1", "--connections-per-file", "4"]
-    return cli_process(manifest, sim, *parallel, *extra, env=env)
+def cli(manifest: Path, sim: Any, *settings: str, crash: str | None = None) -> subprocess.Popen[str]:
+    return cli_process(manifest, sim, *settings, env={CRASH: crash} if crash else None)
 
 
-def ranges_done(state: Path) -> set[int]:
-    if not state.exists():
-        return set()
+def proven_spans(state: Path) -> list[tuple[int, int]]:
+    """(start, end) of every span the store holds as proven."""
     with sqlite3.connect(state, timeout=5) as db:
-        try:
-            return {row[0] for row in db.execute("SELECT idx FROM file_ranges")}
-        except sqlite3.OperationalError:
-            return set()
+        return sorted((s, s + n) for s, n in db.execute("SELECT start, length FROM part_spans"))
 
 
-def test_sigkill_mid_parallel_download_then_resume(tmp_path: Path, threaded_sim: Any) -> None:
-    manifest = write(
-        tmp_path / "big.yaml",
+def overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def big_manifest(folder: Path) -> Path:
+    return write(
+        folder / "big.yaml",
         "campaign: big\njobs:\n  - {id: big, type: dreambooth, instance_prompt: p, image_urls: [u],"
         " base_model: stable-diffusion-v1-5, extract_lora: disabled}\n",
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "kill_after", "then"),
+    [
+        pytest.param(RANGES_1MB, 3, ("--parallel-min-mb", "1", "--range-mb", "1.5"), id="ranges-then-other-range-size"),
+        pytest.param(RANGES_1MB, 3, ONE_STREAM_1MB, id="ranges-then-one-stream"),
+        pytest.param(
+            RANGES_1MB,
+            2,
+            ("--parallel-min-mb", "1", "--range-mb", "2", "--connections-per-file", "1"),
+            id="ranges-then-one-connection",
+        ),
+        pytest.param(ONE_STREAM_1MB, 2, ("--parallel-min-mb", "1", "--range-mb", "2"), id="one-stream-then-ranges"),
+        pytest.param(ONE_STREAM_1MB, 2, ("--parallel-min-mb", "100", "--range-mb", "3"), id="one-stream-then-again"),
+    ],
+)
+def test_sigkill_mid_download_then_resume_with_other_settings(
+    tmp_path: Path, threaded_sim: Any, first: tuple[str, ...], kill_after: int, then: tuple[str, ...]
+) -> None:
+    manifest = big_manifest(tmp_path)
     state = tmp_path / ".dreamlook-batch" / "big.db"
-    size = 24 * MiB + 7
-    # 4 connections at 3 MiB/s each: ~2 s for the file, time to kill it in the middle.
-    settings = fast_sim(checkpoint_bytes=size, retention_s=1e9, download_bytes_per_s=3 * MiB)
-    with threaded_sim(settings) as sim:
-        first = cli(manifest, sim)
-        deadline = time.monotonic() + 30
-        while len(ranges_done(state)) < 6:
-            assert first.poll() is None, first.communicate()[0]
-            assert time.monotonic() < deadline, "the download never got going"
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        done_at_kill = ranges_done(state)
+    folder = tmp_path / "outputs" / "big" / "big"
+    with threaded_sim(fast_sim(checkpoint_bytes=SIZE)) as sim:
+        killed = cli(manifest, sim, *first, crash=f"span-proven:{kill_after}")
+        output = killed.communicate(timeout=60)[0]
+        assert killed.returncode == -signal.SIGKILL, output
+        proven = proven_spans(state)
+        total = sum(end - start for start, end in proven)
+        if first == ONE_STREAM_1MB:  # a prefix, proven each time a range's worth more was written
+            assert len(proven) == 1 and proven[0][0] == 0 and kill_after * MiB <= total < SIZE, proven
+        else:  # killed right after the n-th range was synced and recorded: exactly those are proven
+            assert len(proven) == kill_after and total == kill_after * MiB, proven
+        assert [p.name for p in folder.iterdir() if p.suffix == ".part"], "the part is kept"
+        assert not list(folder.glob("*.safetensors")), "no final file yet"
         served_before = len(sim.ledger.downloads)
-        assert 6 <= len(done_at_kill) < 25, done_at_kill
-        assert (tmp_path / "outputs" / "big" / "big").is_dir()
-        assert not list((tmp_path / "outputs" / "big" / "big").glob("*.safetensors")), "no final file yet"
 
-        second = cli(manifest, sim)
-        output = second.communicate(timeout=60)[0]
-        assert second.returncode == 0, output
-        again = [d for d in sim.ledger.downloads[served_before:] if d.start // MiB in done_at_kill]
-        assert again == [], f"finished ranges fetched again: {again}"
-        resumed = {d.start // MiB for d in sim.ledger.downloads[served_before:]}
-        assert resumed == set(range(25)) - done_at_kill
+        resumed = cli(manifest, sim, *then)
+        output = resumed.communicate(timeout=60)[0]
+        assert resumed.returncode == 0, output
+        served = [(d.start, d.end) for d in sim.ledger.downloads[served_before:]]
         assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])
-    assert ranges_done(state) == set()  # forgotten once the file is placed
+    one_stream = "100" in then
+    if one_stream:
+        # One request, from the end of the proven prefix (0 when the first bytes were not proven).
+        prefix = proven[0][1] if proven[0][0] == 0 else 0
+        assert served == [(prefix, SIZE)], served
+    else:
+        again = [s for s in served if any(overlaps(s, p) for p in proven)]
+        assert again == [], f"proven bytes fetched again: {again}"
+        assert sorted(served + proven)[0][0] == 0
+        assert sum(e - s for s, e in served) + total == SIZE  # the gaps, exactly
+    assert proven_spans(state) == []  # forgotten once the file is placed
 
 
-def test_killed_between_verifying_and_renaming_a_file(tmp_path: Path, threaded_sim: Any) -> None:
-    """A whole .part with no final name yet: images (size unknown) and checkpoints alike."""
+def test_killed_between_verifying_and_renaming_a_large_file(tmp_path: Path, threaded_sim: Any) -> None:
+    """Every byte proven, no final name yet: the rerun checks the part and places it, no request."""
+    manifest = big_manifest(tmp_path)
+    with threaded_sim(fast_sim(checkpoint_bytes=SIZE)) as sim:
+        crashed = cli(manifest, sim, *ONE_STREAM_1MB, crash="before-rename")
+        crashed.communicate(timeout=60)
+        assert crashed.returncode == -signal.SIGKILL
+        served = len(sim.ledger.downloads)
+        rerun = cli(manifest, sim, *RANGES_1MB)
+        output = rerun.communicate(timeout=60)[0]
+        assert rerun.returncode == 0, output
+        assert sim.ledger.downloads[served:] == []
+        assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])
+
+
+def test_killed_between_verifying_and_renaming_an_image(tmp_path: Path, threaded_sim: Any) -> None:
+    """A whole .part of unknown size proves nothing: it is fetched again, never placed on a 416."""
     manifest = write(
         tmp_path / "mix.yaml",
         "campaign: mix\njobs:\n"
@@ -76,16 +123,15 @@ def test_killed_between_verifying_and_renaming_a_file(tmp_path: Path, threaded_s
         "  - {id: ckp, type: dreambooth, instance_prompt: p, image_urls: [u], base_model: stable-diffusion-v1-5}\n",
     )
     with threaded_sim(fast_sim()) as sim:
-        crashed = cli(manifest, sim, "--max-downloads", "1", env={"DREAMLOOK_BATCH_CRASH_AT": "before-rename"})
+        crashed = cli(manifest, sim, "--max-downloads", "1", crash="before-rename")
         crashed.communicate(timeout=60)
         assert crashed.returncode == -signal.SIGKILL
         parts = list((tmp_path / "outputs" / "mix").rglob("*.part"))
-        assert len(parts) == 1 and parts[0].stat().st_size > 0
+        assert len(parts) == 1 and parts[0].name.endswith(".png.part")  # images go first: 1 h URLs
         served = len(sim.ledger.downloads)
         rerun = cli(manifest, sim, "--max-downloads", "1")
         output = rerun.communicate(timeout=60)[0]
         assert rerun.returncode == 0, output
-        # The whole part was placed after a 416 said so: its bytes were not fetched again.
         name = parts[0].name.removesuffix(".part")
-        assert [d.status for d in sim.ledger.downloads[served:] if d.path.endswith(name)] == [416]
+        assert [(d.start, d.status) for d in sim.ledger.downloads[served:] if d.path.endswith(name)] == [(0, 200)]
         assert_campaign_on_disk(sim, tmp_path / "outputs" / "mix", "mix", ["img", "ckp"])
