@@ -126,7 +126,7 @@ async def test_a_file_larger_than_the_free_space_is_refused_clearly(tmp_path: Pa
         result = await run(sim, path, fast_run(settings={"download_rounds": 1}))
         served = list(sim.ledger.downloads)
     assert result.outcome.exit_code == 1
-    assert any("not enough free space" in p and "free some space" in p for p in result.outcome.problems)
+    assert any("not enough free space" in p and "Free some space" in p for p in result.outcome.problems)
     assert served == []  # refused before a byte was asked for
     folder = result.paths.out / "t0"
     assert not folder.exists() or not list(folder.glob("*.safetensors*"))  # nothing was written
