@@ -20,16 +20,23 @@ RESERVED_NAMES = frozenset({"job.json", "SHA256SUMS", "summary.json", "report.ht
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def safe_name(raw: str, fallback: str) -> str:
-    """A file name that is safe on every file system and can never leave its folder."""
+def _clean(raw: str) -> str:
+    """The last path component, unsafe characters replaced, no leading dots (so never `.` or `..`)."""
     name = unquote(raw).replace("\\", "/").rsplit("/", 1)[-1]
-    name = _UNSAFE.sub("_", name).lstrip(".-_")
+    return _UNSAFE.sub("_", name).lstrip(".-_")
+
+
+def safe_name(raw: str, fallback: str) -> str:
+    """A file name that is safe on every file system and can never leave its folder.
+
+    A name that cleans to nothing (`..`, `.`, only dots, empty) takes the cleaned
+    `fallback` (the file's id), and `file` when that is no better.
+    """
+    name = _clean(raw) or _clean(fallback) or "file"
     if len(name) > MAX_NAME_CHARS:
         _, dot, ext = name.rpartition(".")
         keep = ext if dot and len(ext) <= 16 else ""
         name = name[: MAX_NAME_CHARS - len(keep) - 1] + ("." + keep if keep else "")
-    if not name:
-        name = _UNSAFE.sub("_", fallback) or "file"
     if name in RESERVED_NAMES or name.endswith(".part"):
         name = "_" + name
     return name

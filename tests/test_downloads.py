@@ -103,19 +103,22 @@ async def test_retention_passing_before_download_makes_the_job_lost(tmp_path: Pa
 
 
 async def test_hostile_file_names_stay_inside_the_output_folder(tmp_path: Path) -> None:
-    path = manifest(tmp_path, trainings=2)
+    # Checkpoints named `..%2F..%2F%0Aevil%01...`; each job's first image named `...` (dots only).
+    path = manifest(tmp_path, trainings=2, images=2)
+    jobs = ("t0", "t1", "g0", "g1")
     async with Simulator(fast_sim(hostile_names=True)) as sim:
         result = await run(sim, path, fast_run())
         assert result.outcome.exit_code == 0, result.outcome.problems
         remote = {e.tags[0]["value"].split("/")[1]: e.job_id for e in sim.ledger.jobs}
-        expected = {job: sorted(sim.expected_files(remote[job]).values()) for job in ("t0", "t1")}
+        expected = {job: sorted(sim.expected_files(remote[job]).values()) for job in jobs}
+        assert all("..." in sim.expected_files(remote[job]) for job in ("g0", "g1"))
     out = result.paths.out
     outside = [p for p in files_under(tmp_path) if out not in p.parents and p.parent.name != ".dreamlook-batch"]
     assert sorted(p.name for p in outside) == ["dl.yaml", "key"]
-    for job in ("t0", "t1"):
-        names = sorted(p.name for p in (out / job).iterdir())
+    for job in jobs:
+        names = sorted(p.name for p in (out / job).iterdir() if p.name not in ("job.json", "SHA256SUMS"))
         assert all(n.isprintable() and not n.startswith(".") and "/" not in n for n in names), names
-        got = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / job).glob("*.safetensors"))
+        got = sorted(hashlib.sha256((out / job / n).read_bytes()).hexdigest() for n in names)
         assert got == expected[job]
 
 

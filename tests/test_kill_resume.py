@@ -159,3 +159,25 @@ def test_an_object_rewritten_between_runs_starts_the_file_over(
         assert resumed.returncode == 0, output
         assert sim.service.generations
         assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])  # the new generation
+
+
+def test_a_whole_part_with_nothing_proven_is_fetched_again_never_placed_on_a_416(
+    tmp_path: Path, threaded_sim: Any
+) -> None:
+    """A full-length .part the store proves nothing of (a state file from version 1, say)."""
+    manifest = big_manifest(tmp_path)
+    state = tmp_path / ".dreamlook-batch" / "big.db"
+    with threaded_sim(fast_sim(checkpoint_bytes=SIZE)) as sim:
+        crashed = cli(manifest, sim, *ONE_STREAM_1MB, crash="before-rename")
+        crashed.communicate(timeout=60)
+        assert crashed.returncode == -signal.SIGKILL
+        (part,) = (tmp_path / "outputs" / "big" / "big").glob("*.part")
+        part.write_bytes(b"\0" * SIZE)  # the right length, the wrong bytes
+        with sqlite3.connect(state) as db:
+            db.execute("DELETE FROM part_spans")
+        served = len(sim.ledger.downloads)
+        rerun = cli(manifest, sim, *ONE_STREAM_1MB)
+        output = rerun.communicate(timeout=60)[0]
+        assert rerun.returncode == 0, output
+        assert [(d.start, d.status) for d in sim.ledger.downloads[served:]] == [(0, 200)]
+        assert_campaign_on_disk(sim, tmp_path / "outputs" / "big", "big", ["big"])

@@ -353,6 +353,8 @@ class Service:
                 image_id = f"gi_{rng.getrandbits(48):012x}"
                 seed = base_seed + idx if isinstance(base_seed, int) and base_seed >= 0 else rng.getrandbits(31)
                 path = f"/storage/{BUCKET}/images/{job.job_id}/{image_id}.png"
+                if s.hostile_names and idx == 0:  # a name of dots only: it must not become `..` on disk
+                    path = f"/storage/{BUCKET}/images/{job.job_id}/{image_id}/..."
                 png = (f"{s.seed}/{image_id}", px_w, px_h)
                 file = StoredFile(path, job.job_id, self._scaled(s.image_url_ttl_s), deleted_at, png=png)
                 images.append(Image(image_id, file, seed, idx))
