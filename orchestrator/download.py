@@ -42,6 +42,7 @@ from .verify import CONTENT_RANGE, DISK_FULL, Fetched, Hashes, PartWriter, place
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024  # bytes handed to the writer thread at once
+RECORD_MIN_BYTES = 1024 * 1024  # one stream records proven bytes only for files larger than this
 READ_BUFFER_BYTES = 256 * 1024  # aiohttp's buffer per connection
 IO_THREADS = 4  # file writes and hashes of all downloads; more threads only add malloc arenas (RSS)
 BACKOFF_S = 0.5
@@ -301,8 +302,9 @@ class Downloader:
         size = artifact.size_bytes
         # Worth a record only where a resume is worth it. Files of unknown size are images,
         # which come whole or not at all, and storage's md5 guards them.
-        recorded = size is not None and size > CHUNK_BYTES
-        record = part_log.record() if recorded else None
+        record = part_log.record() if size is not None else None
+        # A record left by ranges of a small file is kept up to date too: it must not outlive its bytes.
+        recorded = size is not None and (size > RECORD_MIN_BYTES or record is not None)
         on_disk = await self._thread(part_size, part)
         have = record.prefix() if record is not None and record.size == size else 0
         if on_disk is None or have > on_disk:
