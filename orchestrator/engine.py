@@ -22,6 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import output, reconcile, retry
+from .adoption import TagWatch, adopt
 from .api import ApiClient
 from .callbacks import callback_url
 from .checking import CheckStage
@@ -29,11 +30,13 @@ from .config import RunSettings
 from .crashpoints import crash_point
 from .download import Downloader
 from .errors import (
+    ApiError,
     AuthError,
     InvalidJob,
     NotSent,
     QuotaError,
     RateLimited,
+    TransportError,
     describe_detail,
 )
 from .fetching import FetchStage
@@ -43,6 +46,7 @@ from .ratelimit import RequestBudget
 from .results import parse_job
 from .schedule import Wakeup, next_check_in
 from .store import JobRow, SqliteStore
+from .ui import clock
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
@@ -63,6 +67,7 @@ class RunOutcome:
     changed_after_submit: tuple[str, ...] = ()
     dry_run: bool = False
     once: bool = False
+    duplicates: int = 0  # jobs the service holds more than once under our tag
 
     @property
     def exit_code(self) -> int:
@@ -70,6 +75,8 @@ class RunOutcome:
             return 130
         if self.stopped_by == StopReason.AUTH:
             return 3
+        if self.duplicates:
+            return 1  # paid twice: never reported as a success, not even by --once
         # A dry run skips dependents by design (it makes no checkpoint): not a failure.
         bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
         if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
@@ -124,6 +131,10 @@ class Engine:
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
+        self.reconciling: set[str] = set()  # lost answers being looked for in the job list
+        self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
+        self.adoption_failed: str | None = None
+        self.tags = TagWatch(store, manifest.campaign)
         self.submitted_this_run = 0
         self.stopped_by: str | None = None
         self.problems: list[str] = []
@@ -141,6 +152,7 @@ class Engine:
             problem=self._problem,
             notify=self._notify,
             now=clock,
+            seen_listing=self.tags.seen,
         )
         self.fetch = FetchStage(
             store=store,
@@ -181,16 +193,19 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await self._reconcile_interrupted()
+                await self._reconcile_due()
+                await self._adopt()
                 if once:
                     await self._one_pass()
                 else:
                     await self._loop()
+                await self._scan_for_duplicates()
         except* AuthError as group:
             exc = group.exceptions[0]
             detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
             self.stopped_by = StopReason.AUTH
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
+        self._report_waiting_and_duplicates()
         self._write_summary()
         return RunOutcome(
             self.store.counts(),
@@ -199,13 +214,14 @@ class Engine:
             report.changed_after_submit,
             self.settings.dry_run,
             once,
+            len(self.store.duplicates()),
         )
 
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
         """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
             started = self._start_due_work(check=check, submit=submit)
-            busy = bool(self.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
+            busy = bool(self.busy or self.reconciling or self.check.busy or self.fetch.active or self.fetch.preparing)
             if self._stopping:
                 if not busy:
                     return
@@ -222,7 +238,7 @@ class Engine:
         await self._loop(check=False, submit=False)
 
     def _sleep_for(self, *, check: bool) -> float:
-        due = [self.check.next_due() if check else None, self.fetch.next_due()]
+        due = [self.check.next_due() if check else None, self.fetch.next_due(), self._next_window_end()]
         soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
@@ -232,6 +248,8 @@ class Engine:
             return True
         if self.fetch.has_work():
             return True
+        if submit and self._lost_answers():
+            return True  # a lost answer waits out its grace window, then is looked for
         return submit and self._submissions_allowed() and bool(self.store.count([JobState.PENDING]))
 
     def _start_due_work(self, *, check: bool, submit: bool) -> int:
@@ -240,6 +258,7 @@ class Engine:
             return 0
         started = self.check.start_due(self._tg) if check else 0
         if submit:
+            started += self._start_reconciles(self._tg)
             started += self._start_submissions(self._tg)
         return started + self.fetch.start_due(self._tg)
 
@@ -247,7 +266,9 @@ class Engine:
 
     def _submissions_allowed(self) -> bool:
         cap = self.settings.limits.max_new_jobs
-        return self.stopped_by is None and (cap is None or self.submitted_this_run < cap)
+        return (
+            self.stopped_by is None and self.adoption_failed is None and (cap is None or self.submitted_this_run < cap)
+        )
 
     def _start_submissions(self, tg: TaskGroup) -> int:
         if not self._submissions_allowed() or self._stopping:
@@ -264,6 +285,8 @@ class Engine:
             spec = self.specs.get(row.id)
             if spec is None or row.id in self.busy:
                 continue
+            if not row.adoption_checked and not self.settings.dry_run:
+                continue  # never sent before its tag was looked for in the job list (adoption)
             if spec.checkpoint_from is not None and parent_checkpoint is None:
                 # The parent ended without a checkpoint: this job can never run.
                 why = f"not sent: {spec.checkpoint_from} ended {parent_state}"
@@ -303,10 +326,15 @@ class Engine:
 
     async def _submit_once(self, spec: JobSpec, body: dict[str, Any]) -> None:
         job_id = spec.id
+
+        async def post() -> str:
+            if not self.settings.dry_run:  # each attempt starts a grace window of its own
+                sent_at = self.now()
+                self.store.record_attempt(job_id, sent_at, self.settings.reconcile_after(sent_at))
+            return await self.api.submit(spec.type, body)
+
         try:
-            remote_id = await retry.submission(
-                lambda: self.api.submit(spec.type, body), self.settings.retry, f"submit {job_id}"
-            )
+            remote_id = await retry.submission(post, self.settings.retry, f"submit {job_id}")
         except InvalidJob as exc:
             self.store.move(
                 job_id,
@@ -335,8 +363,10 @@ class Engine:
             if self.settings.dry_run:
                 self._problem(job_id, f"dry run not confirmed: {exc}")
                 return
-            log.warning("job.submit_unclear job_id=%s error=%s", job_id, exc)
-            await self._reconcile([self.store.job(job_id)])
+            # The service may still be creating it: look in the job list only after the grace window.
+            self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
+            until = self._window_end(self.store.job(job_id))
+            log.warning("job.submit_unclear job_id=%s error=%s check_after=%s", job_id, exc, clock(until))
             return
         if self.settings.dry_run:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
@@ -355,11 +385,101 @@ class Engine:
         if not self.settings.dry_run:
             self.store.move(job_id, JobState.PENDING, self.now())
 
-    async def _reconcile_interrupted(self) -> None:
-        """Jobs left SUBMITTING by an earlier run: their POST's outcome is unknown."""
-        rows = self.store.jobs([JobState.SUBMITTING])
+    # -- lost answers, adoption, duplicates (rule 2) -----------------------------------
+
+    def _window_end(self, row: JobRow) -> float:
+        """When a lost answer may be looked for: the recorded attempt + API timeout + grace
+        (or later, as the run that sent it computed it). No attempt recorded: never sent."""
+        if row.attempt_at is None:
+            return row.reconcile_at or row.intent_at or 0.0
+        return max(row.reconcile_at or 0.0, self.settings.reconcile_after(row.attempt_at))
+
+    def _lost_answers(self) -> list[JobRow]:
+        """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
+        return [
+            r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in self.busy and r.id not in self.reconciling
+        ]
+
+    def _next_window_end(self) -> float | None:
+        return min((self._window_end(r) for r in self._lost_answers()), default=None)
+
+    def _start_reconciles(self, tg: TaskGroup) -> int:
+        now = self.now()
+        due = [r for r in self._lost_answers() if self._window_end(r) <= now]
+        for job_type in {r.type for r in due}:
+            rows = [r for r in due if r.type == job_type]
+            self.reconciling.update(r.id for r in rows)
+            tg.start_soon(self._reconcile_task, rows)
+        return len(due)
+
+    async def _reconcile_task(self, rows: list[JobRow]) -> None:
+        try:
+            await self._reconcile(rows)
+        finally:
+            self.reconciling.difference_update(r.id for r in rows)
+            self._notify()
+
+    async def _reconcile_due(self) -> None:
+        """Lost answers (left by an earlier run) whose window has passed; the others wait."""
+        now = self.now()
+        rows = [r for r in self._lost_answers() if self._window_end(r) <= now]
         for job_type in {r.type for r in rows}:
             await self._reconcile([r for r in rows if r.type == job_type])
+
+    async def _adopt(self) -> None:
+        if self.settings.dry_run:
+            return
+        first_check = lambda job_type: self.now()  # noqa: E731  (adopted jobs: look at once)
+        try:
+            warnings = await adopt(
+                self.api,
+                self.settings,
+                self.store,
+                self.manifest.campaign,
+                now=self.now,
+                first_check=first_check,
+                watch=self.tags,
+            )
+        except AuthError:
+            raise
+        except (ApiError, TransportError) as exc:
+            self.adoption_failed = str(exc)
+            self.problems.append(
+                f"could not read the job list to look for jobs of this campaign the service already holds "
+                f"({exc}); nothing new was submitted, to avoid paying twice. Run again when the API answers"
+            )
+            return
+        self.problems.extend(warnings)
+
+    async def _scan_for_duplicates(self) -> None:
+        """Jobs sent again after a lost answer: read the list once more for a late second copy."""
+        if self.stopped_by == StopReason.AUTH:
+            return
+        for job_type, since in self.resent_since.items():
+            try:
+                listing = await reconcile.read_list(
+                    self.api, self.settings.retry, JobType(job_type), reconcile.reaches_back(since), what="scan"
+                )
+            except (ApiError, TransportError) as exc:
+                log.info("campaign.duplicate_scan_failed type=%s error=%s", job_type, exc)
+                continue
+            self.tags.seen(listing.items)
+
+    def _report_waiting_and_duplicates(self) -> None:
+        for row in self.store.jobs([JobState.SUBMITTING]):
+            until = clock(self._window_end(row))
+            log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
+            self.problems.append(
+                f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
+                "for it in the job list (the service may still be creating it)"
+            )
+        for job_id, others in self.store.duplicates().items():
+            row = self.store.job(job_id)
+            self.problems.append(
+                f"{job_id}: DUPLICATE: the service holds {len(others) + 1} jobs with its tag; {row.remote_id} is "
+                f"followed and downloaded, the other(s) {', '.join(others)} can be fetched with "
+                f"`dreamlook-batch jobs get {row.type} ID`"
+            )
 
     async def _reconcile(self, rows: list[JobRow]) -> None:
         """Rule 2 for jobs of one type: found, provably absent, or unknown."""
@@ -368,7 +488,9 @@ class Engine:
             reconcile.Lost(r.id, f"{self.manifest.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0)
             for r in rows
         ]
-        verdicts = await reconcile.reconcile(self.api, self.settings.retry, JobType(rows[0].type), lost, claimed)
+        verdicts = await reconcile.reconcile(
+            self.api, self.settings.retry, JobType(rows[0].type), lost, claimed, self.tags.seen
+        )
         for row in rows:
             found = verdicts[row.id]
             log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
@@ -377,6 +499,8 @@ class Engine:
                 self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=first_check)
             elif found.verdict is reconcile.Verdict.ABSENT:
                 self.store.move(row.id, JobState.PENDING, self.now())
+                since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
+                self.resent_since[row.type] = since
             else:
                 self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
                 self._problem(
