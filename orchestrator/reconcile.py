@@ -105,10 +105,10 @@ async def read_list(
         listed += fresh
         if enough(fresh):
             return Listing(listed, complete=False, enough=True)
-        if not fresh:  # `offset` ignored: older jobs cannot be reached
-            return Listing(listed, complete=False, enough=False)
         if len(items) < PAGE:
             return Listing(listed, complete=True, enough=False)
+        if not fresh:  # a full page seen before: `offset` is ignored, older jobs cannot be reached
+            return Listing(listed, complete=False, enough=False)
     return Listing(listed, complete=False, enough=False)
 
 
