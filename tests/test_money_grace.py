@@ -121,22 +121,25 @@ def test_a_job_created_beyond_the_grace_window_is_reported_as_a_duplicate(
 
 def test_kill_9_while_the_service_creates_late_then_restart_at_once(tmp_path: Path, threaded_sim: Any) -> None:
     manifest = grace_yaml(tmp_path, 3)
-    quick = ("--api-timeout", "1")  # the window: 1 s + 1 s grace; the service makes the jobs at 1.5 s
-    with threaded_sim(fast_sim(faults=late_plan(3, 1.5))) as sim:
+    # The window: 3 s + 3 s grace from each attempt; the service makes the jobs at 4 s, after
+    # the restart has begun (a new process takes about a second to start).
+    quick = ("--api-timeout", "3")
+    late_s = 4.0
+    with threaded_sim(fast_sim(faults=late_plan(3, late_s))) as sim:
         first = cli_process(manifest, sim, *quick)
         deadline = time.monotonic() + 30
         while sim.ledger.requests["submit"] < 3:
             assert first.poll() is None, first.communicate()[0]
             assert time.monotonic() < deadline, "the submissions never arrived"
             time.sleep(0.01)
+        posted = time.monotonic()
         first.send_signal(signal.SIGKILL)
         first.communicate(timeout=10)
-        made_before_restart = len(sim.ledger.jobs)
         assert set(state_of(tmp_path / ".dreamlook-batch" / "grace.db").values()) == {"submitting"}
         second = cli_process(manifest, sim, *quick)
         out = second.communicate(timeout=60)[0]
         assert second.returncode == 0, out
-        assert made_before_restart < 3  # the service was still making jobs when the restart began
+        time.sleep(max(0.0, posted + late_s + 0.5 - time.monotonic()))  # every late creation has happened
         one_job_per_tag(sim, "grace", ["j0", "j1", "j2"])
         assert sim.ledger.requests["submit"] == 3
         assert_campaign_on_disk(sim, tmp_path / "outputs" / "grace", "grace", ["j0", "j1", "j2"])
@@ -189,7 +192,7 @@ def test_a_lost_state_adopts_the_jobs_the_service_holds(tmp_path: Path, threaded
         tmp_path / "lost.yaml",
         "campaign: lost\njobs:\n"
         "- {id: t, type: dreambooth, instance_prompt: p, image_urls: [u], base_model: stable-diffusion-v1-5}\n"
-        f"- {{id: t-img, {IMAGE}, checkpoint_from: t, prompt: q}}\n"
+        "- {id: t-img, type: image_gen, checkpoint_from: t, prompt: q}\n"
         + "".join(f"- {{id: g{i}, {IMAGE}, prompt: g{i}}}\n" for i in range(3)),
     )
     ids = ["t", "t-img", "g0", "g1", "g2"]
