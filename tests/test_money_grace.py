@@ -261,3 +261,19 @@ def test_a_version_1_state_file_is_upgraded(tmp_path: Path) -> None:
         store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+
+
+def test_no_job_is_sent_while_its_tag_cannot_be_looked_for(tmp_path: Path, threaded_sim: Any) -> None:
+    """A fresh state and a job list that keeps failing: nothing is sent, and the run says why."""
+    manifest = grace_yaml(tmp_path, 2)
+    failing = FaultPlan(script=(ScriptedFault(route=Route.LIST, kind=FaultKind.SERVER_ERROR, count=10_000),))
+    with threaded_sim(fast_sim(faults=failing)) as sim:
+        run = cli_process(manifest, sim)
+        printed = run.communicate(timeout=60)[0]
+        assert run.returncode == 1, printed
+        assert "could not read the job list to look for jobs of this campaign" in printed
+        assert sim.ledger.requests["submit"] == 0 and not sim.ledger.jobs
+        sim.set_faults(FaultPlan())
+        again = cli_process(manifest, sim)
+        assert again.wait(60) == 0
+        one_job_per_tag(sim, "grace", ["j0", "j1"])
