@@ -348,7 +348,10 @@ class SqliteStore:
     # -- never paying twice: grace windows, adoption by tag, duplicates (schema 2) ---------
 
     def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
-        """A POST of this job is being sent now; its answer, if lost, is checked after `window_end`."""
+        """A POST of this job is being sent now; its answer, if lost, is checked after `window_end`.
+
+        Not synced (that would be an fsync per POST, beside the batched intents): WAL keeps it through
+        kill -9; only an OS crash could lose it, and then the window counts from the intent."""
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET attempt_at=?, reconcile_at=MAX(COALESCE(reconcile_at, 0), ?) WHERE id=? AND state=?",
