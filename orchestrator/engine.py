@@ -21,8 +21,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from . import output, reconcile, retry
-from .adoption import TagWatch, adopt
+from . import output, retry
 from .api import ApiClient
 from .callbacks import callback_url
 from .checking import CheckStage
@@ -30,23 +29,21 @@ from .config import RunSettings
 from .crashpoints import crash_point
 from .download import Downloader
 from .errors import (
-    ApiError,
     AuthError,
     InvalidJob,
     NotSent,
     QuotaError,
     RateLimited,
-    TransportError,
     describe_detail,
 )
 from .fetching import FetchStage
 from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
 from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
 from .ratelimit import RequestBudget
+from .resolving import ResolveStage
 from .results import parse_job
 from .schedule import Wakeup, next_check_in
 from .store import JobRow, SqliteStore
-from .ui import clock
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
@@ -131,13 +128,21 @@ class Engine:
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
-        self.reconciling: set[str] = set()  # lost answers being looked for in the job list
-        self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
-        self.adoption_failed: str | None = None
-        self.tags = TagWatch(store, manifest.campaign)
         self.submitted_this_run = 0
         self.stopped_by: str | None = None
         self.problems: list[str] = []
+        self.resolve = ResolveStage(
+            store=store,
+            api=api,
+            settings=settings,
+            campaign=manifest.campaign,
+            submitting=self.busy,
+            first_check=self._first_check,
+            problem=self._problem,
+            notes=self.problems,
+            notify=self._notify,
+            now=clock,
+        )
         self.wakeup = Wakeup()
         self.ids = IdCommitter(store, clock)
         self._stopping = False
@@ -152,7 +157,7 @@ class Engine:
             problem=self._problem,
             notify=self._notify,
             now=clock,
-            seen_listing=self.tags.seen,
+            seen_listing=self.resolve.tags.seen,
         )
         self.fetch = FetchStage(
             store=store,
@@ -193,19 +198,20 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await self._reconcile_due()
-                await self._adopt()
+                await self.resolve.resolve_due()
+                if not self.settings.dry_run:
+                    await self.resolve.adopt()
                 if once:
                     await self._one_pass()
                 else:
                     await self._loop()
-                await self._scan_for_duplicates()
+                await self.resolve.scan_for_duplicates()
         except* AuthError as group:
             exc = group.exceptions[0]
             detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
             self.stopped_by = StopReason.AUTH
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
-        self._report_waiting_and_duplicates()
+        self.resolve.report()
         self._write_summary()
         return RunOutcome(
             self.store.counts(),
@@ -221,7 +227,7 @@ class Engine:
         """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
             started = self._start_due_work(check=check, submit=submit)
-            busy = bool(self.busy or self.reconciling or self.check.busy or self.fetch.active or self.fetch.preparing)
+            busy = bool(self.busy or self.resolve.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
             if self._stopping:
                 if not busy:
                     return
@@ -238,7 +244,7 @@ class Engine:
         await self._loop(check=False, submit=False)
 
     def _sleep_for(self, *, check: bool) -> float:
-        due = [self.check.next_due() if check else None, self.fetch.next_due(), self._next_window_end()]
+        due = [self.check.next_due() if check else None, self.fetch.next_due(), self.resolve.next_due()]
         soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
@@ -248,7 +254,7 @@ class Engine:
             return True
         if self.fetch.has_work():
             return True
-        if submit and self._lost_answers():
+        if submit and self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
         return submit and self._submissions_allowed() and bool(self.store.count([JobState.PENDING]))
 
@@ -258,7 +264,7 @@ class Engine:
             return 0
         started = self.check.start_due(self._tg) if check else 0
         if submit:
-            started += self._start_reconciles(self._tg)
+            started += self.resolve.start_due(self._tg)
             started += self._start_submissions(self._tg)
         return started + self.fetch.start_due(self._tg)
 
@@ -267,7 +273,9 @@ class Engine:
     def _submissions_allowed(self) -> bool:
         cap = self.settings.limits.max_new_jobs
         return (
-            self.stopped_by is None and self.adoption_failed is None and (cap is None or self.submitted_this_run < cap)
+            self.stopped_by is None
+            and self.resolve.adoption_failed is None
+            and (cap is None or self.submitted_this_run < cap)
         )
 
     def _start_submissions(self, tg: TaskGroup) -> int:
@@ -363,18 +371,17 @@ class Engine:
             if self.settings.dry_run:
                 self._problem(job_id, f"dry run not confirmed: {exc}")
                 return
-            # The service may still be creating it: look in the job list only after the grace window.
-            self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
-            until = self._window_end(self.store.job(job_id))
-            log.warning("job.submit_unclear job_id=%s error=%s check_after=%s", job_id, exc, clock(until))
+            self.resolve.answer_lost(job_id, exc)  # the service may still be creating it
             return
         if self.settings.dry_run:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
         crash_point("after-post")
-        first_check = self.now() + next_check_in(self.check.policy(spec.type.value), None, 0)
-        await self.ids.commit(job_id, remote_id, first_check)
+        await self.ids.commit(job_id, remote_id, self._first_check(spec.type.value))
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
+
+    def _first_check(self, job_type: str) -> float:
+        return self.now() + next_check_in(self.check.policy(job_type), None, 0)
 
     def _callback_for(self, job_id: str) -> str | None:
         if self.callback_base is None or self.callback_secret is None or self.settings.dry_run:
@@ -384,130 +391,6 @@ class Engine:
     def _back_to_pending(self, job_id: str) -> None:
         if not self.settings.dry_run:
             self.store.move(job_id, JobState.PENDING, self.now())
-
-    # -- lost answers, adoption, duplicates (rule 2) -----------------------------------
-
-    def _window_end(self, row: JobRow) -> float:
-        """When a lost answer may be looked for: the recorded attempt + API timeout + grace
-        (or later, as the run that sent it computed it). No attempt recorded: never sent."""
-        if row.attempt_at is None:
-            return row.reconcile_at or row.intent_at or 0.0
-        return max(row.reconcile_at or 0.0, self.settings.reconcile_after(row.attempt_at))
-
-    def _lost_answers(self) -> list[JobRow]:
-        """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
-        return [
-            r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in self.busy and r.id not in self.reconciling
-        ]
-
-    def _next_window_end(self) -> float | None:
-        return min((self._window_end(r) for r in self._lost_answers()), default=None)
-
-    def _start_reconciles(self, tg: TaskGroup) -> int:
-        now = self.now()
-        due = [r for r in self._lost_answers() if self._window_end(r) <= now]
-        for job_type in {r.type for r in due}:
-            rows = [r for r in due if r.type == job_type]
-            self.reconciling.update(r.id for r in rows)
-            tg.start_soon(self._reconcile_task, rows)
-        return len(due)
-
-    async def _reconcile_task(self, rows: list[JobRow]) -> None:
-        try:
-            await self._reconcile(rows)
-        finally:
-            self.reconciling.difference_update(r.id for r in rows)
-            self._notify()
-
-    async def _reconcile_due(self) -> None:
-        """Lost answers (left by an earlier run) whose window has passed; the others wait."""
-        now = self.now()
-        rows = [r for r in self._lost_answers() if self._window_end(r) <= now]
-        for job_type in {r.type for r in rows}:
-            await self._reconcile([r for r in rows if r.type == job_type])
-
-    async def _adopt(self) -> None:
-        if self.settings.dry_run:
-            return
-        first_check = lambda job_type: self.now()  # noqa: E731  (adopted jobs: look at once)
-        try:
-            warnings = await adopt(
-                self.api,
-                self.settings,
-                self.store,
-                self.manifest.campaign,
-                now=self.now,
-                first_check=first_check,
-                watch=self.tags,
-            )
-        except AuthError:
-            raise
-        except (ApiError, TransportError) as exc:
-            self.adoption_failed = str(exc)
-            self.problems.append(
-                f"could not read the job list to look for jobs of this campaign the service already holds "
-                f"({exc}); nothing new was submitted, to avoid paying twice. Run again when the API answers"
-            )
-            return
-        self.problems.extend(warnings)
-
-    async def _scan_for_duplicates(self) -> None:
-        """Jobs sent again after a lost answer: read the list once more for a late second copy."""
-        if self.stopped_by == StopReason.AUTH:
-            return
-        for job_type, since in self.resent_since.items():
-            try:
-                listing = await reconcile.read_list(
-                    self.api, self.settings.retry, JobType(job_type), reconcile.reaches_back(since), what="scan"
-                )
-            except (ApiError, TransportError) as exc:
-                log.info("campaign.duplicate_scan_failed type=%s error=%s", job_type, exc)
-                continue
-            self.tags.seen(listing.items)
-
-    def _report_waiting_and_duplicates(self) -> None:
-        for row in self.store.jobs([JobState.SUBMITTING]):
-            until = clock(self._window_end(row))
-            log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
-            self.problems.append(
-                f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
-                "for it in the job list (the service may still be creating it)"
-            )
-        for job_id, others in self.store.duplicates().items():
-            row = self.store.job(job_id)
-            self.problems.append(
-                f"{job_id}: DUPLICATE: the service holds {len(others) + 1} jobs with its tag; {row.remote_id} is "
-                f"followed and downloaded, the other(s) {', '.join(others)} can be fetched with "
-                f"`dreamlook-batch jobs get {row.type} ID`"
-            )
-
-    async def _reconcile(self, rows: list[JobRow]) -> None:
-        """Rule 2 for jobs of one type: found, provably absent, or unknown."""
-        claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
-        lost = [
-            reconcile.Lost(r.id, f"{self.manifest.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0)
-            for r in rows
-        ]
-        verdicts = await reconcile.reconcile(
-            self.api, self.settings.retry, JobType(rows[0].type), lost, claimed, self.tags.seen
-        )
-        for row in rows:
-            found = verdicts[row.id]
-            log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
-            if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-                first_check = self.now() + next_check_in(self.check.policy(row.type), None, 0)
-                self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=first_check)
-            elif found.verdict is reconcile.Verdict.ABSENT:
-                self.store.move(row.id, JobState.PENDING, self.now())
-                since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
-                self.resent_since[row.type] = since
-            else:
-                self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
-                self._problem(
-                    row.id,
-                    f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
-                    f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
-                )
 
     # -- reading a job --------------------------------------------------------------
 
