@@ -39,16 +39,17 @@ class TagWatch:
 
     def seen(self, items: Sequence[Mapping[str, Any]]) -> None:
         for tag, ids in tags_in(items).items():
-            if len(ids) < 2 or not tag.startswith(self.prefix):
+            if not tag.startswith(self.prefix):
                 continue
             job_id = tag[len(self.prefix) :]
             try:
                 row = self.store.job(job_id)
             except StoreError:
                 continue  # a job of this campaign no longer in the state: nothing to mark
-            kept = row.remote_id if row.remote_id in ids else ids[-1]  # ids[-1]: the oldest listed
+            # The job's own remote job may be off this page: any other id with its tag is a copy.
+            kept = row.remote_id or ids[-1]  # ids[-1]: the oldest listed
             others = [i for i in reversed(ids) if i != kept]
-            if self.store.record_duplicates(job_id, others):
+            if others and self.store.record_duplicates(job_id, others):
                 log.error(
                     "job.duplicate job_id=%s remote_id=%s duplicate_ids=%s",
                     job_id,
