@@ -210,6 +210,8 @@ class Plan:
     changed_after_submit: list[str]
     finished: dict[str, int]
     dry_run_note: str = ""
+    waiting_in_window: list[tuple[str, float]] = field(default_factory=list)  # lost answers: (job, window end)
+    duplicates: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
 def make_plan(manifest: Manifest, paths: Paths) -> Plan:
@@ -228,6 +230,7 @@ def make_plan(manifest: Manifest, paths: Paths) -> Plan:
     to_download: list[str] = []
     changed: list[str] = []
     finished: dict[str, int] = {}
+    in_window: list[tuple[str, float]] = []
     for spec in manifest.jobs:
         row = rows.get(spec.id)
         state = row.state if row else JobState.PENDING
@@ -239,12 +242,25 @@ def make_plan(manifest: Manifest, paths: Paths) -> Plan:
             (to_submit if ready else waiting).append(spec.id)
         elif state in (JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING):
             to_check.append(spec.id)
+            if row is not None and state is JobState.SUBMITTING and (row.reconcile_at or 0.0) > time.time():
+                in_window.append((spec.id, row.reconcile_at or 0.0))
         elif state in (JobState.SUCCEEDED, JobState.DOWNLOADING):
             to_download.append(spec.id)
         else:
             finished[state.value] = finished.get(state.value, 0) + 1
     pending_bytes = sum(f.size_bytes or 0 for f in files if not f.done and not f.lost and f.job_id in set(to_download))
-    return Plan(to_submit, waiting, to_check, to_download, pending_bytes, changed, finished)
+    duplicates = [(r.id, r.duplicate_ids) for r in rows.values() if r.duplicate_ids and r.in_manifest]
+    return Plan(
+        to_submit,
+        waiting,
+        to_check,
+        to_download,
+        pending_bytes,
+        changed,
+        finished,
+        waiting_in_window=in_window,
+        duplicates=duplicates,
+    )
 
 
 def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:

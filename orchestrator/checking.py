@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -47,7 +47,9 @@ class CheckStage:
         problem: Callable[[str, str], None],
         notify: Callable[[], None],
         now: Callable[[], float],
+        seen_listing: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
     ) -> None:
+        self.seen_listing = seen_listing  # every job list read is checked for duplicates
         self.store = store
         self.api = api
         self.settings = settings
@@ -143,6 +145,8 @@ class CheckStage:
                     return await self.api.list_jobs(JobType(job_type), limit=LIST_PAGE)
 
                 items = await retry.idempotent(first_page, self.settings.retry, f"list {job_type}")
+            if self.seen_listing is not None:
+                self.seen_listing(items)
             found = {str(i.get("job_id")): i for i in items if i.get("job_id") in by_remote}
         except (AuthError, QuotaError):
             raise

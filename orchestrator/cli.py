@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for one API answer (default %(default)g)",
     )
     p.add_argument(
+        "--reconcile-grace",
+        type=float,
+        metavar="S",
+        help="after an answer is lost, wait this long more before looking for the job in the job list "
+        "(the service may still be creating it; default: one more --api-timeout)",
+    )
+    p.add_argument(
         "--time-scale",
         type=float,
         default=1.0,
@@ -328,6 +335,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.submit_rate, args.requests_per_s, args.time_scale, args.api_timeout) <= 0:
         raise UsageError("--submit-rate, --requests-per-s, --time-scale and --api-timeout must be positive")
+    if args.reconcile_grace is not None and args.reconcile_grace < 0:
+        raise UsageError("--reconcile-grace must be 0 or more seconds")
     limits = Limits(
         max_active=args.max_active,
         submit_rate_per_s=args.submit_rate,
@@ -353,6 +362,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
             limits=limits,
             dry_run=args.dry_run,
             timeouts=Timeouts(api_read_s=args.api_timeout),
+            reconcile_grace_s=args.reconcile_grace,
             listen=args.listen or (_default_listen(args.callback_url) if args.callback_url else None),
             callback_url=args.callback_url,
             parallel_min_bytes=int(args.parallel_min_mb * 2**20),
@@ -395,6 +405,10 @@ def _plan(manifest: Any, paths: campaign.Paths) -> int:
     out.print(f"  download:             {len(plan.to_download)} jobs, {plan.bytes_to_download / 1e6:.1f} MB known")
     for state, n in sorted(plan.finished.items()):
         out.print(f"  finished {state}: {n}")
+    for job_id, until in plan.waiting_in_window:
+        out.print(f"  submitting: {job_id}: waiting until {ui.clock(until)} before checking the job list")
+    for job_id, others in plan.duplicates:
+        out.print(f"  [red]duplicate:[/] {job_id}: the service also holds {', '.join(others)}")
     for job_id in plan.changed_after_submit:
         out.print(f"  [yellow]changed after submission (will not be resubmitted):[/] {job_id}")
     out.print("nothing was sent")

@@ -39,6 +39,9 @@ DOWNLOAD_ROUNDS = 3  # times a file that keeps failing is queued again in one ru
 DOWNLOAD_REQUEUE_S = 30.0  # wait before queuing it again
 DOWNLOAD_ATTEMPTS = 5
 STOP_GRACE_S = 20.0  # after Ctrl-C: how long in-flight calls may finish
+# A lost answer is checked in the job list only this long after the client gave up
+# (None: one more API timeout): the service may still be creating the job.
+RECONCILE_GRACE_S: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +108,19 @@ class RunSettings:
     download_rounds: int = DOWNLOAD_ROUNDS
     download_requeue_s: float = DOWNLOAD_REQUEUE_S
     stop_grace_s: float = STOP_GRACE_S
+    reconcile_grace_s: float | None = RECONCILE_GRACE_S
     dry_run: bool = False
     listen: str | None = None  # HOST:PORT of the callback receiver; None: no callbacks
     callback_url: str | None = None  # the public URL that reaches it (default: its own address)
+
+    @property
+    def grace_s(self) -> float:
+        """How long after giving up on an answer the job list is read for it."""
+        return self.timeouts.api_read_s if self.reconcile_grace_s is None else self.reconcile_grace_s
+
+    def reconcile_after(self, attempt_at: float) -> float:
+        """The end of the grace window of a POST sent at `attempt_at`."""
+        return attempt_at + self.timeouts.api_read_s + self.grace_s
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from . import output, reconcile, retry
+from . import output, retry
 from .api import ApiClient
 from .callbacks import callback_url
 from .checking import CheckStage
@@ -40,6 +40,7 @@ from .fetching import FetchStage
 from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
 from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
 from .ratelimit import RequestBudget
+from .resolving import ResolveStage
 from .results import parse_job
 from .schedule import Wakeup, next_check_in
 from .store import JobRow, SqliteStore
@@ -63,6 +64,7 @@ class RunOutcome:
     changed_after_submit: tuple[str, ...] = ()
     dry_run: bool = False
     once: bool = False
+    duplicates: int = 0  # jobs the service holds more than once under our tag
 
     @property
     def exit_code(self) -> int:
@@ -70,6 +72,8 @@ class RunOutcome:
             return 130
         if self.stopped_by == StopReason.AUTH:
             return 3
+        if self.duplicates:
+            return 1  # paid twice: never reported as a success, not even by --once
         # A dry run skips dependents by design (it makes no checkpoint): not a failure.
         bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
         if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
@@ -127,6 +131,18 @@ class Engine:
         self.submitted_this_run = 0
         self.stopped_by: str | None = None
         self.problems: list[str] = []
+        self.resolve = ResolveStage(
+            store=store,
+            api=api,
+            settings=settings,
+            campaign=manifest.campaign,
+            submitting=self.busy,
+            first_check=self._first_check,
+            problem=self._problem,
+            notes=self.problems,
+            notify=self._notify,
+            now=clock,
+        )
         self.wakeup = Wakeup()
         self.ids = IdCommitter(store, clock)
         self._stopping = False
@@ -141,6 +157,7 @@ class Engine:
             problem=self._problem,
             notify=self._notify,
             now=clock,
+            seen_listing=self.resolve.tags.seen,
         )
         self.fetch = FetchStage(
             store=store,
@@ -181,16 +198,20 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                await self._reconcile_interrupted()
+                await self.resolve.resolve_due()
+                if not self.settings.dry_run:
+                    await self.resolve.adopt()
                 if once:
                     await self._one_pass()
                 else:
                     await self._loop()
+                await self.resolve.scan_for_duplicates()
         except* AuthError as group:
             exc = group.exceptions[0]
             detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
             self.stopped_by = StopReason.AUTH
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
+        self.resolve.report()
         self._write_summary()
         return RunOutcome(
             self.store.counts(),
@@ -199,13 +220,14 @@ class Engine:
             report.changed_after_submit,
             self.settings.dry_run,
             once,
+            len(self.store.duplicates()),
         )
 
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
         """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
             started = self._start_due_work(check=check, submit=submit)
-            busy = bool(self.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
+            busy = bool(self.busy or self.resolve.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
             if self._stopping:
                 if not busy:
                     return
@@ -222,7 +244,7 @@ class Engine:
         await self._loop(check=False, submit=False)
 
     def _sleep_for(self, *, check: bool) -> float:
-        due = [self.check.next_due() if check else None, self.fetch.next_due()]
+        due = [self.check.next_due() if check else None, self.fetch.next_due(), self.resolve.next_due()]
         soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
@@ -232,6 +254,8 @@ class Engine:
             return True
         if self.fetch.has_work():
             return True
+        if submit and self.resolve.waiting():
+            return True  # a lost answer waits out its grace window, then is looked for
         return submit and self._submissions_allowed() and bool(self.store.count([JobState.PENDING]))
 
     def _start_due_work(self, *, check: bool, submit: bool) -> int:
@@ -240,6 +264,7 @@ class Engine:
             return 0
         started = self.check.start_due(self._tg) if check else 0
         if submit:
+            started += self.resolve.start_due(self._tg)
             started += self._start_submissions(self._tg)
         return started + self.fetch.start_due(self._tg)
 
@@ -247,7 +272,11 @@ class Engine:
 
     def _submissions_allowed(self) -> bool:
         cap = self.settings.limits.max_new_jobs
-        return self.stopped_by is None and (cap is None or self.submitted_this_run < cap)
+        return (
+            self.stopped_by is None
+            and self.resolve.adoption_failed is None
+            and (cap is None or self.submitted_this_run < cap)
+        )
 
     def _start_submissions(self, tg: TaskGroup) -> int:
         if not self._submissions_allowed() or self._stopping:
@@ -264,6 +293,8 @@ class Engine:
             spec = self.specs.get(row.id)
             if spec is None or row.id in self.busy:
                 continue
+            if not row.adoption_checked and not self.settings.dry_run:
+                continue  # never sent before its tag was looked for in the job list (adoption)
             if spec.checkpoint_from is not None and parent_checkpoint is None:
                 # The parent ended without a checkpoint: this job can never run.
                 why = f"not sent: {spec.checkpoint_from} ended {parent_state}"
@@ -303,10 +334,15 @@ class Engine:
 
     async def _submit_once(self, spec: JobSpec, body: dict[str, Any]) -> None:
         job_id = spec.id
+
+        async def post() -> str:
+            if not self.settings.dry_run:  # each attempt starts a grace window of its own
+                sent_at = self.now()
+                self.store.record_attempt(job_id, sent_at, self.settings.reconcile_after(sent_at))
+            return await self.api.submit(spec.type, body)
+
         try:
-            remote_id = await retry.submission(
-                lambda: self.api.submit(spec.type, body), self.settings.retry, f"submit {job_id}"
-            )
+            remote_id = await retry.submission(post, self.settings.retry, f"submit {job_id}")
         except InvalidJob as exc:
             self.store.move(
                 job_id,
@@ -335,16 +371,17 @@ class Engine:
             if self.settings.dry_run:
                 self._problem(job_id, f"dry run not confirmed: {exc}")
                 return
-            log.warning("job.submit_unclear job_id=%s error=%s", job_id, exc)
-            await self._reconcile([self.store.job(job_id)])
+            self.resolve.answer_lost(job_id, exc)  # the service may still be creating it
             return
         if self.settings.dry_run:
             self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
         crash_point("after-post")
-        first_check = self.now() + next_check_in(self.check.policy(spec.type.value), None, 0)
-        await self.ids.commit(job_id, remote_id, first_check)
+        await self.ids.commit(job_id, remote_id, self._first_check(spec.type.value))
         log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
+
+    def _first_check(self, job_type: str) -> float:
+        return self.now() + next_check_in(self.check.policy(job_type), None, 0)
 
     def _callback_for(self, job_id: str) -> str | None:
         if self.callback_base is None or self.callback_secret is None or self.settings.dry_run:
@@ -354,36 +391,6 @@ class Engine:
     def _back_to_pending(self, job_id: str) -> None:
         if not self.settings.dry_run:
             self.store.move(job_id, JobState.PENDING, self.now())
-
-    async def _reconcile_interrupted(self) -> None:
-        """Jobs left SUBMITTING by an earlier run: their POST's outcome is unknown."""
-        rows = self.store.jobs([JobState.SUBMITTING])
-        for job_type in {r.type for r in rows}:
-            await self._reconcile([r for r in rows if r.type == job_type])
-
-    async def _reconcile(self, rows: list[JobRow]) -> None:
-        """Rule 2 for jobs of one type: found, provably absent, or unknown."""
-        claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
-        lost = [
-            reconcile.Lost(r.id, f"{self.manifest.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0)
-            for r in rows
-        ]
-        verdicts = await reconcile.reconcile(self.api, self.settings.retry, JobType(rows[0].type), lost, claimed)
-        for row in rows:
-            found = verdicts[row.id]
-            log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
-            if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-                first_check = self.now() + next_check_in(self.check.policy(row.type), None, 0)
-                self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=first_check)
-            elif found.verdict is reconcile.Verdict.ABSENT:
-                self.store.move(row.id, JobState.PENDING, self.now())
-            else:
-                self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
-                self._problem(
-                    row.id,
-                    f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
-                    f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
-                )
 
     # -- reading a job --------------------------------------------------------------
 

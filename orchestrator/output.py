@@ -57,7 +57,9 @@ def campaign_record(campaign: str, rows: Sequence[JobRow], files: Mapping[str, S
     return {
         "campaign": campaign,
         "counts": counts,
-        "done": bool(rows) and all(r.state is JobState.DONE for r in rows),
+        "done": bool(rows) and all(r.state is JobState.DONE for r in rows) and not any(r.duplicate_ids for r in rows),
+        # jobs the service holds more than once under our tag (paid twice): job id -> the other remote ids
+        "duplicates": {r.id: list(r.duplicate_ids) for r in rows if r.duplicate_ids},
         "jobs": [
             {
                 "id": r.id,
@@ -66,6 +68,9 @@ def campaign_record(campaign: str, rows: Sequence[JobRow], files: Mapping[str, S
                 "remote_id": r.remote_id,
                 "reason": r.reason,
                 "percentage": r.percentage,
+                "duplicate_remote_ids": list(r.duplicate_ids),
+                # a lost answer: not looked for in the job list before this time (Unix seconds)
+                "reconcile_after": r.reconcile_at if r.state is JobState.SUBMITTING else None,
                 "files": [
                     {
                         "name": f.name,

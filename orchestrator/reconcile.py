@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,46 +68,105 @@ def _tag_of(item: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def reconcile(
-    api: ApiClient, policy: RetryPolicy, job_type: JobType, lost: Sequence[Lost], claimed: Set[str]
-) -> dict[str, Reconciled]:
-    """A verdict for each lost submission of `job_type`, from one reading of the job list."""
-    oldest_intent = min(item.intent_at for item in lost)
+@dataclass(frozen=True, slots=True)
+class Listing:
+    items: list[Mapping[str, Any]]  # newest first
+    complete: bool  # the list ended: nothing older exists
+    enough: bool  # the caller's `enough` said stop
+
+    @property
+    def covered(self) -> bool:
+        return self.complete or self.enough
+
+
+async def read_list(
+    api: ApiClient,
+    policy: RetryPolicy,
+    job_type: JobType,
+    enough: Callable[[Sequence[Mapping[str, Any]]], bool],
+    *,
+    max_pages: int = MAX_PAGES,
+    what: str = "reconcile",
+) -> Listing:
+    """Pages of the job list, newest first, until a short page, `enough(page)` or `max_pages`.
+
+    Paging by `limit`/`offset` is what the docs suggest, not a documented contract; a
+    service that ignores `offset` repeats its first page: we stop there, not covered."""
     listed: list[Mapping[str, Any]] = []
-    covered = False
-    try:
-        for page in range(MAX_PAGES):
+    seen_ids: set[str] = set()
+    for page in range(max_pages):
 
-            async def list_page(offset: int = page * PAGE) -> list[dict[str, Any]]:
-                return await api.list_jobs(job_type, limit=PAGE, offset=offset)
+        async def list_page(offset: int = page * PAGE) -> list[dict[str, Any]]:
+            return await api.list_jobs(job_type, limit=PAGE, offset=offset)
 
-            items = await idempotent(list_page, policy, "reconcile")
-            listed += items
-            created = [parse_time(i.get("state_queued_start") or i.get("created_at")) for i in items]
-            if len(items) < PAGE or any(c is not None and c < oldest_intent - CLOCK_SKEW_S for c in created):
-                covered = True
-                break
-    except (ApiError, TransportError) as exc:
-        why = f"could not read the job list to check ({exc})"
-        return {item.job_id: Reconciled(Verdict.UNKNOWN, None, why) for item in lost}
+        items = await idempotent(list_page, policy, what)
+        fresh = [i for i in items if str(i.get("job_id", "")) not in seen_ids]
+        seen_ids.update(str(i.get("job_id", "")) for i in fresh)
+        listed += fresh
+        if enough(fresh):
+            return Listing(listed, complete=False, enough=True)
+        if len(items) < PAGE:
+            return Listing(listed, complete=True, enough=False)
+        if not fresh:  # a full page seen before: `offset` is ignored, older jobs cannot be reached
+            return Listing(listed, complete=False, enough=False)
+    return Listing(listed, complete=False, enough=False)
+
+
+def reaches_back(since: float) -> Callable[[Sequence[Mapping[str, Any]]], bool]:
+    """`enough` for a listing that must cover everything created since `since`."""
+
+    def enough(page: Sequence[Mapping[str, Any]]) -> bool:
+        created = [parse_time(i.get("state_queued_start") or i.get("created_at")) for i in page]
+        return any(c is not None and c < since - CLOCK_SKEW_S for c in created)
+
+    return enough
+
+
+def tags_in(items: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Our tag's value -> the remote ids carrying it, in listing order (newest first)."""
     by_tag: dict[str, list[str]] = {}
-    for item in listed:
+    for item in items:
         tag = _tag_of(item)
         if tag is not None:
             by_tag.setdefault(tag, []).append(str(item.get("job_id", "")))
+    return by_tag
+
+
+def shows_tags(items: Sequence[Mapping[str, Any]]) -> bool:
+    """Does this API's list echo tags at all? (Some listings leave them out.)"""
+    return any("tags" in item for item in items)
+
+
+async def reconcile(
+    api: ApiClient,
+    policy: RetryPolicy,
+    job_type: JobType,
+    lost: Sequence[Lost],
+    claimed: Set[str],
+    seen: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
+) -> dict[str, Reconciled]:
+    """A verdict for each lost submission of `job_type`, from one reading of the job list."""
+    oldest_intent = min(item.intent_at for item in lost)
+    try:
+        listing = await read_list(api, policy, job_type, reaches_back(oldest_intent))
+    except (ApiError, TransportError) as exc:
+        why = f"could not read the job list to check ({exc})"
+        return {item.job_id: Reconciled(Verdict.UNKNOWN, None, why) for item in lost}
+    listed, covered = listing.items, listing.covered
+    if seen is not None:
+        seen(listed)
+    by_tag = tags_in(listed)
     verdicts: dict[str, Reconciled] = {}
     taken = set(claimed)
     for job in lost:
         tagged = by_tag.get(job.tag_value, [])
         if tagged:
             remote = tagged[-1]  # the list is newest first: the oldest is ours, later ones duplicates
-            if len(tagged) > 1:
-                log.error("job.duplicate job_id=%s remote_ids=%s", job.job_id, ",".join(tagged))
             verdicts[job.job_id] = Reconciled(Verdict.FOUND, remote, "found by its tag in the job list")
             taken.add(remote)
     # Where the list shows tags, a job without ours is not ours: config matching could only
     # claim somebody else's job with the same settings.
-    tags_listed = any("tags" in item for item in listed)
+    tags_listed = shows_tags(listed)
     for job in lost:
         if job.job_id in verdicts:
             continue

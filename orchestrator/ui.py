@@ -63,6 +63,23 @@ def human_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def clock(when: float) -> str:
+    """A moment today, as the user's clock shows it."""
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def job_note(row: JobRow, now: float) -> str:
+    """What the reason column says: a lost answer in its grace window, a duplicate, or the reason."""
+    notes = []
+    if row.state is JobState.SUBMITTING and (row.reconcile_at or 0.0) > now:
+        notes.append(f"submitting: waiting until {clock(row.reconcile_at or 0.0)} before checking the job list")
+    if row.duplicate_ids:
+        notes.append(f"DUPLICATE: the service also holds {', '.join(row.duplicate_ids)} with this job's tag")
+    if row.reason:
+        notes.append(row.reason)
+    return "; ".join(notes)
+
+
 class _Events(logging.Handler):
     """The latest events of the run, for the live view."""
 
@@ -192,6 +209,11 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         console.print("out of tokens: top up, then run again; nothing already paid for was dropped")
     elif outcome.stopped_by == "auth":
         console.print("the API refused the key: fix DREAMLOOK_API_KEY, then run again")
+    if outcome.duplicates:
+        console.print(
+            f"[red]{outcome.duplicates} job(s) exist twice in the service (paid twice):[/] one of each is downloaded; "
+            "`dreamlook-batch status MANIFEST` lists the other remote ids"
+        )
     if counts.get(JobState.UNKNOWN):
         console.print("unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle MANIFEST JOB ...`")
     if any(counts.get(s) for s in BAD_ENDINGS):
@@ -215,8 +237,11 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
             r.remote_id or "",
             age,
             file_text,
-            scrub(r.reason or ""),
+            scrub(job_note(r, now)),
         )
         totals[r.state.value] = totals.get(r.state.value, 0) + 1
+    duplicates = sum(1 for r in rows if r.duplicate_ids)
     table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    if duplicates:
+        table.caption += f"; {duplicates} paid twice (duplicate)"
     return table

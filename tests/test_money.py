@@ -33,7 +33,8 @@ def jobs_yaml(folder: Path, count: int, *, same_config: bool = False) -> Path:
 
 
 def cli(manifest: Path, sim: Any, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return cli_process(manifest, sim, *extra, env=env)
+    # A short API timeout: a lost answer is looked for after timeout + grace (4 s), also after a kill.
+    return cli_process(manifest, sim, "--api-timeout", "2", *extra, env=env)
 
 
 def states(manifest: Path) -> dict[str, tuple[str, str | None]]:

@@ -114,6 +114,12 @@ async def submit(request: web.Request, fault: FaultKind | None) -> web.StreamRes
         return _detail(422, [{"loc": ["body"], "msg": "invalid JSON", "type": "value_error.jsondecode"}])
     if not isinstance(body, dict):
         return _detail(422, [{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
+    if fault is FaultKind.LATE_CREATE:
+        # Made by the simulator's own task: a client that gave up does not cancel it.
+        made = await sim.submit_late(kind, body, sim.faults.plan.late_s)
+        if isinstance(made, Rejected):
+            return _detail(made.status, made.detail)
+        return web.json_response({"job_id": made.job_id})
     try:
         job = sim.service.submit(kind, body, sim.now(), fail=fault is FaultKind.FAIL_JOB)
     except Rejected as rejected:
@@ -302,6 +308,7 @@ async def admin_faults(request: web.Request) -> web.StreamResponse:
                 for s in raw.get("script", [])
             ),
             requests_per_s=raw.get("requests_per_s"),
+            **{k: float(raw[k]) for k in ("slow_s", "late_s") if k in raw},
         )
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         return _detail(422, f"bad fault plan: {exc}")

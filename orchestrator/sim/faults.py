@@ -70,6 +70,8 @@ class FaultInjector:
                 return FaultKind.GHOST, None
             if draw() < r.ghost_5xx:
                 return FaultKind.GHOST_5XX, None
+            if draw() < r.late_create:
+                return FaultKind.LATE_CREATE, None
         if route is Route.DOWNLOAD:
             if draw() < r.reset_download:
                 return FaultKind.RESET, None

@@ -27,7 +27,7 @@ from .app import build_app
 from .content import expected_sha256, png_image
 from .faults import FaultInjector
 from .render import Renderer
-from .service import Ledger, Service, SimJob
+from .service import JobKind, Ledger, Rejected, Service, SimJob
 from .settings import CALLBACK_ATTEMPTS, CALLBACK_BACKOFF_S, FaultPlan, SimSettings
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,30 @@ class Simulator:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    async def submit_late(self, kind: JobKind, body: dict[str, Any], delay_s: float) -> SimJob | Rejected:
+        """The late_create fault: the job is made `delay_s` from now by a task of the simulator's
+        own, so it is made even when the request that asked for it is gone."""
+        assert self._tg is not None
+        made: list[SimJob | Rejected] = []
+        ready = anyio.Event()
+
+        async def create() -> None:
+            try:
+                await anyio.sleep(delay_s)
+                job = self.service.submit(kind, body, self.now())
+                self.schedule_callback(job)
+                made.append(job)
+            except Rejected as rejected:
+                made.append(rejected)
+            finally:
+                ready.set()
+
+        self._tg.start_soon(create)
+        await ready.wait()
+        if not made:
+            raise RuntimeError("the simulator stopped before a late submission was made")
+        return made[0]
 
     # -- callbacks ----------------------------------------------------------------
 

@@ -30,6 +30,7 @@ LORA_BYTES = 75_611_048  # the docs' example
 IMAGE_MAX_PX = 512
 HASH_MAX_BYTES = 64 * 1024 * 1024  # x-goog-hash md5 only where it is cheap to compute
 SLOW_ANSWER_S = 30.0  # real seconds: longer than any sane client timeout
+LATE_CREATE_S = 90.0  # real seconds: a late_create submission is answered, and its job made, this late
 LIST_DEFAULT_LIMIT = 50
 CALLBACK_ATTEMPTS = 4
 CALLBACK_BACKOFF_S = 0.5  # real seconds, doubled per attempt
@@ -44,6 +45,7 @@ class FaultKind(enum.StrEnum):
     SLOW = "slow"  # answer after SLOW_ANSWER_S (submit: the job is created first)
     GHOST = "ghost"  # submit: create the job, then drop the connection
     GHOST_5XX = "ghost-5xx"  # submit: create the job, then answer 502
+    LATE_CREATE = "late-create"  # submit: wait `late_s`, then create the job (even if the client left) and answer
     RESET = "reset"  # download: drop the connection after `arg` bytes
     TRUNCATE = "truncate"  # download: end the body early after `arg` bytes
     IGNORE_RANGE = "ignore-range"  # download: answer 200 with the whole file
@@ -84,6 +86,7 @@ class FaultRates:
     slow: float = 0.0
     ghost_submit: float = 0.0
     ghost_5xx: float = 0.0
+    late_create: float = 0.0
     reset_download: float = 0.0
     truncate_download: float = 0.0
     ignore_range: float = 0.0
@@ -97,6 +100,7 @@ class FaultPlan:
     script: tuple[ScriptedFault, ...] = ()
     requests_per_s: float | None = None  # per API key; over it: 429 with Retry-After
     slow_s: float = SLOW_ANSWER_S
+    late_s: float = LATE_CREATE_S  # real seconds before a late_create submission makes its job
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -93,11 +94,27 @@ CREATE TABLE part_spans (
 """
 # ---- end of schema 2, files --------------------------------------------------------------
 
-_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES,)}  # version -> scripts that reach it
+# ---- schema 2, never paying twice (issue 11 sections 1-2) -------------------------------
+# attempt_at: when the last POST of the job was sent (its grace window counts from it);
+# reconcile_at: the end of the grace window as the run that sent it computed it;
+# adoption_checked: the job list was read for this job's tag before its first submission;
+# duplicate_ids: JSON list of the other remote ids the service holds with this job's tag.
+# Applied to fresh files after _SCHEMA and to version-1 files as their migration.
+_SCHEMA_V2_MONEY = """
+ALTER TABLE jobs ADD COLUMN attempt_at REAL;
+ALTER TABLE jobs ADD COLUMN reconcile_at REAL;
+ALTER TABLE jobs ADD COLUMN adoption_checked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN duplicate_ids TEXT;
+UPDATE jobs SET attempt_at = intent_at WHERE state = 'submitting';
+UPDATE jobs SET adoption_checked = 1 WHERE intent_at IS NOT NULL OR remote_id IS NOT NULL
+"""
+# ---- end of schema 2, never paying twice ---------------------------------------------------
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES, _SCHEMA_V2_MONEY)}  # version -> scripts that reach it
 _JOB_COLUMNS = (
     "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
     "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
-    "next_check_at, checks, reason, in_manifest"
+    "next_check_at, checks, reason, in_manifest, attempt_at, reconcile_at, adoption_checked, duplicate_ids"
 )
 
 
@@ -105,6 +122,8 @@ def _job(row: sqlite3.Row | dict[str, Any]) -> JobRow:
     values = dict(row)
     values["state"] = JobState(values["state"])
     values["in_manifest"] = bool(values["in_manifest"])
+    values["adoption_checked"] = bool(values["adoption_checked"])
+    values["duplicate_ids"] = tuple(json.loads(values["duplicate_ids"])) if values["duplicate_ids"] else ()
     return JobRow(**values)
 
 
@@ -326,8 +345,8 @@ class SqliteStore:
         with self._tx(durable=True) as db:
             for job_id, payload, fingerprint in intents:
                 cur = db.execute(
-                    "UPDATE jobs SET state=?, intent_at=?, sent_payload=?, sent_fingerprint=?, updated_at=?"
-                    " WHERE id=? AND state=?",
+                    "UPDATE jobs SET state=?, intent_at=?, sent_payload=?, sent_fingerprint=?, updated_at=?,"
+                    " attempt_at=NULL, reconcile_at=NULL, adoption_checked=1 WHERE id=? AND state=?",
                     (
                         JobState.SUBMITTING.value,
                         now,
@@ -355,6 +374,76 @@ class SqliteStore:
                 )
                 if cur.rowcount != 1:
                     raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+
+    # -- never paying twice: grace windows, adoption by tag, duplicates (schema 2) ---------
+
+    def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
+        """A POST of this job is being sent now; its answer, if lost, is checked after `window_end`.
+
+        Not synced (that would be an fsync per POST, beside the batched intents): WAL keeps it through
+        kill -9; only an OS crash could lose it, and then the window counts from the intent."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET attempt_at=?, reconcile_at=MAX(COALESCE(reconcile_at, 0), ?) WHERE id=? AND state=?",
+                (now, window_end, job_id, JobState.SUBMITTING.value),
+            )
+
+    def answer_lost(self, job_id: str, window_end: float) -> None:
+        """The client gave up on the answer: the window ends no sooner than `window_end`."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET reconcile_at=MAX(COALESCE(reconcile_at, 0), ?) WHERE id=? AND state=?",
+                (window_end, job_id, JobState.SUBMITTING.value),
+            )
+
+    def adoption_candidates(self) -> list[JobRow]:
+        """Pending jobs whose tag was never looked for in the job list (this state never sent them)."""
+        rows = self._query(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state=? AND adoption_checked=0 AND in_manifest=1 ORDER BY position",
+            (JobState.PENDING.value,),
+        )
+        return [_job(r) for r in rows]
+
+    def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
+        """(job id, remote id, first look) found under our tag: PENDING -> QUEUED; every id in
+        `checked` is marked as looked for. One synced transaction."""
+        with self._tx(durable=True) as db:
+            for job_id, remote_id, next_check_at in found:
+                cur = db.execute(
+                    "UPDATE jobs SET state=?, remote_id=?, submitted_at=?, updated_at=?, remote_state='queued',"
+                    " next_check_at=?, adoption_checked=1, reason=? WHERE id=? AND state=?",
+                    (
+                        JobState.QUEUED.value,
+                        remote_id,
+                        now,
+                        now,
+                        next_check_at,
+                        f"adopted: the service already held {remote_id} with this job's tag",
+                        job_id,
+                        JobState.PENDING.value,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} is not pending: cannot adopt {remote_id}")
+            db.executemany("UPDATE jobs SET adoption_checked=1 WHERE id=?", [(j,) for j in checked])
+
+    def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
+        """Other remote jobs carrying this job's tag; True when any of them is news."""
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT duplicate_ids FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return False
+            known: list[str] = json.loads(row[0]) if row[0] else []
+            new = [r for r in remote_ids if r not in known]
+            if new:
+                db.execute("UPDATE jobs SET duplicate_ids=? WHERE id=?", (json.dumps(known + new), job_id))
+            return bool(new)
+
+    def duplicates(self) -> dict[str, tuple[str, ...]]:
+        rows = self._query("SELECT id, duplicate_ids FROM jobs WHERE duplicate_ids IS NOT NULL AND in_manifest=1")
+        return {r[0]: tuple(json.loads(r[1])) for r in rows}
+
+    # -- state changes ----------------------------------------------------------------
 
     def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
         with self._tx() as db:

@@ -1,0 +1,181 @@
+"""The resolve stage (rule 2): submissions whose answer was lost, a lost state, duplicates.
+
+A lost answer leaves its job `submitting` with the time of the attempt recorded. The
+service may still be creating it, so the job list is read for it only after its grace
+window (attempt + API timeout + grace, or later if the run that sent it said so); the
+window is measured from what the store holds, so it holds across kill -9, restarts and
+`--once` passes. Adoption (adoption.py) runs before the first submissions; every job
+list read here goes through the `TagWatch`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from anyio.abc import TaskGroup
+
+from . import reconcile
+from .adoption import TagWatch, adopt
+from .api import ApiClient
+from .config import RunSettings
+from .errors import ApiError, AuthError, TransportError
+from .models import JobState, JobType
+from .store import JobRow, SqliteStore
+from .ui import clock
+
+log = logging.getLogger(__name__)
+
+
+class ResolveStage:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        api: ApiClient,
+        settings: RunSettings,
+        campaign: str,
+        submitting: set[str],
+        first_check: Callable[[str], float],
+        problem: Callable[[str, str], None],
+        notes: list[str],
+        notify: Callable[[], None],
+        now: Callable[[], float],
+    ) -> None:
+        self.store, self.api, self.settings, self.campaign = store, api, settings, campaign
+        self.submitting = submitting  # job ids whose POST is in flight in this process
+        self.first_check, self.problem, self.notes = first_check, problem, notes
+        self.notify, self.now = notify, now
+        self.tags = TagWatch(store, campaign)
+        self.busy: set[str] = set()  # lost answers being looked for now
+        self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
+        self.adoption_failed: str | None = None
+
+    # -- lost answers ---------------------------------------------------------------
+
+    def answer_lost(self, job_id: str, error: Exception) -> None:
+        """The client gave up on the answer: look for the job only after the grace window."""
+        self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
+        until = clock(self.window_end(self.store.job(job_id)))
+        log.warning("job.submit_unclear job_id=%s error=%s check_after=%s", job_id, error, until)
+
+    def window_end(self, row: JobRow) -> float:
+        """When a lost answer may be looked for: the recorded attempt + API timeout + grace
+        (or later, as the run that sent it computed it). No attempt recorded: never sent."""
+        if row.attempt_at is None:
+            return row.reconcile_at or row.intent_at or 0.0
+        return max(row.reconcile_at or 0.0, self.settings.reconcile_after(row.attempt_at))
+
+    def waiting(self) -> list[JobRow]:
+        """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
+        return [
+            r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in self.submitting and r.id not in self.busy
+        ]
+
+    def next_due(self) -> float | None:
+        return min((self.window_end(r) for r in self.waiting()), default=None)
+
+    def _due_by_type(self) -> list[list[JobRow]]:
+        now = self.now()
+        due = [r for r in self.waiting() if self.window_end(r) <= now]
+        return [[r for r in due if r.type == t] for t in sorted({r.type for r in due})]
+
+    def start_due(self, tg: TaskGroup) -> int:
+        started = 0
+        for rows in self._due_by_type():
+            self.busy.update(r.id for r in rows)
+            tg.start_soon(self._resolve_task, rows)
+            started += len(rows)
+        return started
+
+    async def resolve_due(self) -> None:
+        """Lost answers whose window has passed, at once; the others wait."""
+        for rows in self._due_by_type():
+            await self.resolve(rows)
+
+    async def _resolve_task(self, rows: list[JobRow]) -> None:
+        try:
+            await self.resolve(rows)
+        finally:
+            self.busy.difference_update(r.id for r in rows)
+            self.notify()
+
+    async def resolve(self, rows: list[JobRow]) -> None:
+        """Jobs of one type: found, provably absent (pending again), or unknown."""
+        claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
+        lost = [
+            reconcile.Lost(r.id, f"{self.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0) for r in rows
+        ]
+        verdicts = await reconcile.reconcile(
+            self.api, self.settings.retry, JobType(rows[0].type), lost, claimed, self.tags.seen
+        )
+        for row in rows:
+            found = verdicts[row.id]
+            log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
+            if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
+                self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=self.first_check(row.type))
+            elif found.verdict is reconcile.Verdict.ABSENT:
+                self.store.move(row.id, JobState.PENDING, self.now())
+                since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
+                self.resent_since[row.type] = since
+            else:
+                self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
+                self.problem(
+                    row.id,
+                    f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
+                    f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
+                )
+
+    # -- a lost state, duplicates ------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Before the first submissions: adopt the jobs the service already holds under our tags."""
+        try:
+            warnings = await adopt(
+                self.api,
+                self.settings,
+                self.store,
+                self.campaign,
+                now=self.now,
+                first_check=lambda job_type: self.now(),  # adopted jobs: look at once
+                watch=self.tags,
+            )
+        except AuthError:
+            raise
+        except (ApiError, TransportError) as exc:
+            self.adoption_failed = str(exc)
+            self.notes.append(
+                f"could not read the job list to look for jobs of this campaign the service already holds "
+                f"({exc}); nothing new was submitted, to avoid paying twice. Run again when the API answers"
+            )
+            return
+        self.notes.extend(warnings)
+
+    async def scan_for_duplicates(self) -> None:
+        """Jobs sent again after a lost answer: read the list once more for a late second copy."""
+        for job_type, since in self.resent_since.items():
+            try:
+                listing = await reconcile.read_list(
+                    self.api, self.settings.retry, JobType(job_type), reconcile.reaches_back(since), what="scan"
+                )
+            except (ApiError, TransportError) as exc:
+                log.info("campaign.duplicate_scan_failed type=%s error=%s", job_type, exc)
+                continue
+            self.tags.seen(listing.items)
+
+    def report(self) -> None:
+        """What the end-of-run summary must say: jobs left in their window, and duplicates."""
+        for row in self.store.jobs([JobState.SUBMITTING]):
+            until = clock(self.window_end(row))
+            log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
+            self.notes.append(
+                f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
+                "for it in the job list (the service may still be creating it)"
+            )
+        for job_id, others in self.store.duplicates().items():
+            row = self.store.job(job_id)
+            self.notes.append(
+                f"{job_id}: DUPLICATE: the service holds {len(others) + 1} jobs with its tag; {row.remote_id} is "
+                f"followed and downloaded, the other(s) {', '.join(others)} can be fetched with "
+                f"`dreamlook-batch jobs get {row.type} ID`"
+            )
