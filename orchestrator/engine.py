@@ -34,6 +34,7 @@ from .errors import (
     NotSent,
     QuotaError,
     RateLimited,
+    Throttled,
     describe_detail,
 )
 from .fetching import FetchStage
@@ -52,6 +53,7 @@ ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one syn
 class StopReason:
     AUTH = "auth"
     QUOTA = "quota"
+    UNREACHABLE = "unreachable"  # a submission could not reach the API even after its retries
     INTERRUPTED = "interrupted"
 
 
@@ -77,6 +79,8 @@ class RunOutcome:
         unfinished = any(n for s, n in self.counts.items() if not s.terminal)
         if self.stopped_by == StopReason.QUOTA and unfinished:
             return 3
+        if self.stopped_by == StopReason.UNREACHABLE and unfinished:
+            return 1  # even with --once: jobs were due and could not be sent
         if unfinished and not self.once:
             return 1  # e.g. files that kept failing: the next run resumes them
         return 0
@@ -295,7 +299,11 @@ class Engine:
     async def _submit(self, spec: JobSpec, body: dict[str, Any]) -> None:
         try:
             async with self.submit_limiter:
-                await self.submit_budget.acquire()
+                try:
+                    await self.submit_budget.acquire()
+                except Throttled:
+                    self._back_to_pending(spec.id)  # not sent: the next pass takes it again
+                    return
                 await self._submit_once(spec, body)
         finally:
             self.busy.discard(spec.id)
@@ -328,8 +336,16 @@ class Engine:
         except AuthError:
             self._back_to_pending(job_id)
             raise
-        except (NotSent, RateLimited):
+        except (Throttled, RateLimited):
             self._back_to_pending(job_id)  # provably nothing was created
+            return
+        except NotSent as exc:
+            # Never left (no connection, a URL it cannot send to), even after retries: nothing
+            # was created, so not `unknown`; and sending more now would fail alike.
+            self._back_to_pending(job_id)
+            if self.stopped_by is None:
+                self.stopped_by = StopReason.UNREACHABLE
+                self.problems.append(f"{exc}; no new jobs are sent in this run (nothing was created): run again later")
             return
         except Exception as exc:  # the answer is lost: the job may or may not exist
             if self.settings.dry_run:
