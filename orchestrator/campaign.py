@@ -133,7 +133,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     url, key = request.api_url, read_api_key(request.api_key_file)
                 budget = RequestBudget(settings.limits.api_requests_per_s, pause_cap_s=settings.retry.retry_after_cap_s)
                 api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
-                if _may_submit(request.manifest, store):
+                if not settings.dry_run and _may_submit(request.manifest, store):  # a dry run pays nothing
                     await preflight.check_api(
                         api, request.manifest.jobs[0].type, settings.preflight_retry, settings.preflight_deadline_s
                     )

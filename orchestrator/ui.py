@@ -192,6 +192,8 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         console.print("out of tokens: top up, then run again; nothing already paid for was dropped")
     elif outcome.stopped_by == "auth":
         console.print("the API refused the key: fix DREAMLOOK_API_KEY, then run again")
+    elif outcome.stopped_by == "unreachable":
+        console.print("the API could not be reached: the jobs left pending were never sent; run again when it answers")
     if counts.get(JobState.UNKNOWN):
         console.print("unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle MANIFEST JOB ...`")
     if any(counts.get(s) for s in BAD_ENDINGS):

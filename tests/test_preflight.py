@@ -8,11 +8,14 @@ dependent is never stranded; no `Retry-After` takes a run down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,37 @@ def test_a_state_that_cannot_be_written_exits_2_and_sends_nothing(
             code, printed = run([command, str(example), "--api-url", sim.url, "--state", str(state)], capsys)
             assert code == 2, printed
             assert f"--state {state}" in printed and "Nothing was sent" in printed
+        assert sum(sim.ledger.requests.values()) == 0
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` made unwritable, even for root (chattr +i) where chmod alone would not do."""
+    path.chmod(0o400)
+    immutable = False
+    if os.access(path, os.W_OK):  # root
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], check=False).returncode:
+            path.chmod(0o600)
+            pytest.skip("running as root without a working chattr: cannot make a file read-only")
+        immutable = True
+    try:
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        path.chmod(0o600)
+
+
+def test_a_state_store_that_takes_no_write_exits_2_and_sends_nothing(
+    example: Path, threaded_sim: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    db = example.parent / ".dreamlook-batch" / "example.db"
+    SqliteStore(db).close()
+    with threaded_sim(fast_sim()) as sim, read_only(db):
+        monkeypatch.setenv("DREAMLOOK_API_KEY", sim.api_key)
+        code, printed = run(["run", str(example), "--api-url", sim.url, *FAST], capsys)
+        assert code == 2, printed
+        assert f"--state {db}: cannot be written" in printed and "Nothing was sent" in printed
         assert sum(sim.ledger.requests.values()) == 0
 
 
