@@ -199,14 +199,7 @@ class FetchStage:
             self.notify()
 
     async def _fetch_file(self, job_id: str, remote_id: str) -> None:
-        try:
-            remote = self.remote.get(job_id) or await self.fresh(job_id)
-        except (AuthError, QuotaError):
-            raise
-        except (ApiError, TransportError) as exc:  # e.g. the API or our request budget gave out: not fatal
-            self.given_up.add(job_id)
-            self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
-            return
+        remote = self.remote.get(job_id) or await self.fresh(job_id)
         artifact = next((a for a in remote.artifacts if a.remote_id == remote_id), None)
         name = artifact.name if artifact else remote_id
 
