@@ -169,8 +169,8 @@ def test_a_location_with_a_scheme_the_tool_does_not_handle_is_refused(
     monkeypatch.chdir(tmp_path)  # where a local folder `s3:` used to appear
     with threaded_sim(fast_sim()) as sim:
         monkeypatch.setenv("DREAMLOOK_API_KEY", sim.api_key)
-        for command in ("run", "plan", "status"):
-            code, printed = run([command, str(example), "--api-url", sim.url, option, value], capsys)
+        for command in (["run", *FAST], ["plan"], ["status"]):
+            code, printed = run([*command, str(example), "--api-url", sim.url, option, value], capsys)
             scheme = value.split("://")[0]
             assert code == 2 and f"{scheme}:// locations are not supported" in printed, printed
             assert "hunter2" not in printed
