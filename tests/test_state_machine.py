@@ -228,3 +228,22 @@ def test_a_checkpoint_that_turns_up_late_brings_the_dependent_back() -> None:
         assert machine.store.job("b").state is JobState.PENDING and machine.store.job("b").reason is None
     finally:
         machine.teardown()
+
+
+def test_a_manifest_edit_that_frees_a_skipped_dependent_brings_it_back() -> None:
+    machine = JobLifeCycle()
+    try:
+        machine.record_intent("a")
+        machine.move("a", JobState.FAILED)
+        machine.move("b", JobState.SKIPPED)
+        machine.move("c", JobState.SKIPPED)
+        # b no longer needs a's checkpoint: b may go, and c waits for b again.
+        specs = [
+            JobSpec(id="a", type=JobType.DREAMBOOTH, payload={"prompt": "a"}),
+            JobSpec(id="b", type=JobType.DREAMBOOTH, payload={"prompt": "b", "base_model": "sd-1.5"}),
+            JobSpec(id="c", type=JobType.DREAMBOOTH, payload={"prompt": "c"}, checkpoint_from="b"),
+        ]
+        machine.store.sync_manifest("c", specs, [spec_fingerprint(s) for s in specs], machine._tick())
+        assert [machine.store.job(j).state for j in JOBS] == [JobState.FAILED, JobState.PENDING, JobState.PENDING]
+    finally:
+        machine.teardown()

@@ -353,7 +353,8 @@ class SqliteStore:
                     "UPDATE jobs SET intent_at=NULL, sent_payload=NULL, sent_fingerprint=NULL WHERE id=?",
                     (job_id,),
                 )
-            _revive_skipped(db, now)
+            # No revival here: no move turns a dead-end parent into a live one (the property
+            # test in tests/test_state_machine.py would catch one that did).
 
     def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
@@ -362,9 +363,19 @@ class SqliteStore:
         Returns the dependents that were skipped because of it and are pending again."""
         with self._tx(durable=True) as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, remote_id=COALESCE(?, remote_id), reason=?, updated_at=?,"
+                "UPDATE jobs SET state=?, remote_id=COALESCE(?, remote_id), reason=?, updated_at=?, finished_at=?,"
                 " submitted_at=CASE WHEN ? IS NULL THEN submitted_at ELSE ? END WHERE id=? AND state=?",
-                (state.value, remote_id, reason, now, remote_id, now, job_id, JobState.UNKNOWN.value),
+                (
+                    state.value,
+                    remote_id,
+                    reason,
+                    now,
+                    now if state.terminal else None,  # queued or pending again: not finished
+                    remote_id,
+                    now,
+                    job_id,
+                    JobState.UNKNOWN.value,
+                ),
             )
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id!r} is not unknown: nothing to settle")
@@ -500,14 +511,16 @@ def _parent_is_dead_end(db: sqlite3.Connection, job_id: str) -> bool:
 
 
 def _revive_skipped(db: sqlite3.Connection, now: float | None) -> tuple[str, ...]:
-    """Skipped jobs whose parent may still give a checkpoint go back to PENDING, and their own
-    skipped dependents after them: `skipped` always means the parent is a dead end."""
+    """Skipped jobs whose parent may still give a checkpoint (or that have none any more: the
+    manifest changed) go back to PENDING, and their own skipped dependents after them:
+    `skipped` always means the parent is a dead end."""
     revived: list[str] = []
     while True:
         ids = [
             r[0]
             for r in db.execute(
-                f"SELECT c.id FROM jobs c JOIN jobs p ON p.id = c.checkpoint_from WHERE c.state=? AND NOT {_DEAD_END}",
+                "SELECT c.id FROM jobs c LEFT JOIN jobs p ON p.id = c.checkpoint_from"
+                f" WHERE c.state=? AND (p.id IS NULL OR NOT {_DEAD_END})",
                 (JobState.SKIPPED.value, *_ENDED),
             )
         ]
