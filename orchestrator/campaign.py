@@ -131,7 +131,11 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     settings = settings.time_scaled(request.simulate.time_scale)
                 else:
                     url, key = request.api_url, read_api_key(request.api_key_file)
-                budget = RequestBudget(settings.limits.api_requests_per_s, pause_cap_s=settings.retry.retry_after_cap_s)
+                budget = RequestBudget(
+                    settings.limits.api_requests_per_s,
+                    pause_cap_s=settings.retry.retry_after_cap_s,
+                    max_wait_s=settings.budget_wait_s,
+                )
                 api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
                 if not settings.dry_run and _may_submit(request.manifest, store):  # a dry run pays nothing
                     await preflight.check_api(

@@ -20,6 +20,7 @@ RETRY_TOTAL_S = 300.0
 RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
 RETRY_AFTER_CAP_S = 300.0  # the longest pause a `Retry-After` may impose; asked for more, we log it and use this
+BUDGET_WAIT_S = 600.0  # the deadline of one wait for the request budget; past it the request is not sent
 
 # Before the first paid POST: is the API there and does it take the key? A few quick tries.
 PREFLIGHT_ATTEMPTS = 4
@@ -108,6 +109,7 @@ class RunSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     preflight_retry: RetryPolicy = PREFLIGHT_RETRY  # the API check before the first paid POST
     preflight_deadline_s: float = PREFLIGHT_DEADLINE_S
+    budget_wait_s: float = BUDGET_WAIT_S
     poll: PollPolicy = field(default_factory=PollPolicy)  # training jobs
     image_poll: PollPolicy = field(
         default_factory=lambda: PollPolicy(queued_s=IMAGE_POLL_QUEUED_S, min_s=IMAGE_POLL_MIN_S, max_s=IMAGE_POLL_MAX_S)

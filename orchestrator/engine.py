@@ -124,7 +124,7 @@ class Engine:
         self.settings = settings
         self.out_dir = out_dir
         self.now = clock
-        self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s)
+        self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s, max_wait_s=settings.budget_wait_s)
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
@@ -301,7 +301,8 @@ class Engine:
             async with self.submit_limiter:
                 try:
                     await self.submit_budget.acquire()
-                except Throttled:
+                except Throttled as exc:
+                    log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
                     self._back_to_pending(spec.id)  # not sent: the next pass takes it again
                     return
                 await self._submit_once(spec, body)
@@ -336,7 +337,8 @@ class Engine:
         except AuthError:
             self._back_to_pending(job_id)
             raise
-        except (Throttled, RateLimited):
+        except (Throttled, RateLimited) as exc:
+            log.info("job.not_sent job_id=%s why=%s", job_id, exc)
             self._back_to_pending(job_id)  # provably nothing was created
             return
         except NotSent as exc:

@@ -14,11 +14,10 @@ import time
 
 import anyio
 
-from .config import RETRY_AFTER_CAP_S
+from .config import BUDGET_WAIT_S, RETRY_AFTER_CAP_S
 from .errors import Throttled
 
 log = logging.getLogger(__name__)
-MAX_WAIT_S = 600.0  # a deadline on every wait: no budget wait outlasts this
 
 
 class RequestBudget:
@@ -28,7 +27,7 @@ class RequestBudget:
         *,
         burst: float | None = None,
         pause_cap_s: float = RETRY_AFTER_CAP_S,
-        max_wait_s: float = MAX_WAIT_S,
+        max_wait_s: float = BUDGET_WAIT_S,  # a deadline on every wait
     ) -> None:
         if requests_per_s <= 0:
             raise ValueError("requests_per_s must be positive")

@@ -329,3 +329,24 @@ async def test_a_budget_wait_past_its_deadline_is_not_sent_not_a_timeout() -> No
     with pytest.raises(Throttled):  # a NotSent: every caller puts its job back, none crashes
         await budget.acquire()
     assert budget.pause(3600) == pytest.approx(0.15)  # never more than half the deadline
+
+
+@pytest.mark.anyio
+async def test_a_submission_whose_budget_wait_runs_out_goes_back_to_pending_and_goes_later(
+    example: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One submission a second, and a budget deadline far shorter: the waiting ones are
+    put back (never sent, never unknown, the run does not crash) and go in later passes."""
+    manifest = load_manifest(example)
+    settings = replace(fast_run(submit_rate_per_s=1.0), budget_wait_s=0.2)
+    async with Simulator(fast_sim()) as sim:
+        key = write(example.parent / "key", sim.api_key)
+        request = RunRequest(
+            manifest=manifest, paths=paths_for(manifest), settings=settings, api_url=sim.url, api_key_file=key
+        )
+        with caplog.at_level(logging.INFO), anyio.fail_after(60):
+            result = await run_campaign(request)
+        assert result.outcome.exit_code == 0, result.outcome.problems
+        assert sorted(sim.ledger.tag_values().items()) == [(f"example/{j}", 1) for j in EXAMPLE_IDS]
+        assert_campaign_on_disk(sim, result.paths.out, "example", EXAMPLE_IDS)
+    assert "job.not_sent job_id=bob-all-in-one why=the request budget did not let the request go" in caplog.text
