@@ -32,9 +32,21 @@ from .errors import (
 )
 from .models import JobType
 from .ratelimit import RequestBudget
+from .urls import redact
 
 MAX_REDIRECTS = 5
 USER_AGENT = "dreamlook-batch/0.1"
+
+# aiohttp errors raised before a single byte of the request can have left: no connection
+# (refused, DNS, TLS handshake, proxy, connect timeout) or a URL it would not even try.
+# A reset, a disconnect or a read timeout after connecting is *not* among them: the
+# server may have read the request and acted on it.
+NEVER_SENT: tuple[type[Exception], ...] = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.InvalidURL,
+    aiohttp.NonHttpUrlClientError,
+)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -50,6 +62,14 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _why_not_sent(exc: Exception, url: str) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {url}: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"cannot connect to {url}: no connection within the connect timeout"
+    return f"{url} is not a URL the client can send to ({type(exc).__name__})"
 
 
 class ApiClient:
@@ -148,8 +168,8 @@ class ApiClient:
                     text = await resp.text()
                     location = resp.headers.get("Location")
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
-            except aiohttp.ClientConnectorError as exc:
-                raise NotSent(f"{what}: cannot connect to {self.base_url}: {exc.os_error}") from exc
+            except NEVER_SENT as exc:
+                raise NotSent(f"{what}: {_why_not_sent(exc, redact(url))}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise TransportError(f"{what}: no answer from the API ({type(exc).__name__}: {exc})") from exc
             if status in (307, 308) and location:

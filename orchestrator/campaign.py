@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from . import preflight
 from .api import ApiClient
 from .callbacks import CallbackReceiver, derive_secret, parse_listen
 from .config import DEFAULT_API_URL, RunSettings
@@ -40,18 +41,23 @@ class Paths:
 
 
 def paths_for(
-    manifest: Manifest, state: Path | None = None, out: Path | None = None, *, simulated: bool = False
+    manifest: Manifest, state: str | Path | None = None, out: str | Path | None = None, *, simulated: bool = False
 ) -> Paths:
     """Defaults relative to the manifest's folder, so cron runs from anywhere agree.
 
+    Given as text (as typed), a `scheme://` location the tool does not handle is refused
+    here, before `Path` would fold `s3://bucket` into a local `s3:/bucket`.
     A simulated run keeps its own state: its jobs exist only in a simulator that is
     gone when the run ends, so a real run must never see them.
     """
     base = manifest.path.resolve().parent
     name = f"{manifest.campaign}.simulated.db" if simulated else f"{manifest.campaign}.db"
+    for option, value in (("--state", state), ("--out", out)):
+        if isinstance(value, str):
+            preflight.check_scheme(option, value)
     return Paths(
-        state=(state or base / STATE_DIR / name).resolve(),
-        out=(out or base / OUTPUT_DIR / manifest.campaign).resolve(),
+        state=(Path(state) if state else base / STATE_DIR / name).resolve(),
+        out=(Path(out) if out else base / OUTPUT_DIR / manifest.campaign).resolve(),
     )
 
 
@@ -97,8 +103,15 @@ class RunResult:
 
 
 async def run_campaign(request: RunRequest) -> RunResult:
-    """Take the lock, wire everything, run the engine; Ctrl-C/SIGTERM stop it cleanly."""
+    """Check what can be checked, take the lock, wire everything, run the engine;
+    Ctrl-C/SIGTERM stop it cleanly."""
     settings = request.settings
+    if request.simulate is None:
+        preflight.check_api_url(request.api_url)
+    # A dry run writes no files: its checks of the folders create nothing.
+    preflight.check_output(request.paths.out, create=not settings.dry_run)
+    if not settings.dry_run:
+        preflight.check_state(request.paths.state)
     lock: contextlib.AbstractContextManager[Any] = (
         contextlib.nullcontext() if settings.dry_run else CampaignLock(request.paths.state)
     )
@@ -106,6 +119,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
         # A dry run charges nothing and must leave no state a real run would trust.
         store = SqliteStore(Path(":memory:") if settings.dry_run else request.paths.state)
         try:
+            preflight.check_store(store)
             async with contextlib.AsyncExitStack() as stack:
                 sim_url = None
                 if request.simulate is not None:
@@ -117,8 +131,16 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     settings = settings.time_scaled(request.simulate.time_scale)
                 else:
                     url, key = request.api_url, read_api_key(request.api_key_file)
-                budget = RequestBudget(settings.limits.api_requests_per_s)
+                budget = RequestBudget(
+                    settings.limits.api_requests_per_s,
+                    pause_cap_s=settings.retry.retry_after_cap_s,
+                    max_wait_s=settings.budget_wait_s,
+                )
                 api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
+                if not settings.dry_run and _may_submit(request.manifest, store):  # a dry run pays nothing
+                    await preflight.check_api(
+                        api, request.manifest.jobs[0].type, settings.preflight_retry, settings.preflight_deadline_s
+                    )
                 downloader = await stack.enter_async_context(
                     Downloader(
                         timeouts=settings.timeouts,
@@ -157,6 +179,14 @@ async def run_campaign(request: RunRequest) -> RunResult:
                 )
         finally:
             store.close()
+
+
+def _may_submit(manifest: Manifest, store: SqliteStore) -> bool:
+    """Could this run POST (a job new to the state, pending, or whose POST awaits its outcome)?
+    Then the API is checked first; a pass with nothing to send sends nothing extra."""
+    states = {row.id: row.state for row in store.jobs()}
+    may_post = (JobState.PENDING, JobState.SUBMITTING)
+    return any(states.get(spec.id, JobState.PENDING) in may_post for spec in manifest.jobs)
 
 
 def _check_no_own_callbacks(manifest: Manifest) -> None:
@@ -281,32 +311,44 @@ def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | No
             raise StoreError(f"no state at {paths.state}")
         try:
             if remote_id:
-                store.settle(
+                revived = store.settle(
                     job_id,
                     JobState.QUEUED,
                     time.time(),
                     remote_id=remote_id,
                     reason=f"settled by hand: it is {remote_id}",
                 )
-                return f"{job_id}: recorded as {remote_id}; the next run follows and downloads it"
+                message = f"{job_id}: recorded as {remote_id}; the next run follows and downloads it"
+                return message + _revived_note(revived)
             if resubmit:
-                store.settle(
+                revived = store.settle(
                     job_id,
                     JobState.PENDING,
                     time.time(),
                     remote_id=None,
                     reason="settled by hand: send again",
                 )
-                return f"{job_id}: will be submitted again by the next run (this may cost tokens twice if it did exist)"
+                message = (
+                    f"{job_id}: will be submitted again by the next run (this may cost tokens twice if it did exist)"
+                )
+                return message + _revived_note(revived)
             store.settle(job_id, JobState.FAILED, time.time(), remote_id=None, reason="settled by hand: given up")
             return f"{job_id}: marked failed; it will not be sent again"
         finally:
             store.close()
 
 
+def _revived_note(revived: tuple[str, ...]) -> str:
+    if not revived:
+        return ""
+    shown = ", ".join(revived[:10]) + (f" and {len(revived) - 10} more" if len(revived) > 10 else "")
+    return f"\n{len(revived)} dependent job(s) skipped because of it are pending again: {shown}"
+
+
 async def api_view(
     api_url: str, key_file: Path | None, job_type: JobType, job_id: str | None, limit: int | None
 ) -> Any:
+    preflight.check_api_url(api_url)
     async with ApiClient(api_url, read_api_key(key_file)) as api:
         if job_id is not None:
             return await api.get_job(job_type, job_id)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import anyio
 from rich.console import Console
 
-from . import campaign, logs, ui
+from . import campaign, logs, preflight, ui
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -57,10 +57,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _campaign_opts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, help="the campaign manifest (YAML, JSON or JSON Lines)")
-    parser.add_argument(
-        "--state", type=Path, help="state store (default: <manifest dir>/.dreamlook-batch/<campaign>.db)"
-    )
-    parser.add_argument("--out", type=Path, help="output folder (default: <manifest dir>/outputs/<campaign>/)")
+    # Kept as typed (not Path) until checked: Path would fold `s3://b` into a local `s3:/b`.
+    parser.add_argument("--state", help="state store (default: <manifest dir>/.dreamlook-batch/<campaign>.db)")
+    parser.add_argument("--out", help="output folder (default: <manifest dir>/outputs/<campaign>/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +396,9 @@ def _default_listen(public_url: str) -> str:
 
 
 def _plan(manifest: Any, paths: campaign.Paths) -> int:
+    # What a run would refuse before its first POST, as far as can be told without creating anything.
+    preflight.check_output(paths.out, create=False)
+    preflight.check_state(paths.state, create=False)
     plan = campaign.make_plan(manifest, paths)
     out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.state}")
     out.print(f"  submit now:           {len(plan.to_submit)}")

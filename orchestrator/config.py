@@ -19,6 +19,15 @@ RETRY_ATTEMPTS = 6
 RETRY_TOTAL_S = 300.0
 RETRY_BACKOFF_MIN_S = 0.5
 RETRY_BACKOFF_MAX_S = 30.0
+RETRY_AFTER_CAP_S = 300.0  # the longest pause a `Retry-After` may impose; asked for more, we log it and use this
+BUDGET_WAIT_S = 600.0  # the deadline of one wait for the request budget; past it the request is not sent
+
+# Before the first paid POST: is the API there and does it take the key? A few quick tries.
+PREFLIGHT_ATTEMPTS = 4
+PREFLIGHT_TOTAL_S = 30.0  # no new attempt after this
+PREFLIGHT_BACKOFF_MIN_S = 0.5
+PREFLIGHT_BACKOFF_MAX_S = 8.0
+PREFLIGHT_DEADLINE_S = 60.0  # the whole check, however the server stalls: then exit 2
 
 POLL_QUEUED_S = 60.0  # training: first look at a queued job; then backoff
 POLL_MIN_S = 10.0
@@ -59,6 +68,15 @@ class RetryPolicy:
     total_s: float = RETRY_TOTAL_S
     backoff_min_s: float = RETRY_BACKOFF_MIN_S
     backoff_max_s: float = RETRY_BACKOFF_MAX_S
+    retry_after_cap_s: float = RETRY_AFTER_CAP_S
+
+
+PREFLIGHT_RETRY = RetryPolicy(
+    attempts=PREFLIGHT_ATTEMPTS,
+    total_s=PREFLIGHT_TOTAL_S,
+    backoff_min_s=PREFLIGHT_BACKOFF_MIN_S,
+    backoff_max_s=PREFLIGHT_BACKOFF_MAX_S,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +110,9 @@ class Timeouts:
 class RunSettings:
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    preflight_retry: RetryPolicy = PREFLIGHT_RETRY  # the API check before the first paid POST
+    preflight_deadline_s: float = PREFLIGHT_DEADLINE_S
+    budget_wait_s: float = BUDGET_WAIT_S
     poll: PollPolicy = field(default_factory=PollPolicy)  # training jobs
     image_poll: PollPolicy = field(
         default_factory=lambda: PollPolicy(queued_s=IMAGE_POLL_QUEUED_S, min_s=IMAGE_POLL_MIN_S, max_s=IMAGE_POLL_MAX_S)
@@ -124,12 +145,13 @@ class RunSettings:
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""
-        r = self.retry
+        r, p = self.retry, self.preflight_retry
         return replace(
             self,
             poll=self.poll.scaled(factor),
             image_poll=self.image_poll.scaled(factor),
             retry=replace(r, backoff_min_s=r.backoff_min_s / factor, backoff_max_s=r.backoff_max_s / factor),
+            preflight_retry=replace(p, backoff_min_s=p.backoff_min_s / factor, backoff_max_s=p.backoff_max_s / factor),
             url_renew_margin_s=self.url_renew_margin_s / factor,
             retention_s=self.retention_s / factor,
             download_requeue_s=self.download_requeue_s / factor,

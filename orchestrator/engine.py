@@ -34,6 +34,7 @@ from .errors import (
     NotSent,
     QuotaError,
     RateLimited,
+    Throttled,
     describe_detail,
 )
 from .fetching import FetchStage
@@ -53,6 +54,7 @@ ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one syn
 class StopReason:
     AUTH = "auth"
     QUOTA = "quota"
+    UNREACHABLE = "unreachable"  # a submission could not reach the API even after its retries
     INTERRUPTED = "interrupted"
 
 
@@ -81,6 +83,8 @@ class RunOutcome:
         unfinished = any(n for s, n in self.counts.items() if not s.terminal)
         if self.stopped_by == StopReason.QUOTA and unfinished:
             return 3
+        if self.stopped_by == StopReason.UNREACHABLE and unfinished:
+            return 1  # even with --once: jobs were due and could not be sent
         if unfinished and not self.once:
             return 1  # e.g. files that kept failing: the next run resumes them
         return 0
@@ -124,7 +128,7 @@ class Engine:
         self.settings = settings
         self.out_dir = out_dir
         self.now = clock
-        self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s)
+        self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s, max_wait_s=settings.budget_wait_s)
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
         self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
         self.busy: set[str] = set()  # job ids with a task in flight
@@ -199,8 +203,8 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self.resolve.resolve_due()
-                if not self.settings.dry_run:
-                    await self.resolve.adopt()
+                if not self.settings.dry_run and isinstance(await self.resolve.adopt(), NotSent):
+                    self.stopped_by = self.stopped_by or StopReason.UNREACHABLE
                 if once:
                     await self._one_pass()
                 else:
@@ -326,7 +330,12 @@ class Engine:
     async def _submit(self, spec: JobSpec, body: dict[str, Any]) -> None:
         try:
             async with self.submit_limiter:
-                await self.submit_budget.acquire()
+                try:
+                    await self.submit_budget.acquire()
+                except Throttled as exc:
+                    log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
+                    self._back_to_pending(spec.id)  # not sent: the next pass takes it again
+                    return
                 await self._submit_once(spec, body)
         finally:
             self.busy.discard(spec.id)
@@ -364,8 +373,17 @@ class Engine:
         except AuthError:
             self._back_to_pending(job_id)
             raise
-        except (NotSent, RateLimited):
+        except (Throttled, RateLimited) as exc:
+            log.info("job.not_sent job_id=%s why=%s", job_id, exc)
             self._back_to_pending(job_id)  # provably nothing was created
+            return
+        except NotSent as exc:
+            # Never left (no connection, a URL it cannot send to), even after retries: nothing
+            # was created, so not `unknown`; and sending more now would fail alike.
+            self._back_to_pending(job_id)
+            if self.stopped_by is None:
+                self.stopped_by = StopReason.UNREACHABLE
+                self.problems.append(f"{exc}; no new jobs are sent in this run (nothing was created): run again later")
             return
         except Exception as exc:  # the answer is lost: the job may or may not exist
             if self.settings.dry_run:

@@ -4,6 +4,7 @@ boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
     DreamlookBatchError
     ├── ManifestError          bad manifest: every problem, with file, line and job (exit 2)
     ├── UsageError             bad command line or settings (exit 2)
+    │   └── PreflightFailed    a check before the first paid POST failed: nothing was sent (exit 2)
     ├── StoreError             the state store cannot be read or written
     │   └── CampaignLocked     another process holds this campaign (exit 4)
     ├── ApiError               the API answered with an error status
@@ -14,7 +15,8 @@ boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
     │   ├── RateLimited        429: everyone waits `retry_after_s`
     │   └── ServerError        5xx: try again (idempotent calls only)
     ├── TransportError         no answer: connection refused, reset, timeout
-    │   └── NotSent            the request provably never left (connect failed)
+    │   └── NotSent            the request provably never left (connect failed, invalid URL)
+    │       └── Throttled      our own request budget did not let it go within its deadline
     └── DownloadError          a result file could not be fetched
         ├── UrlExpired         its signed URL expired or was refused: renew and resume
         ├── FileGone           storage no longer has it (retention passed): the job is lost
@@ -56,6 +58,10 @@ class ManifestError(DreamlookBatchError):
 
 
 class UsageError(DreamlookBatchError):
+    pass
+
+
+class PreflightFailed(UsageError):
     pass
 
 
@@ -109,6 +115,10 @@ class TransportError(DreamlookBatchError):
 
 
 class NotSent(TransportError):
+    pass
+
+
+class Throttled(NotSent):
     pass
 
 

@@ -62,6 +62,10 @@ TERMINAL = frozenset(
         JobState.DRY_RUN_OK,
     }
 )
+# A parent in one of these states that has no checkpoint can give none: its dependents are
+# SKIPPED. Whenever that stops being true (a person settles the parent, it goes back to
+# pending, a checkpoint turns up), the store puts them back to PENDING at once.
+PARENT_ENDED = TERMINAL | {JobState.SUCCEEDED, JobState.DOWNLOADING}
 BAD_ENDINGS = frozenset({JobState.FAILED, JobState.INVALID, JobState.UNKNOWN, JobState.LOST, JobState.SKIPPED})
 
 
@@ -132,6 +136,8 @@ class RemoteJob:
 
 # Which states a job may move to from each state. Nothing leaves DONE, FAILED, INVALID,
 # LOST or DRY_RUN_OK; UNKNOWN is left only by a person (`settle`), never by an event.
+# SKIPPED is entered only while the parent is ended without a checkpoint (PARENT_ENDED)
+# and left, back to PENDING, only once that is no longer so: a dependent is never stranded.
 _S = JobState
 TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.PENDING: frozenset({_S.SUBMITTING, _S.DRY_RUN_OK, _S.INVALID, _S.SKIPPED}),
@@ -147,7 +153,7 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.FAILED: frozenset(),
     _S.INVALID: frozenset(),
     _S.LOST: frozenset(),
-    _S.SKIPPED: frozenset(),
+    _S.SKIPPED: frozenset({_S.PENDING}),
     _S.DRY_RUN_OK: frozenset(),
 }
 

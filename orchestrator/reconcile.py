@@ -36,6 +36,7 @@ class Verdict(enum.Enum):
     FOUND = "found"
     ABSENT = "absent"  # provably never created: safe to send again
     UNKNOWN = "unknown"
+    UNREAD = "unread"  # the job list could not be read: nothing is known yet, look again later
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,7 @@ async def reconcile(
         listing = await read_list(api, policy, job_type, reaches_back(oldest_intent))
     except (ApiError, TransportError) as exc:
         why = f"could not read the job list to check ({exc})"
-        return {item.job_id: Reconciled(Verdict.UNKNOWN, None, why) for item in lost}
+        return {item.job_id: Reconciled(Verdict.UNREAD, None, why) for item in lost}
     listed, covered = listing.items, listing.covered
     if seen is not None:
         seen(listed)

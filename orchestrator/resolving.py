@@ -50,6 +50,7 @@ class ResolveStage:
         self.busy: set[str] = set()  # lost answers being looked for now
         self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
         self.adoption_failed: str | None = None
+        self.unread: set[str] = set()  # lost answers whose job list could not be read: the next run looks
 
     # -- lost answers ---------------------------------------------------------------
 
@@ -68,9 +69,8 @@ class ResolveStage:
 
     def waiting(self) -> list[JobRow]:
         """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
-        return [
-            r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in self.submitting and r.id not in self.busy
-        ]
+        skip = self.submitting | self.busy | self.unread
+        return [r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in skip]
 
     def next_due(self) -> float | None:
         return min((self.window_end(r) for r in self.waiting()), default=None)
@@ -114,6 +114,11 @@ class ResolveStage:
             log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
             if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
                 self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=self.first_check(row.type))
+            elif found.verdict is reconcile.Verdict.UNREAD:
+                # Not knowing is not `unknown`: nothing was learned, so the job stays submitting
+                # (never sent again) and the next run reads the list once more.
+                self.unread.add(row.id)
+                self.notes.append(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
             elif found.verdict is reconcile.Verdict.ABSENT:
                 self.store.move(row.id, JobState.PENDING, self.now())
                 since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
@@ -128,8 +133,9 @@ class ResolveStage:
 
     # -- a lost state, duplicates ------------------------------------------------------
 
-    async def adopt(self) -> None:
-        """Before the first submissions: adopt the jobs the service already holds under our tags."""
+    async def adopt(self) -> Exception | None:
+        """Before the first submissions: adopt the jobs the service already holds under our tags.
+        Returns what kept the job list from being read, if anything (nothing new is sent then)."""
         try:
             warnings = await adopt(
                 self.api,
@@ -148,8 +154,9 @@ class ResolveStage:
                 f"could not read the job list to look for jobs of this campaign the service already holds "
                 f"({exc}); nothing new was submitted, to avoid paying twice. Run again when the API answers"
             )
-            return
+            return exc
         self.notes.extend(warnings)
+        return None
 
     async def scan_for_duplicates(self) -> None:
         """Jobs sent again after a lost answer: read the list once more for a late second copy."""
@@ -166,6 +173,8 @@ class ResolveStage:
     def report(self) -> None:
         """What the end-of-run summary must say: jobs left in their window, and duplicates."""
         for row in self.store.jobs([JobState.SUBMITTING]):
+            if row.id in self.unread:
+                continue  # already said why
             until = clock(self.window_end(row))
             log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
             self.notes.append(

@@ -1,9 +1,12 @@
 """Retrying, the only user of tenacity: bounded attempts and total time, jittered
 exponential backoff, `Retry-After` honoured.
 
-Two policies: `idempotent` (GETs: retry server errors, 429s and lost answers) and
+Three policies: `idempotent` (GETs: retry server errors, 429s and lost answers),
 `submission` (POSTs that cost money: retry only what provably created nothing,
-a 429 or a connection that never opened; anything else goes to reconciliation).
+a 429 or a connection that never opened; anything else goes to reconciliation) and
+`preflight` (the API check before the first paid POST: what `idempotent` retries,
+a few quick times, so an API that is not there is reported within a minute).
+A `Retry-After` is honoured up to the policy's `retry_after_cap_s`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from .errors import NotSent, RateLimited, ServerError, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_AFTER_CAP_S = 300.0
 
 IDEMPOTENT_RETRYABLE = (ServerError, RateLimited, TransportError)
 SUBMISSION_RETRYABLE = (RateLimited, NotSent)
@@ -39,7 +41,7 @@ def _wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
-            return min(exc.retry_after_s, RETRY_AFTER_CAP_S)
+            return min(exc.retry_after_s, policy.retry_after_cap_s)
         return backoff(state)
 
     return wait
@@ -77,3 +79,8 @@ async def idempotent(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: 
 
 async def submission(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     return await _call(fn, policy, what, SUBMISSION_RETRYABLE)
+
+
+async def preflight(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+    """`idempotent`'s errors, under the short `RunSettings.preflight_retry` (config.PREFLIGHT_RETRY)."""
+    return await _call(fn, policy, what, IDEMPOTENT_RETRYABLE)

@@ -209,6 +209,8 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         console.print("out of tokens: top up, then run again; nothing already paid for was dropped")
     elif outcome.stopped_by == "auth":
         console.print("the API refused the key: fix DREAMLOOK_API_KEY, then run again")
+    elif outcome.stopped_by == "unreachable":
+        console.print("the API could not be reached: the jobs left pending were never sent; run again when it answers")
     if outcome.duplicates:
         console.print(
             f"[red]{outcome.duplicates} job(s) exist twice in the service (paid twice):[/] one of each is downloaded; "

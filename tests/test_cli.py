@@ -96,8 +96,8 @@ def test_a_bad_key_stops_with_3_and_never_prints_the_key(
     with threaded_sim(fast_sim()) as sim:
         monkeypatch.setenv("DREAMLOOK_API_KEY", wrong)
         code, out, err = run(["run", str(example), "--api-url", sim.url, "-v"], capsys)
-        assert sim.ledger.jobs == []
-    assert code == 3 and "401" in out and "DREAMLOOK_API_KEY" in out
+        assert sim.ledger.jobs == [] and sim.ledger.requests["submit"] == 0  # checked before the first POST
+    assert code == 3 and "401" in err and "DREAMLOOK_API_KEY" in err and "Nothing was sent" in err
     assert wrong not in out + err and "abab" not in out + err
 
 

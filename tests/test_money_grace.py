@@ -266,7 +266,8 @@ def test_a_version_1_state_file_is_upgraded(tmp_path: Path) -> None:
 def test_no_job_is_sent_while_its_tag_cannot_be_looked_for(tmp_path: Path, threaded_sim: Any) -> None:
     """A fresh state and a job list that keeps failing: nothing is sent, and the run says why."""
     manifest = grace_yaml(tmp_path, 2)
-    failing = FaultPlan(script=(ScriptedFault(route=Route.LIST, kind=FaultKind.SERVER_ERROR, count=10_000),))
+    # The check before the first POST lists one job (request 1); adoption's reads all fail.
+    failing = FaultPlan(script=(ScriptedFault(route=Route.LIST, kind=FaultKind.SERVER_ERROR, nth=2, count=10_000),))
     with threaded_sim(fast_sim(faults=failing)) as sim:
         run = cli_process(manifest, sim)
         printed = run.communicate(timeout=60)[0]
@@ -277,3 +278,30 @@ def test_no_job_is_sent_while_its_tag_cannot_be_looked_for(tmp_path: Path, threa
         again = cli_process(manifest, sim)
         assert again.wait(60) == 0
         one_job_per_tag(sim, "grace", ["j0", "j1"])
+
+
+@pytest.mark.anyio
+async def test_a_job_list_that_cannot_be_read_leaves_a_lost_answer_submitting_not_unknown(tmp_path: Path) -> None:
+    """Failing to read the list proves nothing: the job is neither resent nor `unknown`; a later run finds it."""
+    manifest = load_manifest(grace_yaml(tmp_path, 1))
+    settings = fast_run(settings={"timeouts": Timeouts(api_read_s=1.0)})
+    # The check before the first POST and adoption read the list (requests 1 and 2); every later read fails.
+    broken_list = ScriptedFault(route=Route.LIST, kind=FaultKind.SERVER_ERROR, nth=3, count=10_000)
+    lost_answer = ScriptedFault(route=Route.SUBMIT, kind=FaultKind.LATE_CREATE)
+    async with Simulator(fast_sim(faults=FaultPlan(script=(lost_answer, broken_list), late_s=1.5))) as sim:
+        key = write(tmp_path / "key", sim.api_key)
+        request = RunRequest(
+            manifest=manifest, paths=paths_for(manifest), settings=settings, api_url=sim.url, api_key_file=key
+        )
+        with anyio.fail_after(60):
+            first = await run_campaign(request)
+        assert first.outcome.exit_code == 1
+        assert state_of(first.paths.state) == {"j0": "submitting"}
+        assert any("the next run looks again" in p for p in first.outcome.problems), first.outcome.problems
+        sim.set_faults(FaultPlan())
+        with anyio.fail_after(60):
+            second = await run_campaign(request)
+        assert second.outcome.exit_code == 0, second.outcome.problems
+        assert sim.ledger.requests["submit"] == 1
+        one_job_per_tag(sim, "grace", ["j0"])
+        assert_campaign_on_disk(sim, second.paths.out, "grace", ["j0"])

@@ -75,8 +75,8 @@ async def _gate(request: web.Request, route: Route) -> tuple[FaultKind, int | No
     if kind is FaultKind.SERVER_ERROR:
         status = (500, 502, 503)[sim.faults.seen[route] % 3]
         return _detail(status, "Internal server error (simulated)")
-    if kind is FaultKind.RATE_LIMITED:
-        return _detail(429, "Too many requests", {"Retry-After": "1"})
+    if kind is FaultKind.RATE_LIMITED:  # a scripted one may ask for any wait (its `arg`, seconds)
+        return _detail(429, "Too many requests", {"Retry-After": str(fault[1] if fault[1] is not None else 1)})
     if kind is FaultKind.RATE_LIMITED_BARE:
         return _detail(429, "Too many requests")
     if kind is FaultKind.SLOW and route is not Route.SUBMIT:

@@ -40,7 +40,7 @@ class FaultKind(enum.StrEnum):
     """What a scripted fault does to the request it hits."""
 
     SERVER_ERROR = "5xx"  # 500/502/503 before anything happens
-    RATE_LIMITED = "429"  # with a Retry-After header
+    RATE_LIMITED = "429"  # with a Retry-After header: 1 s, or `arg` seconds when scripted
     RATE_LIMITED_BARE = "429-bare"  # without Retry-After
     SLOW = "slow"  # answer after SLOW_ANSWER_S (submit: the job is created first)
     GHOST = "ghost"  # submit: create the job, then drop the connection
@@ -73,7 +73,8 @@ class ScriptedFault:
     kind: FaultKind
     nth: int = 1
     count: int = 1
-    arg: int | None = None  # bytes before a reset/truncate/garble (default: half the body); a rewrite's growth
+    # bytes before a reset/truncate/garble (default: half the body); a rewrite's growth; a 429's Retry-After
+    arg: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import TERMINAL, ArtifactKind, JobSpec, JobState, can_move
+from ..models import PARENT_ENDED, ArtifactKind, JobSpec, JobState, can_move
 from ..parts import PartRecord
 from .base import FileRow, JobRow, SyncReport
 
@@ -111,6 +111,11 @@ UPDATE jobs SET adoption_checked = 1 WHERE intent_at IS NOT NULL OR remote_id IS
 # ---- end of schema 2, never paying twice ---------------------------------------------------
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES, _SCHEMA_V2_MONEY)}  # version -> scripts that reach it
+
+_ENDED = tuple(s.value for s in PARENT_ENDED)
+_ENDED_MARKS = ",".join("?" * len(_ENDED))
+# The parent `p` can give no checkpoint: its dependents are skipped, and only then.
+_DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
 _JOB_COLUMNS = (
     "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
     "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
@@ -242,6 +247,7 @@ class SqliteStore:
                     changed.append(spec.id)
             removed = [job_id for job_id in known if job_id not in seen]
             db.executemany("UPDATE jobs SET in_manifest=0 WHERE id=?", [(j,) for j in removed])
+            _revive_skipped(db, now)  # an edited checkpoint_from may name a parent that can still give one
         return SyncReport(tuple(added), tuple(changed), tuple(removed))
 
     # -- reading --------------------------------------------------------------------
@@ -272,15 +278,13 @@ class SqliteStore:
     def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]:
         """Pending jobs that may go now or must be skipped, in manifest order, with their
         parent's state and checkpoint: no parent, or a parent that has ended."""
-        ended = [s.value for s in TERMINAL | {JobState.SUCCEEDED, JobState.DOWNLOADING}]
-        marks = ",".join("?" * len(ended))
         columns = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
         rows = self._query(
             f"SELECT {columns}, p.state AS parent_state, p.checkpoint_id AS parent_checkpoint FROM jobs j"
             " LEFT JOIN jobs p ON p.id = j.checkpoint_from"
-            f" WHERE j.state=? AND j.in_manifest=1 AND (j.checkpoint_from IS NULL OR p.state IN ({marks}))"
+            f" WHERE j.state=? AND j.in_manifest=1 AND (j.checkpoint_from IS NULL OR p.state IN ({_ENDED_MARKS}))"
             " ORDER BY j.position LIMIT ?",
-            (JobState.PENDING.value, *ended, limit),
+            (JobState.PENDING.value, *_ENDED, limit),
         )
         out = []
         for r in rows:
@@ -453,6 +457,13 @@ class SqliteStore:
             current = JobState(row[0])
             if not can_move(current, state):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
+            if JobState.SKIPPED in (current, state) and current is not state:
+                dead_end = _parent_is_dead_end(db, job_id)
+                if dead_end is not (state is JobState.SKIPPED):
+                    raise StoreError(
+                        f"job {job_id!r} cannot move from {current} to {state}: its checkpoint_from job "
+                        + ("can give no checkpoint" if dead_end else "may still give a checkpoint")
+                    )
             finished = now if state.terminal else None
             # When we learned that the API ended the job: what waiting is judged by.
             ended = now if state in (JobState.SUCCEEDED, JobState.FAILED) and current.in_flight else None
@@ -466,17 +477,38 @@ class SqliteStore:
                     "UPDATE jobs SET intent_at=NULL, sent_payload=NULL, sent_fingerprint=NULL WHERE id=?",
                     (job_id,),
                 )
+            # No revival here: no move turns a dead-end parent into a live one (the property
+            # test in tests/test_state_machine.py would catch one that did).
 
-    def settle(self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str) -> None:
-        """A person's decision on an UNKNOWN job: it exists (remote_id), or resubmit, or give up."""
+    def settle(
+        self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
+    ) -> tuple[str, ...]:
+        """A person's decision on an UNKNOWN job: it exists (remote_id), or resubmit, or give up.
+        Returns the dependents that were skipped because of it and are pending again."""
         with self._tx(durable=True) as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, remote_id=COALESCE(?, remote_id), reason=?, updated_at=?,"
+                "UPDATE jobs SET state=?, remote_id=COALESCE(?, remote_id), reason=?, updated_at=?, finished_at=?,"
                 " submitted_at=CASE WHEN ? IS NULL THEN submitted_at ELSE ? END WHERE id=? AND state=?",
-                (state.value, remote_id, reason, now, remote_id, now, job_id, JobState.UNKNOWN.value),
+                (
+                    state.value,
+                    remote_id,
+                    reason,
+                    now,
+                    now if state.terminal else None,  # queued or pending again: not finished
+                    remote_id,
+                    now,
+                    job_id,
+                    JobState.UNKNOWN.value,
+                ),
             )
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id!r} is not unknown: nothing to settle")
+            return _revive_skipped(db, now)
+
+    def check_writable(self) -> None:
+        """A synced write, as an intent would be: before the first paid POST, not after it."""
+        with self._tx(durable=True) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('write_checked', 'yes')")
 
     def update_remote(
         self,
@@ -501,6 +533,7 @@ class SqliteStore:
     def set_checkpoint(self, job_id: str, checkpoint_id: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET checkpoint_id=? WHERE id=?", (checkpoint_id, job_id))
+            _revive_skipped(db, None)
 
     def add_files(self, job_id: str, files: Sequence[FileRow]) -> None:
         with self._tx() as db:
@@ -600,6 +633,7 @@ class SqliteStore:
                 " next_check_at=NULL, checks=checks+1, updated_at=?, ended_at=COALESCE(ended_at, ?) WHERE id=?",
                 (JobState.SUCCEEDED.value, checkpoint_id, remote_state, now, now, job_id),
             )
+            _revive_skipped(db, now)
 
     def file_lost(self, job_id: str, remote_id: str) -> None:
         with self._tx() as db:
@@ -607,3 +641,35 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _parent_is_dead_end(db: sqlite3.Connection, job_id: str) -> bool:
+    """Has the job a checkpoint_from parent that can give no checkpoint?"""
+    row = db.execute(
+        f"SELECT {_DEAD_END} FROM jobs j JOIN jobs p ON p.id = j.checkpoint_from WHERE j.id=?",
+        (*_ENDED, job_id),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _revive_skipped(db: sqlite3.Connection, now: float | None) -> tuple[str, ...]:
+    """Skipped jobs whose parent may still give a checkpoint (or that have none any more: the
+    manifest changed) go back to PENDING, and their own skipped dependents after them:
+    `skipped` always means the parent is a dead end."""
+    revived: list[str] = []
+    while True:
+        ids = [
+            r[0]
+            for r in db.execute(
+                "SELECT c.id FROM jobs c LEFT JOIN jobs p ON p.id = c.checkpoint_from"
+                f" WHERE c.state=? AND (p.id IS NULL OR NOT {_DEAD_END})",
+                (JobState.SKIPPED.value, *_ENDED),
+            )
+        ]
+        if not ids:
+            return tuple(revived)
+        db.executemany(
+            "UPDATE jobs SET state=?, reason=NULL, finished_at=NULL, updated_at=COALESCE(?, updated_at) WHERE id=?",
+            [(JobState.PENDING.value, now, job_id) for job_id in ids],
+        )
+        revived += ids
