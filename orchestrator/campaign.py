@@ -49,10 +49,27 @@ def paths_for(
     """
     base = manifest.path.resolve().parent
     name = f"{manifest.campaign}.simulated.db" if simulated else f"{manifest.campaign}.db"
-    return Paths(
+    paths = Paths(
         state=(state or base / STATE_DIR / name).resolve(),
         out=(out or base / OUTPUT_DIR / manifest.campaign).resolve(),
     )
+    _check_state_path(paths.state, name)
+    return paths
+
+
+def _check_state_path(state: Path, name: str) -> None:
+    """A state path that can never hold a state file is bad input, said before anything runs."""
+    if state.is_dir():
+        raise UsageError(
+            f"the state path {state} is a folder; --state names the state file itself, e.g. --state {state / name}"
+        )
+    for parent in state.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(
+                    f"the state path {state} cannot exist: {parent} is a file, not a folder; choose another --state"
+                )
+            break
 
 
 def forget_simulated_state(paths: Paths) -> None:
@@ -62,15 +79,34 @@ def forget_simulated_state(paths: Paths) -> None:
 
 
 def read_api_key(key_file: Path | None) -> str:
+    """The key, without the surrounding whitespace a file or `export` adds. A key with anything
+    else that is not printable ASCII is refused here, by its source and never its value: it
+    cannot be sent in a header, and an error quoting it would leak it."""
+    source = f"the API key file {key_file}" if key_file is not None else KEY_ENV
     if key_file is not None:
         try:
-            key = key_file.read_text(encoding="utf-8").strip()
+            raw = key_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8 text; it must hold only the key") from exc
         except OSError as exc:
-            raise UsageError(f"cannot read the API key file {key_file}: {exc.strerror}") from exc
+            raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
     else:
-        key = os.environ.get(KEY_ENV, "").strip()
+        raw = os.environ.get(KEY_ENV, "")
+    key = raw.strip()
     if not key:
         raise UsageError(f"no API key: set {KEY_ENV} (or use --api-key-file FILE, or --simulate to rehearse)")
+    bad = next((i for i, c in enumerate(key) if not (c.isascii() and c.isprintable() and not c.isspace())), None)
+    if bad is not None:
+        what = (
+            "a line break"
+            if key[bad] in "\r\n"
+            else "a space"
+            if key[bad] == " "
+            else "a character that is not printable ASCII"
+        )
+        raise UsageError(
+            f"{source} holds {what} at position {bad + 1} of the key; it must hold only the key, on one line"
+        )
     return key
 
 

@@ -5,6 +5,7 @@ boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
     ├── ManifestError          bad manifest: every problem, with file, line and job (exit 2)
     ├── UsageError             bad command line or settings (exit 2)
     ├── StoreError             the state store cannot be read or written
+    ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
     │   └── CampaignLocked     another process holds this campaign (exit 4)
     ├── ApiError               the API answered with an error status
     │   ├── AuthError          401: stop everything (exit 3)
@@ -59,6 +60,10 @@ class UsageError(DreamlookBatchError):
 
 
 class StoreError(DreamlookBatchError):
+    pass
+
+
+class OutputError(DreamlookBatchError):
     pass
 
 
