@@ -19,7 +19,7 @@ from orchestrator.models import JobState
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 from orchestrator.store import SqliteStore
 
-from .conftest import fast_run, fast_sim, write
+from .conftest import fast_run, fast_sim, until, write
 
 pytestmark = pytest.mark.anyio
 JOBS = 60
@@ -102,8 +102,7 @@ async def test_a_job_the_api_does_not_know_is_reported_once_however_often_it_is_
         )
 
         async def stop_after_rechecks() -> None:
-            while sim.ledger.requests.get("get", 0) < 5:
-                await anyio.sleep(0.005)
+            await until(lambda: sim.ledger.requests["get"] >= 5, timeout_s=60)
             engines[0].stop()
 
         async with anyio.create_task_group() as tg:
