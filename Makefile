@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install demo test lint bench bench-quick chaos clean
+.PHONY: help install demo test lint bench bench-quick chaos mutants clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,5 +37,9 @@ bench-quick: $(STAMP)  ## a smaller bench run (under 2 minutes)
 chaos: $(STAMP)  ## the long kill-and-restart chaos runs; figures in bench/chaos-results.json
 	$(BIN)/pytest -q -s -m slow tests/test_chaos.py
 
+mutants: $(STAMP)  ## mutation testing of the modules that guard money and files (about 30 min); survivors answered in bench/MUTANTS.md
+	$(BIN)/pip install --quiet -e '.[dev,mutants]'
+	$(BIN)/python -m bench.mutants
+
 clean:  ## remove the environment, demo outputs and state
-	rm -rf $(VENV) jobs/outputs jobs/.dreamlook-batch .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mutants jobs/outputs jobs/.dreamlook-batch .pytest_cache .mypy_cache .ruff_cache

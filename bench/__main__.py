@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import downloads, simceiling, throughput, waiting
+from . import downloads, memory, simceiling, throughput, waiting
 from .common import machine
 
 Section = tuple[str, Callable[[bool], dict[str, object]], Callable[[dict[str, object]], list[str]]]
@@ -139,11 +139,30 @@ def _throughput_lines(r: dict[str, object]) -> list[str]:
     return lines
 
 
+def _memory_lines(r: dict[str, object]) -> list[str]:
+    jobs, rss, goal = int(r["jobs"]), float(r["peak_rss_mb"]), int(r["goal_mb"])  # type: ignore[call-overload,arg-type]
+    wall, cpu = float(r["wall_s"]), float(r["cpu_s"])  # type: ignore[arg-type]
+    return [
+        f"`dreamlook-batch run` of {jobs:,} image jobs that end at once and download nothing (`download: none`; "
+        f"each still gets its `job.json` and `SHA256SUMS`), at most {memory.MAX_ACTIVE} active, the simulator "
+        "in its own process.",
+        "",
+        "| jobs | done | submissions | wall | CPU ms per job | peak RSS | goal |",
+        "|---|---|---|---|---|---|---|",
+        f"| {jobs:,} | {r['done']:,} | {r['submits']:,} | {wall:.0f} s | {1000 * cpu / jobs:.1f} | "
+        f"**{rss:.0f} MB** | < {goal} MB |",
+        "",
+        "Job objects are dropped as their jobs end and a problem is listed once per job, so what the run "
+        "holds per job is its manifest entry; `validate` of a manifest this size is in the section above.",
+    ]
+
+
 SECTIONS: list[Section] = [
     ("The simulator's own ceiling", simceiling.measure, _sim_lines),
     ("Downloads: ours against curl", downloads.measure, _download_lines),
     ("Waiting: requests and lag against fixed-interval polling", waiting.measure, _waiting_lines),
     ("Throughput and scale against the naive script", throughput.measure, _throughput_lines),
+    ("Memory of a 100,000-job campaign", memory.measure, _memory_lines),
 ]
 
 

@@ -55,10 +55,12 @@ def paths_for(
     for option, value in (("--state", state), ("--out", out)):
         if isinstance(value, str):
             preflight.check_scheme(option, value)
-    return Paths(
+    paths = Paths(
         state=(Path(state) if state else base / STATE_DIR / name).resolve(),
         out=(Path(out) if out else base / OUTPUT_DIR / manifest.campaign).resolve(),
     )
+    preflight.check_state_path(paths.state, name)
+    return paths
 
 
 def forget_simulated_state(paths: Paths) -> None:
@@ -68,15 +70,34 @@ def forget_simulated_state(paths: Paths) -> None:
 
 
 def read_api_key(key_file: Path | None) -> str:
+    """The key, without the surrounding whitespace a file or `export` adds. A key with anything
+    else that is not printable ASCII is refused here, by its source and never its value: it
+    cannot be sent in a header, and an error quoting it would leak it."""
+    source = f"the API key file {key_file}" if key_file is not None else KEY_ENV
     if key_file is not None:
         try:
-            key = key_file.read_text(encoding="utf-8").strip()
+            raw = key_file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{source} is not UTF-8 text; it must hold only the key") from exc
         except OSError as exc:
-            raise UsageError(f"cannot read the API key file {key_file}: {exc.strerror}") from exc
+            raise UsageError(f"cannot read {source}: {exc.strerror}") from exc
     else:
-        key = os.environ.get(KEY_ENV, "").strip()
+        raw = os.environ.get(KEY_ENV, "")
+    key = raw.strip()
     if not key:
         raise UsageError(f"no API key: set {KEY_ENV} (or use --api-key-file FILE, or --simulate to rehearse)")
+    bad = next((i for i, c in enumerate(key) if not (c.isascii() and c.isprintable() and not c.isspace())), None)
+    if bad is not None:
+        what = (
+            "a line break"
+            if key[bad] in "\r\n"
+            else "a space"
+            if key[bad] == " "
+            else "a character that is not printable ASCII"
+        )
+        raise UsageError(
+            f"{source} holds {what} at position {bad + 1} of the key; it must hold only the key, on one line"
+        )
     return key
 
 

@@ -165,7 +165,6 @@ class CheckStage:
             if remote.state is RemoteState.SUCCESS and not has_results:
                 missed.append(row)  # a summary: the results need a GET of the job
                 continue
-            self.remote[row.id] = remote
             self._apply(row, remote)
         return missed
 
@@ -202,8 +201,10 @@ class CheckStage:
     def _apply(self, row: JobRow, remote: RemoteJob) -> None:
         now = self.now()
         if remote.state is RemoteState.SUCCESS:
+            self.remote[row.id] = remote  # the download stage starts from its URLs
             self._on_success(row, remote)
             return
+        self.remote.pop(row.id, None)  # nothing reads the object of a job in flight or failed
         if remote.state is RemoteState.FAILURE:
             self.store.update_remote(
                 row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=None, now=now

@@ -130,11 +130,14 @@ class Engine:
         self.now = clock
         self.submit_budget = RequestBudget(settings.limits.submit_rate_per_s, max_wait_s=settings.budget_wait_s)
         self.submit_limiter = anyio.CapacityLimiter(max(1, settings.limits.max_active))
-        self.remote: dict[str, RemoteJob] = {}  # latest job object per job id
+        # The latest job object of each job being downloaded (its fresh URLs, its job.json):
+        # dropped when the job ends, so it holds the downloads in hand, not the campaign.
+        self.remote: dict[str, RemoteJob] = {}
         self.busy: set[str] = set()  # job ids with a task in flight
         self.submitted_this_run = 0
         self.stopped_by: str | None = None
         self.problems: list[str] = []
+        self._problems_seen: set[str] = set()
         self.resolve = ResolveStage(
             store=store,
             api=api,
@@ -187,7 +190,14 @@ class Engine:
         self.wakeup.notify()
 
     def _problem(self, job_id: str, message: str) -> None:
-        self.problems.append(f"{job_id}: {message}")
+        """Tell the user once per job and message: a re-check that finds the same thing
+        again (a job the API does not know, say) must not grow the list with the campaign."""
+        line = f"{job_id}: {message}"
+        if line in self._problems_seen:
+            log.info("job.problem_again job_id=%s %s", job_id, message)
+            return
+        self._problems_seen.add(line)
+        self.problems.append(line)
         log.warning("job.problem job_id=%s %s", job_id, message)
 
     async def run(self, *, once: bool = False) -> RunOutcome:

@@ -6,6 +6,7 @@ boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
     ├── UsageError             bad command line or settings (exit 2)
     │   └── PreflightFailed    a check before the first paid POST failed: nothing was sent (exit 2)
     ├── StoreError             the state store cannot be read or written
+    ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
     │   └── CampaignLocked     another process holds this campaign (exit 4)
     ├── ApiError               the API answered with an error status
     │   ├── AuthError          401: stop everything (exit 3)
@@ -66,6 +67,10 @@ class PreflightFailed(UsageError):
 
 
 class StoreError(DreamlookBatchError):
+    pass
+
+
+class OutputError(DreamlookBatchError):
     pass
 
 

@@ -21,7 +21,17 @@ from anyio.abc import TaskGroup
 from . import output
 from .config import RunSettings
 from .download import Downloader
-from .errors import ApiError, AuthError, DownloadError, FileGone, NoSpace, QuotaError, StoreError, TransportError
+from .errors import (
+    ApiError,
+    AuthError,
+    DownloadError,
+    FileGone,
+    NoSpace,
+    OutputError,
+    QuotaError,
+    StoreError,
+    TransportError,
+)
 from .models import Artifact, JobState, RemoteJob
 from .parts import PartRecord, Span
 from .store import SqliteStore
@@ -245,6 +255,12 @@ class FetchStage:
         self.store.file_done(job_id, remote_id, got.sha256, got.size)
         log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
 
+    def _forget(self, job_id: str) -> None:
+        """A finished job needs nothing in memory: the store has it all."""
+        self.remote.pop(job_id, None)
+        self.queued_per_job.pop(job_id, None)
+        self.prepared.discard(job_id)
+
     async def _finish_if_complete(self, job_id: str) -> None:
         if job_id not in self.prepared or self.queued_per_job.get(job_id):
             return
@@ -255,7 +271,14 @@ class FetchStage:
             return
         remote = self.remote.get(job_id)
         if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
-            await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
+            try:
+                await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
+            except OutputError as exc:  # its files are placed and recorded: the next run writes these again
+                self.given_up.add(job_id)
+                self.remote.pop(job_id, None)
+                self.problem(job_id, f"{exc}; the job stays downloading and the next run finishes it")
+                return
+        self._forget(job_id)
         lost = [f.name for f in files if f.lost]
         if lost:
             self.store.move(

@@ -18,7 +18,7 @@ from typing import Any
 from . import fields
 from .errors import ManifestError, Problem
 from .models import DOWNLOAD_CHOICES, JobSpec, JobType, Location
-from .sources import LineDict, iter_csv_rows, iter_json_lines, load_document
+from .sources import LineDict, iter_csv_rows, iter_json_lines, load_document, read_text
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ORCHESTRATION_KEYS = frozenset({"id", "type", "download", "checkpoint_from"})
@@ -52,8 +52,9 @@ def load_manifest(path: str | Path) -> Manifest:
     """Parse and check a manifest; raise ManifestError listing every problem."""
     path = Path(path)
     problems: list[Problem] = []
-    if not path.is_file():
-        raise ManifestError([Problem(str(path), None, None, "no such file")])
+    if not path.is_file():  # a folder, a missing file: read_text says which, precisely
+        read_text(path, problems, "manifest")
+        raise ManifestError(problems or [Problem(str(path), None, None, "not a regular file")])
     default_campaign = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem) or "campaign"
     if path.suffix.lower() == ".jsonl":
         rows = list(iter_json_lines(path, problems))
@@ -271,7 +272,7 @@ def _expand_bulk(
         )
         return
     rows_path = (path.parent / block["rows"]).resolve()
-    if not rows_path.is_file():
+    if not rows_path.exists():
         problems.append(
             Problem(
                 file,

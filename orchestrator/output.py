@@ -5,12 +5,15 @@ reader never sees half of one. No URL signature or callback secret is ever writt
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputError
 from .models import JobState
 from .store import FileRow, JobRow
 from .urls import redact_tree
@@ -20,19 +23,25 @@ from .verify import fsync_dir
 def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
     """Write to a temporary name, sync, rename. One process per campaign (the lock) writes here,
     so a fixed temporary name is safe, and cheaper than a random one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if sync_folder:
+            fsync_dir(path.parent)
+    except OSError as exc:
+        # The previous version, if any, is still whole under its name: nothing is lost.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        full = " (the disk is full: free some space and run again)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}{full}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync_folder:
-        fsync_dir(path.parent)
 
 
 def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:

@@ -78,10 +78,26 @@ def check_output(folder: Path, *, create: bool = True) -> None:
 
 
 def check_state(path: Path, *, create: bool = True) -> None:
-    """The state file is not a folder, and its folder is (or can become) one we can write."""
-    if path.is_dir():
-        raise PreflightFailed(f"--state {path}: is a folder; give the path of a state file. Nothing was sent.")
+    """The state file can exist, and its folder is (or can become) one we can write."""
+    check_state_path(path, path.name)
     _check_folder("--state", path, path.parent, create=create)
+
+
+def check_state_path(state: Path, name: str) -> None:
+    """A state path that can never hold a state file (a folder, or under a file): said before anything runs."""
+    if state.is_dir():
+        raise PreflightFailed(
+            f"--state {state}: is a folder; --state names the state file itself, e.g. --state {state / name}. "
+            "Nothing was sent."
+        )
+    for parent in state.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PreflightFailed(
+                    f"--state {state}: cannot exist, {parent} is a file, not a folder; choose another --state. "
+                    "Nothing was sent."
+                )
+            break
 
 
 def check_store(store: SqliteStore) -> None:

@@ -7,6 +7,7 @@ and CSV rows carry their line too. Nothing here knows what a job is.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -63,9 +64,42 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_text(path: Path, problems: list[Problem], what: str = "file") -> str | None:
+    """The file as UTF-8 text, or None with a problem naming the file, and the line and
+    column of the first byte that is not UTF-8 (a spreadsheet's export is often Latin-1)."""
+    if path.is_dir():
+        problems.append(Problem(str(path), None, None, f"is a folder, not a {what}: name the file itself"))
+        return None
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(Problem(str(path), None, None, "no such file"))
+        return None
+    except OSError as exc:
+        problems.append(Problem(str(path), None, None, f"cannot read this {what}: {exc.strerror}"))
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        problems.append(
+            Problem(
+                str(path),
+                line,
+                None,
+                f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column {column}; "
+                "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and run again",
+            )
+        )
+        return None
+
+
 def load_document(path: Path, problems: list[Problem]) -> Any:
     """A YAML or JSON file as data with LineDicts; syntax errors become problems."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, problems, "manifest")
+    if text is None:
+        return None
     if path.suffix.lower() == ".json":
         try:
             json.loads(text)  # JSON's own verdict on syntax, with its line
@@ -86,7 +120,10 @@ def load_document(path: Path, problems: list[Problem]) -> Any:
 
 
 def iter_json_lines(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
-    with path.open(encoding="utf-8") as fh:
+    text = read_text(path, problems)
+    if text is None:
+        return
+    with io.StringIO(text) as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -104,7 +141,10 @@ def iter_json_lines(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
 
 
 def iter_csv_rows(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    text = read_text(path, problems, "CSV file")
+    if text is None:
+        return
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames:
             problems.append(Problem(str(path), 1, None, "the CSV file has no header row"))

@@ -9,11 +9,12 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from orchestrator.config import Limits, RunSettings
@@ -101,6 +102,14 @@ def cli_process(
     output = subprocess.PIPE if capture else subprocess.DEVNULL
     stderr = subprocess.STDOUT if capture else subprocess.DEVNULL
     return subprocess.Popen(args, env=full_env, cwd=ROOT, stdout=output, stderr=stderr, text=True)
+
+
+async def until(seen: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for something a test can observe (a ledger entry, a store row), with a deadline.
+    The simulator and store offer no event to wait on, so this looks every few milliseconds."""
+    with anyio.fail_after(timeout_s):
+        while not seen():  # noqa: ASYNC110
+            await anyio.sleep(0.005)
 
 
 def write(path: Path, text: str) -> Path:
