@@ -1,6 +1,6 @@
 """`dreamlook-batch`: parses arguments, calls `campaign`, prints. No logic of its own.
 
-Exit codes (DESIGN 1): 0 all done; 1 failed jobs or lost files; 2 bad manifest or
+Exit codes: 0 all done; 1 failed jobs or lost files; 2 bad manifest or
 usage; 3 stopped by the API (bad key, out of tokens) with work left; 4 another
 process holds the campaign; 130 interrupted, state saved.
 """

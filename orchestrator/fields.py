@@ -1,6 +1,6 @@
 """What the client knows of each job type's API fields, for offline checks.
 
-From ../shared/reference/api-notes.md. A known field with the wrong type is an
+From the vendor's documentation and public clients. A known field with the wrong type is an
 error; an unknown field passes with a warning (the API may have grown); a field
 the docs forbid is an error. Which base models exist is the server's call.
 """
