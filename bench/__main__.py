@@ -153,7 +153,9 @@ def _memory_lines(r: dict[str, object]) -> list[str]:
         f"**{rss:.0f} MB** | < {goal} MB |",
         "",
         "Job objects are dropped as their jobs end and a problem is listed once per job, so what the run "
-        "holds per job is its manifest entry; `validate` of a manifest this size is in the section above.",
+        "holds per job is its manifest entry; `validate` of a manifest this size is in the section above. "
+        "`summary.json` is written from the state store a page of jobs at a time, so the end of the run "
+        "adds nothing that grows with the campaign.",
     ]
 
 
@@ -166,29 +168,61 @@ SECTIONS: list[Section] = [
 ]
 
 
+def section(title: str, lines: list[str], seconds: float, note: str = "") -> list[str]:
+    return [f"## {title}", "", *lines, "", f"_({seconds:.0f} s{note})_", ""]
+
+
+def replace_section(text: str, title: str, lines: list[str]) -> str:
+    """`text` (a RESULTS.md) with its section `## title` replaced by `lines` (appended if absent)."""
+    rows = text.split("\n")
+    start = next((i for i, row in enumerate(rows) if row == f"## {title}"), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + "\n".join(lines)
+    end = next((i for i in range(start + 1, len(rows)) if rows[i].startswith("## ")), len(rows))
+    return "\n".join(rows[:start] + lines + rows[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions (under 2 minutes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument(
+        "--only",
+        metavar="WORD",
+        help="measure only the sections whose title holds WORD (e.g. memory) and replace just those in --out",
+    )
     args = parser.parse_args()
+    chosen = [s for s in SECTIONS if args.only is None or args.only.lower() in s[0].lower()]
+    if not chosen:
+        parser.error(f"no section title holds {args.only!r}: {', '.join(t for t, _, _ in SECTIONS)}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = f"python -m bench{' --quick' if args.quick else ''}"
     t0 = time.perf_counter()
-    body: list[str] = []
-    for title, measure, render in SECTIONS:
+    sections: list[tuple[str, list[str]]] = []
+    for title, measure, render in chosen:
         print(f"bench: {title} ...", flush=True)
         t = time.perf_counter()
         result = measure(args.quick)
-        body += [f"## {title}", "", *render(result), "", f"_({time.perf_counter() - t:.0f} s)_", ""]
+        # A section measured alone says so: it is not from the run the header names.
+        note = f"; measured alone by `{command} --only {args.only}` on {started}" if args.only else ""
+        sections.append((title, section(title, render(result), time.perf_counter() - t, note)))
+    if args.only and args.out.exists():
+        text = args.out.read_text()
+        for title, lines in sections:
+            text = replace_section(text, title, lines)
+        args.out.write_text(text)
+        print(f"bench: updated {', '.join(t for t, _ in sections)} in {args.out}")
+        return
     header = [
         "# Benchmark results",
         "",
         f"Written by `make {'bench-quick' if args.quick else 'bench'}` "
-        f"(`python -m bench{' --quick' if args.quick else ''}`) on {started}, in {time.perf_counter() - t0:.0f} s.",
+        f"(`{command}`) on {started}, in {time.perf_counter() - t0:.0f} s.",
         f"Machine: {machine()}.",
         "Every figure comes from this one run; ratios compare runs made side by side in it.",
         "",
     ]
-    args.out.write_text("\n".join(header + body))
+    args.out.write_text("\n".join(header + [line for _, lines in sections for line in lines]))
     print(f"bench: wrote {args.out}")
 
 

@@ -10,14 +10,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from . import preflight
+from . import output, preflight
 from .api import ApiClient
 from .callbacks import CallbackReceiver, derive_secret, parse_listen
 from .config import DEFAULT_API_URL, RunSettings
@@ -194,10 +194,8 @@ async def run_campaign(request: RunRequest) -> RunResult:
                 if request.watch is not None:
                     await stack.enter_async_context(request.watch(engine))
                 outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
-                done = [f for f in store.all_files() if f.done]
-                return RunResult(
-                    outcome, request.paths, api.requests, sim_url, len(done), sum(f.size_bytes or 0 for f in done)
-                )
+                files_done, bytes_done = store.files_done_total()
+                return RunResult(outcome, request.paths, api.requests, sim_url, files_done, bytes_done)
         finally:
             store.close()
 
@@ -315,13 +313,28 @@ def make_plan(manifest: Manifest, paths: Paths) -> Plan:
 
 
 def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
-    store = open_existing_store(paths)
-    if store is None:
-        raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
+    store = _store_for_status(paths)
     try:
         return [r for r in store.jobs() if r.in_manifest], store.files_by_job()
     finally:
         store.close()
+
+
+def status_json(campaign: str, paths: Paths, *, page_size: int = output.SUMMARY_PAGE_JOBS) -> Iterator[str]:
+    """`status --json`: the record summary.json holds (without the manifest's path), as text
+    chunks read from the store a page at a time."""
+    store = _store_for_status(paths)
+    try:
+        yield from output.campaign_record_json(campaign, store, page_size=page_size)
+    finally:
+        store.close()
+
+
+def _store_for_status(paths: Paths) -> SqliteStore:
+    store = open_existing_store(paths)
+    if store is None:
+        raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
+    return store
 
 
 def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | None, resubmit: bool) -> str:

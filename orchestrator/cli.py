@@ -33,7 +33,6 @@ from .errors import (
 )
 from .manifest import load_manifest
 from .models import JobType
-from .output import campaign_record
 from .report import write_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -418,10 +417,10 @@ def _plan(manifest: Any, paths: campaign.Paths) -> int:
 
 
 def _status(campaign_name: str, paths: campaign.Paths, *, as_json: bool) -> int:
-    rows, files = campaign.status_rows(paths)
     if as_json:
-        sys.stdout.write(campaign.dump_json(campaign_record(campaign_name, rows, files)) + "\n")
+        sys.stdout.writelines(campaign.status_json(campaign_name, paths))
         return EXIT_OK
+    rows, files = campaign.status_rows(paths)
     out.print(ui.status_table(rows, files, time.time()))
     return EXIT_OK
 

@@ -437,9 +437,9 @@ class Engine:
     def _write_summary(self) -> None:
         if self.settings.dry_run:
             return
-        rows = [r for r in self.store.jobs() if r.in_manifest]
-        record = output.campaign_record(self.manifest.campaign, rows, self.store.files_by_job())
-        output.write_summary(self.out_dir / "summary.json", {**record, "manifest": str(self.manifest.path)})
+        output.write_summary(
+            self.out_dir / "summary.json", self.manifest.campaign, self.store, manifest=str(self.manifest.path)
+        )
 
 
 class IdCommitter:

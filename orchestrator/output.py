@@ -9,25 +9,35 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
 from .models import JobState
-from .store import FileRow, JobRow
+from .store import FileRow, JobRow, Store
 from .urls import redact_tree
 from .verify import fsync_dir
 
+# Jobs read from the store at once while summary.json or `status --json` is written: what the
+# end of a run holds, whatever the campaign's size.
+SUMMARY_PAGE_JOBS = 500
+
 
 def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
-    """Write to a temporary name, sync, rename. One process per campaign (the lock) writes here,
-    so a fixed temporary name is safe, and cheaper than a random one."""
+    write_atomic_chunks(path, (text,), sync_folder=sync_folder)
+
+
+def write_atomic_chunks(path: Path, chunks: Iterable[str], *, sync_folder: bool = True) -> None:
+    """Write to a temporary name, sync, rename. The chunks are written as they come, so a file
+    as large as the campaign is never whole in memory. One process per campaign (the lock)
+    writes here, so a fixed temporary name is safe, and cheaper than a random one."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -39,7 +49,7 @@ def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
             tmp.unlink(missing_ok=True)
         full = " (the disk is full: free some space and run again)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}{full}") from exc
-    except BaseException:
+    except BaseException:  # e.g. the store failed while the chunks were read from it
         tmp.unlink(missing_ok=True)
         raise
 
@@ -54,44 +64,79 @@ def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable
     write_atomic(folder / "SHA256SUMS", sums)
 
 
-def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
-    write_atomic(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+def write_summary(
+    path: Path, campaign: str, store: Store, *, manifest: str, page_size: int = SUMMARY_PAGE_JOBS
+) -> None:
+    """`summary.json`: the campaign record and the manifest's path, streamed from the store."""
+    write_atomic_chunks(path, campaign_record_json(campaign, store, extra={"manifest": manifest}, page_size=page_size))
 
 
-def campaign_record(campaign: str, rows: Sequence[JobRow], files: Mapping[str, Sequence[FileRow]]) -> dict[str, Any]:
-    """The campaign as data: what `summary.json` holds and `status --json` prints."""
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.state.value] = counts.get(r.state.value, 0) + 1
-    return {
+def campaign_record_json(
+    campaign: str, store: Store, *, extra: Mapping[str, Any] | None = None, page_size: int = SUMMARY_PAGE_JOBS
+) -> Iterator[str]:
+    """The campaign as data, as JSON text: what `summary.json` holds and `status --json` prints.
+
+    The text is what `json.dumps(record, indent=2, sort_keys=True) + "\n"` would give, made a job
+    at a time: counts and duplicates come from the store's own tallies and the jobs a page at a
+    time, so memory does not grow with the campaign (100,000 jobs held at once cost ~250 MB).
+    """
+    counts = {state.value: n for state, n in store.counts().items() if n}
+    duplicates = {job_id: list(others) for job_id, others in store.duplicates().items() if others}
+    total = sum(counts.values())
+    head: dict[str, Any] = {
         "campaign": campaign,
         "counts": counts,
-        "done": bool(rows) and all(r.state is JobState.DONE for r in rows) and not any(r.duplicate_ids for r in rows),
+        "done": total > 0 and counts.get(JobState.DONE.value, 0) == total and not duplicates,
         # jobs the service holds more than once under our tag (paid twice): job id -> the other remote ids
-        "duplicates": {r.id: list(r.duplicate_ids) for r in rows if r.duplicate_ids},
-        "jobs": [
+        "duplicates": duplicates,
+        **(extra or {}),
+    }
+    jobs = (_job_record(row, files) for page in store.manifest_pages(page_size) for row, files in page)
+    yield from _json_chunks(head, "jobs", jobs)
+
+
+def _job_record(row: JobRow, files: Sequence[FileRow]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "type": row.type,
+        "state": row.state.value,
+        "remote_id": row.remote_id,
+        "reason": row.reason,
+        "percentage": row.percentage,
+        "duplicate_remote_ids": list(row.duplicate_ids),
+        # a lost answer: not looked for in the job list before this time (Unix seconds)
+        "reconcile_after": row.reconcile_at if row.state is JobState.SUBMITTING else None,
+        "files": [
             {
-                "id": r.id,
-                "type": r.type,
-                "state": r.state.value,
-                "remote_id": r.remote_id,
-                "reason": r.reason,
-                "percentage": r.percentage,
-                "duplicate_remote_ids": list(r.duplicate_ids),
-                # a lost answer: not looked for in the job list before this time (Unix seconds)
-                "reconcile_after": r.reconcile_at if r.state is JobState.SUBMITTING else None,
-                "files": [
-                    {
-                        "name": f.name,
-                        "kind": f.kind.value,
-                        "bytes": f.size_bytes,
-                        "sha256": f.sha256,
-                        "done": f.done,
-                        "lost": f.lost,
-                    }
-                    for f in files.get(r.id, [])
-                ],
+                "name": f.name,
+                "kind": f.kind.value,
+                "bytes": f.size_bytes,
+                "sha256": f.sha256,
+                "done": f.done,
+                "lost": f.lost,
             }
-            for r in rows
+            for f in files
         ],
     }
+
+
+def _json_chunks(head: Mapping[str, Any], list_key: str, items: Iterable[Any]) -> Iterator[str]:
+    """`json.dumps({**head, list_key: list(items)}, indent=2, sort_keys=True) + "\n"`, an item at a time.
+
+    A value nested at depth d is its own `json.dumps(indent=2)` with every line break followed by
+    2 * d more spaces: JSON text holds no raw line break of its own (one in a string is `\n`)."""
+
+    def nested(value: Any, depth: int) -> str:
+        return json.dumps(value, indent=2, sort_keys=True).replace("\n", "\n" + "  " * depth)
+
+    for i, key in enumerate(sorted([*head, list_key])):
+        yield ("{" if i == 0 else ",") + "\n  " + json.dumps(key) + ": "
+        if key != list_key:
+            yield nested(head[key], 1)
+            continue
+        empty = True
+        for item in items:
+            yield ("[" if empty else ",") + "\n    " + nested(item, 2)
+            empty = False
+        yield "[]" if empty else "\n  ]"
+    yield "\n}\n"

@@ -556,6 +556,41 @@ class SqliteStore:
         )
         return [_file(r) for r in rows]
 
+    def files_done_total(self) -> tuple[int, int]:
+        """How many files are done, and their bytes (a tally, not the rows)."""
+        row = self._query("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM files WHERE done=1")[0]
+        return int(row[0]), int(row[1])
+
+    def manifest_pages(self, page_size: int) -> Iterator[list[tuple[JobRow, list[FileRow]]]]:
+        """The jobs of the manifest in its order, each with its files (by name), `page_size` jobs
+        at a time. One ordered read: SQLite sorts once (spilling to disk past its cache) and only a
+        page is held here. Paging by position instead would scan the table for every page, there
+        being no index on it."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        try:
+            cursor = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE in_manifest=1 ORDER BY position, id")
+            try:
+                while rows := cursor.fetchmany(page_size):
+                    jobs = [_job(r) for r in rows]
+                    files: dict[str, list[FileRow]] = {}
+                    for f in self._files_of([j.id for j in jobs]):
+                        files.setdefault(f.job_id, []).append(f)
+                    yield [(j, files.get(j.id, [])) for j in jobs]
+            finally:
+                cursor.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    def _files_of(self, job_ids: Sequence[str]) -> list[FileRow]:
+        marks = ",".join("?" * len(job_ids))
+        rows = self._db.execute(
+            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files"
+            f" WHERE job_id IN ({marks}) ORDER BY job_id, name",
+            job_ids,
+        ).fetchall()
+        return [_file(r) for r in rows]
+
     def files_by_job(self) -> dict[str, list[FileRow]]:
         grouped: dict[str, list[FileRow]] = {}
         for f in self.all_files():
