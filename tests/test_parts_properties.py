@@ -8,10 +8,21 @@ prove nothing and never stop the spans after them from counting.
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.parts import PartRecord, Span, gaps, merged
+from orchestrator.sim import Simulator
+from orchestrator.verify import READ_BYTES
+
+from .campaigns import assert_campaign_on_disk
+from .conftest import fast_run, fast_sim
+from .test_disk_space import run
+from .test_downloads import manifest
 
 MAX_OFFSET = 200
 
@@ -31,7 +42,7 @@ def bytes_of(intervals: list[tuple[int, int]]) -> set[int]:
 
 def assert_sorted_disjoint_nonempty(intervals: list[tuple[int, int]], *, apart: bool) -> None:
     assert all(start < end for start, end in intervals), intervals
-    for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         # merged joins touching intervals too (`apart`): one interval per run of proven bytes
         assert (end < start) if apart else (end <= start), intervals
 
@@ -73,3 +84,20 @@ def test_examples_that_once_went_wrong() -> None:
     assert gaps([(0, 5), (10, 12)], 5) == []  # proven bytes past the end leave no empty gap behind
     assert PartRecord(size=20, etag=None, spans=((5, 5),)).prefix() == 0
     assert PartRecord(size=20, etag=None, spans=()).prefix() == 0
+
+
+ODD_RANGE_BYTES = 300_001  # not a multiple of the hasher's read size: ranges end mid-read
+
+
+@pytest.mark.anyio
+async def test_ranges_of_any_size_give_the_right_file_and_sums(tmp_path: Path) -> None:
+    """The hasher reads each range back from disk: it must stop at the range's end, whatever its size."""
+    size = 3 * READ_BYTES + 13
+    assert ODD_RANGE_BYTES % READ_BYTES and ODD_RANGE_BYTES < READ_BYTES
+    settings = fast_run(settings={"range_bytes": ODD_RANGE_BYTES, "parallel_min_bytes": 1, "connections_per_file": 3})
+    async with Simulator(fast_sim(checkpoint_bytes=size)) as sim:
+        result = await run(sim, manifest(tmp_path, trainings=1, lora=False), tmp_path / "out", settings)
+        assert result.outcome.exit_code == 0, result.outcome.problems
+        assert_campaign_on_disk(sim, tmp_path / "out", "dl", ["t0"])
+        ranged = [d for d in sim.ledger.downloads if d.status == 206]
+    assert len(ranged) == -(-size // ODD_RANGE_BYTES)  # it did go by ranges of that size
