@@ -7,14 +7,22 @@ The expected figures are computed here from the proven spans in the state store.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
 import anyio
 import pytest
 
-from orchestrator.download import FREE_SPACE_MARGIN_MAX_BYTES, FREE_SPACE_MARGIN_MIN_BYTES, free_space_margin
+from orchestrator.download import (
+    FREE_SPACE_MARGIN_MAX_BYTES,
+    FREE_SPACE_MARGIN_MIN_BYTES,
+    _disk_full,
+    free_space_margin,
+)
 from orchestrator.models import JobState
+from orchestrator.parts import PartRecord
 from orchestrator.sim import Simulator
 from orchestrator.store import SqliteStore
 
@@ -86,3 +94,24 @@ async def test_a_refused_file_states_every_figure_of_the_margin(tmp_path: Path, 
     assert expected in message, message
     assert "at most 67 MB); " in message, message  # a figure of 10 MB or more, in whole MB
     assert 0 < free_figure(message) <= round(DISK_MB * MiB / 1e6, 1)  # the disk holds no more
+
+
+def test_a_full_disk_under_a_file_of_unknown_size_or_an_unreadable_folder_still_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Images come without a size and one stream keeps no record of them: the message stands anyway."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    image = _disk_full(tmp_path, tmp_path / "0.png.part", None, None, full)
+    assert str(image).startswith(f"{tmp_path} filled up while writing 0.png.part ({full}): ")
+    assert "it needs more space than is free; " in str(image) and " MB are free. " in str(image)
+    assert "The 0.0 MB already fetched and proven are kept" in str(image)
+    assert str(image).endswith("free some space (or choose another --out), then run again to resume")
+    # A record of another object (an older size) proves nothing about this one.
+    other = PartRecord(size=SIZE + 1, etag=None, spans=((0, MiB),))
+    resized = _disk_full(tmp_path, tmp_path / "a.part", SIZE, other, full)
+    assert f"it needs {mb(SIZE)} more" in str(resized) and "The 0.0 MB already fetched" in str(resized)
+    gone = tmp_path / "gone"  # the folder cannot be read: free space is not known
+    unknown = _disk_full(gone, gone / "a.part", SIZE, None, full)
+    assert f"it needs {mb(SIZE)} more, plus {mb(free_space_margin(SIZE))} kept free; an unknown amount are free" in str(
+        unknown
+    )

@@ -9,15 +9,18 @@ prove nothing and never stop the spans after them from counting.
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.errors import DownloadError
 from orchestrator.parts import PartRecord, Span, gaps, merged
+from orchestrator.ranged import _hash_range
 from orchestrator.sim import Simulator
-from orchestrator.verify import READ_BYTES
+from orchestrator.verify import READ_BYTES, Hashes
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import fast_run, fast_sim
@@ -101,3 +104,15 @@ async def test_ranges_of_any_size_give_the_right_file_and_sums(tmp_path: Path) -
         assert_campaign_on_disk(sim, tmp_path / "out", "dl", ["t0"])
         ranged = [d for d in sim.ledger.downloads if d.status == 206]
     assert len(ranged) == -(-size // ODD_RANGE_BYTES)  # it did go by ranges of that size
+
+
+def test_a_part_shorter_than_its_proven_range_is_an_error_that_says_where(tmp_path: Path) -> None:
+    """Only if something else cut the `.part` under the download: the hasher must not hash less."""
+    part = tmp_path / "a.part"
+    part.write_bytes(b"12345")
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        with pytest.raises(DownloadError, match=r"^the part file ends at 5, before 10$"):
+            _hash_range(fd, 0, 10, Hashes(md5=False))
+    finally:
+        os.close(fd)
