@@ -19,10 +19,19 @@ from orchestrator.api import ApiClient
 from orchestrator.config import RetryPolicy
 from orchestrator.manifest import CAMPAIGN_TAG_KEY
 from orchestrator.models import JobType
-from orchestrator.reconcile import CLOCK_SKEW_S, PAGE, Lost, Verdict, _config_matches, reaches_back, reconcile
+from orchestrator.reconcile import (
+    CLOCK_SKEW_S,
+    MAX_PAGES,
+    PAGE,
+    Lost,
+    Verdict,
+    _config_matches,
+    reaches_back,
+    reconcile,
+)
 from orchestrator.results import parse_time
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
-from orchestrator.sim.service import iso
+from orchestrator.sim.service import JobKind, iso
 
 from .conftest import fast_sim
 
@@ -118,3 +127,74 @@ def test_an_item_whose_config_is_not_a_mapping_never_matches() -> None:
     assert not _config_matches(sent, {**OURS, "seed": 8})
     for config in (None, [], "a lighthouse at dusk", 7, [("prompt", OURS["prompt"])]):
         assert not _config_matches(sent, config), config
+
+
+def tagged(value: str) -> dict[str, Any]:
+    return {**OURS, "tags": [{"key": CAMPAIGN_TAG_KEY, "value": value}]}
+
+
+def lost_job(job_id: str) -> Lost:
+    return Lost(job_id, f"camp/{job_id}", json.dumps(tagged(f"camp/{job_id}")), time.time() - 1)
+
+
+async def verdicts(sim: Simulator, jobs: list[Lost], claimed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    async with ApiClient(sim.url, sim.api_key) as api:
+        with anyio.fail_after(60):
+            found = await reconcile(api, QUICK, JobType.IMAGE_GEN, jobs, claimed)
+    return {job_id: (r.verdict, r.remote_id, r.why) for job_id, r in found.items()}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tags_listed", [True, False], ids=["list-has-tags", "list-without-tags"])
+async def test_a_list_that_does_not_reach_back_proves_nothing(tags_listed: bool) -> None:
+    """More jobs made since the attempt than the pages read: absent from them is not absent."""
+    async with Simulator(fast_sim(time_scale=1.0, list_echoes_tags=tags_listed)) as sim:
+        intent_at = sim.now() - 1
+        newer = MAX_PAGES * PAGE + 1
+        for i in range(newer):  # somebody else's jobs, made through the service itself (no HTTP: quicker)
+            sim.service.submit(
+                JobKind.IMAGE_GEN, {"prompt": f"theirs {i}", "base_model": "stable-diffusion-v1-5"}, sim.now()
+            )
+        found = await verdicts(sim, [Lost("j0", TAG, json.dumps(tagged(TAG)), intent_at)])
+    verdict, remote, why = found["j0"]
+    assert (verdict, remote) == (Verdict.UNKNOWN, None)
+    assert f"{MAX_PAGES * PAGE} jobs" in why, why  # what was read, for the person who settles it
+
+
+@pytest.mark.anyio
+async def test_every_lost_job_gets_its_own_verdict() -> None:
+    async with Simulator(fast_sim(time_scale=1.0)) as sim:
+        ours = await submit(sim, tagged("camp/j0"))
+        found = await verdicts(sim, [lost_job("j0"), lost_job("j1"), lost_job("j2")])
+    assert {k: v[:2] for k, v in found.items()} == {
+        "j0": (Verdict.FOUND, ours),
+        "j1": (Verdict.ABSENT, None),
+        "j2": (Verdict.ABSENT, None),
+    }
+
+
+@pytest.mark.anyio
+async def test_a_listed_job_is_claimed_by_one_lost_job_at_most() -> None:
+    """Without tags in the list, two lost jobs of the same config cannot both be the one listed job."""
+    async with Simulator(fast_sim(time_scale=1.0, list_echoes_tags=False)) as sim:
+        listed = await submit(sim, tagged("camp/j0"))
+        found = await verdicts(sim, [lost_job("j0"), lost_job("j1")])
+    assert {k: v[:2] for k, v in found.items()} == {"j0": (Verdict.FOUND, listed), "j1": (Verdict.ABSENT, None)}
+
+
+@pytest.mark.anyio
+async def test_a_job_the_campaign_already_holds_is_not_matched_again() -> None:
+    async with Simulator(fast_sim(time_scale=1.0, list_echoes_tags=False)) as sim:
+        held = await submit(sim, tagged("camp/j0"))  # j0's, known to the campaign by its id
+        found = await verdicts(sim, [lost_job("j1")], claimed=frozenset({held}))
+    assert found["j1"][:2] == (Verdict.ABSENT, None)
+
+
+@pytest.mark.anyio
+async def test_several_matching_jobs_make_unknown_and_name_the_newest_five() -> None:
+    async with Simulator(fast_sim(time_scale=1.0, list_echoes_tags=False)) as sim:
+        made = [await submit(sim, dict(OURS)) for _ in range(6)]
+        found = await verdicts(sim, [lost_job("j0")])
+    newest = ", ".join(reversed(made[1:]))
+    why = f"several listed jobs match its config ({newest}); which one is ours is unclear"
+    assert found == {"j0": (Verdict.UNKNOWN, None, why)}
