@@ -173,10 +173,7 @@ async def reconcile(
             continue
         sent = json.loads(job.sent_payload)
         if tags_listed:
-            why = f"absent from the job list ({len(listed)} jobs, back to before the attempt)"
-            verdicts[job.job_id] = (
-                Reconciled(Verdict.ABSENT, None, why) if covered else Reconciled(Verdict.UNKNOWN, None, why)
-            )
+            verdicts[job.job_id] = _absent(len(listed)) if covered else _not_reached(len(listed))
             continue
         matches = [
             str(i.get("job_id", ""))
@@ -190,10 +187,15 @@ async def reconcile(
             ids = ", ".join(matches[:5])
             why = f"several listed jobs match its config ({ids}); which one is ours is unclear"
             verdicts[job.job_id] = Reconciled(Verdict.UNKNOWN, None, why)
-        elif covered:
-            why = f"absent from the job list ({len(listed)} jobs, back to before the attempt)"
-            verdicts[job.job_id] = Reconciled(Verdict.ABSENT, None, why)
         else:
-            why = f"not among the newest {len(listed)} jobs, and the list does not reach back to the attempt"
-            verdicts[job.job_id] = Reconciled(Verdict.UNKNOWN, None, why)
+            verdicts[job.job_id] = _absent(len(listed)) if covered else _not_reached(len(listed))
     return verdicts
+
+
+def _absent(listed: int) -> Reconciled:
+    return Reconciled(Verdict.ABSENT, None, f"absent from the job list ({listed} jobs, back to before the attempt)")
+
+
+def _not_reached(listed: int) -> Reconciled:
+    why = f"not among the newest {listed} jobs, and the list does not reach back to the attempt"
+    return Reconciled(Verdict.UNKNOWN, None, why)
