@@ -37,7 +37,7 @@ bench-quick: $(STAMP)  ## a smaller bench run (under 2 minutes)
 chaos: $(STAMP)  ## the long kill-and-restart chaos runs; figures in bench/chaos-results.json
 	$(BIN)/pytest -q -s -m slow tests/test_chaos.py
 
-mutants: $(STAMP)  ## mutation testing of the modules that guard money and files (about 30 min); survivors answered in bench/MUTANTS.md
+mutants: $(STAMP)  ## mutation testing of the code that guards money and files (long); survivors answered in bench/MUTANTS.md
 	$(BIN)/pip install --quiet -e '.[dev,mutants]'
 	$(BIN)/python -m bench.mutants
 
