@@ -84,3 +84,21 @@ def run_json(cmd: list[str], timeout: float) -> dict:
     data = json.loads(out.strip().splitlines()[-1])
     data.setdefault("cpu_s", (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
     return dict(data)
+
+
+def sim_requests(url: str) -> dict[str, int]:
+    """The simulator's request counts by route, from its ledger."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/_sim/ledger", headers={"x-sim-admin": "sim-admin"})
+    with urllib.request.urlopen(req) as resp:
+        return dict(json.load(resp)["requests"])
+
+
+def our_run(manifest: Path, url: str, *, max_active: int, time_scale: float, extra: tuple[str, ...] = ()) -> list[str]:
+    """`dreamlook-batch run` as the benchmarks drive it: limits out of the way, quiet."""
+    return [
+        sys.executable, "-m", "orchestrator", "run", str(manifest), "--api-url", url,
+        "--max-active", str(max_active), "--submit-rate", "100000", "--requests-per-s", "100000",
+        *extra, "--time-scale", str(time_scale), "-q",
+    ]  # fmt: skip

@@ -11,21 +11,14 @@ import json
 import os
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
-from .common import sim_process
+from .common import our_run, sim_process, sim_requests
 from .throughput import _run
 
 GOAL_MB = 400
 MAX_ACTIVE = 500
 TIME_SCALE = 100.0  # our own waits / 100, as in the throughput section
-
-
-def _ledger(url: str) -> dict[str, int]:
-    req = urllib.request.Request(f"{url}/_sim/ledger", headers={"x-sim-admin": "sim-admin"})
-    with urllib.request.urlopen(req) as resp:
-        return dict(json.load(resp)["requests"])
 
 
 def _manifest(jobs: int, folder: Path) -> Path:
@@ -48,26 +41,9 @@ def measure(quick: bool, jobs: int | None = None) -> dict[str, object]:
         sim_process("--job-seconds", "0", "--small-files", "--seed", "5") as sim,
     ):
         manifest = _manifest(jobs, Path(tmp))
-        cmd = [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            str(manifest),
-            "--api-url",
-            sim.url,
-            "--max-active",
-            str(MAX_ACTIVE),
-            "--submit-rate",
-            "100000",
-            "--requests-per-s",
-            "100000",
-            "--time-scale",
-            str(TIME_SCALE),
-            "-q",
-        ]
+        cmd = our_run(manifest, sim.url, max_active=MAX_ACTIVE, time_scale=TIME_SCALE)
         run = _run(cmd, {**os.environ, "DREAMLOOK_API_KEY": sim.key}, timeout=3600)
-        requests = _ledger(sim.url)
+        requests = sim_requests(sim.url)
         summary = json.loads((Path(tmp) / "outputs" / "mem" / "summary.json").read_text())
     return {
         "jobs": jobs,

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import ROOT, sim_process
+from .common import ROOT, our_run, sim_process, sim_requests
 
 MAX_ACTIVE = 100
 NAIVE_POLL_S = 0.05  # what suits jobs that take ~50 ms
@@ -32,14 +32,6 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900
     if proc.returncode not in (0,):
         raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
-
-
-def _ledger(url: str) -> dict[str, int]:
-    import urllib.request
-
-    req = urllib.request.Request(f"{url}/_sim/ledger", headers={"x-sim-admin": "sim-admin"})
-    with urllib.request.urlopen(req) as resp:
-        return dict(json.load(resp)["requests"])
 
 
 def _campaign(jobs: int, folder: Path) -> tuple[Path, Path]:
@@ -73,26 +65,9 @@ def _end_to_end(jobs: int) -> dict[str, object]:
             manifest, jsonl = _campaign(jobs, folder)
             env = {**os.environ, "DREAMLOOK_API_KEY": sim.key}
             if name == "ours":
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "orchestrator",
-                    "run",
-                    str(manifest),
-                    "--api-url",
-                    sim.url,
-                    "--max-active",
-                    str(MAX_ACTIVE),
-                    "--submit-rate",
-                    "100000",
-                    "--requests-per-s",
-                    "100000",
-                    "--max-downloads",
-                    "32",
-                    "--time-scale",
-                    str(OUR_TIME_SCALE),
-                    "-q",
-                ]
+                cmd = our_run(
+                    manifest, sim.url, max_active=MAX_ACTIVE, time_scale=OUR_TIME_SCALE, extra=("--max-downloads", "32")
+                )
             else:
                 cmd = [
                     sys.executable,
@@ -108,7 +83,7 @@ def _end_to_end(jobs: int) -> dict[str, object]:
                 ]
             sim_cpu0 = sim.cpu_s()
             run = _run(cmd, env)
-            requests = _ledger(sim.url)
+            requests = sim_requests(sim.url)
             api = requests.get("submit", 0) + requests.get("get", 0) + requests.get("list", 0)
             files = sum(1 for _ in (folder / ("outputs/tp" if name == "ours" else "naive-out")).rglob("*.png"))
             results[name] = {
