@@ -24,9 +24,9 @@ GiB = 1024**3
 
 def worker(urls: list[str], size: int, out: str, parallel: bool) -> None:
     """One process downloading `urls` at once; prints wall time, CPU and peak RSS as JSON."""
-    from orchestrator.download import Downloader
     from orchestrator.models import Artifact, ArtifactKind
-    from orchestrator.parts import MemoryPartLog
+    from orchestrator.store.parts import MemoryPartLog
+    from orchestrator.transfer.file import Downloader
 
     async def main() -> float:
         min_bytes = 64 * 1024**2 if parallel else 1 << 62

@@ -31,22 +31,22 @@ COUNTED = ("killed", "survived", "timeout", "suspicious", "segfault")
 # the engine's submission path and the store's verbs for intents, ids and file progress.
 STORE = "orchestrator.store.sqlite.x\u01c1SqliteStore\u01c1"
 GUARDED = (
-    "orchestrator.reconcile.*",
-    "orchestrator.resolving.*",
-    "orchestrator.adoption.*",
-    "orchestrator.preflight.*",
-    "orchestrator.retry.*",
-    "orchestrator.download.*",
-    "orchestrator.ranged.*",
-    "orchestrator.parts.*",
-    "orchestrator.verify.*",
-    "orchestrator.engine.x\u01c1RunOutcome\u01c1exit_code*",
-    "orchestrator.engine.x\u01c1Engine\u01c1_start_submissions*",
-    "orchestrator.engine.x\u01c1Engine\u01c1_submit*",
-    "orchestrator.engine.x\u01c1Engine\u01c1_back_to_pending*",
-    "orchestrator.engine.x\u01c1IdCommitter\u01c1*",
-    "orchestrator.engine.x__sent_body*",
-    "orchestrator.engine.x__storable*",
+    "orchestrator.run.reconcile.*",
+    "orchestrator.run.resolve.*",
+    "orchestrator.run.adopt.*",
+    "orchestrator.run.preflight.*",
+    "orchestrator.api.retry.*",
+    "orchestrator.transfer.file.*",
+    "orchestrator.transfer.ranges.*",
+    "orchestrator.store.parts.*",
+    "orchestrator.transfer.verify.*",
+    "orchestrator.run.engine.x\u01c1RunOutcome\u01c1exit_code*",
+    "orchestrator.run.engine.x\u01c1Engine\u01c1_start_submissions*",
+    "orchestrator.run.engine.x\u01c1Engine\u01c1_submit*",
+    "orchestrator.run.engine.x\u01c1Engine\u01c1_back_to_pending*",
+    "orchestrator.run.engine.x\u01c1IdCommitter\u01c1*",
+    "orchestrator.run.engine.x__sent_body*",
+    "orchestrator.run.engine.x__storable*",
     *(
         f"{STORE}{verb}__mutmut_*"
         for verb in (
@@ -83,7 +83,7 @@ def _mutmut(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _module(name: str) -> str:
-    """`orchestrator.verify.x_place__mutmut_3` -> `orchestrator.verify`."""
+    """`orchestrator.transfer.verify.x_place__mutmut_3` -> `orchestrator.transfer.verify`."""
     head = name.split("__mutmut_")[0]
     return ".".join(part for part in head.split(".") if not part.startswith("x"))
 

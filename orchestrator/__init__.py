@@ -6,9 +6,9 @@ in `orchestrator.sim`. The command line is `orchestrator.cli`.
 
 from __future__ import annotations
 
-from .campaign import RunRequest, RunResult, paths_for, run_campaign
+from .commands import RunRequest, RunResult, paths_for, run_campaign
 from .config import Limits, PollPolicy, RetryPolicy, RunSettings, Timeouts
-from .manifest import Manifest, load_manifest
+from .manifest.load import Manifest, load_manifest
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,4 +1,4 @@
-"""`dreamlook-batch`: parses arguments, calls `campaign`, prints. No logic of its own.
+"""`dreamlook-batch`: parses arguments, calls `commands`, prints. No logic of its own.
 
 Exit codes: 0 all done; 1 failed jobs or lost files; 2 bad manifest or
 usage; 3 stopped by the API (bad key, out of tokens) with work left; 4 another
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import anyio
 from rich.console import Console
 
-from . import campaign, logs, preflight, ui
+from . import commands, logs, ui
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -31,9 +31,10 @@ from .errors import (
     UsageError,
     first_error,
 )
-from .manifest import load_manifest
+from .manifest.load import load_manifest
 from .models import JobType
 from .report import write_report
+from .run import preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 out = Console(highlight=False, soft_wrap=True)
@@ -310,24 +311,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
         out.print(f"{manifest.path}: OK, campaign {manifest.campaign!r}, {len(manifest.jobs)} jobs ({kinds})")
         return EXIT_OK
-    paths = campaign.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
+    paths = commands.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
     if command == "plan":
         return _plan(manifest, paths)
     if command == "status":
         return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
-        rows, files = campaign.status_rows(paths)
+        rows, files = commands.status_rows(paths)
         page = write_report(manifest.campaign, rows, files, paths.out)
         out.print(f"report: {page}")
         return EXIT_OK
     if command == "settle":
-        message = campaign.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
+        message = commands.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
         out.print(message)
         return EXIT_OK
     return _run(args, manifest, paths)
 
 
-def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
+def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
     for name in ("max_active", "max_downloads", "connections_per_file"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -352,8 +353,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
                 "serve one with `dreamlook-batch sim` and pass its URL with --api-url"
             )
         simulate = SimSettings.for_demo()
-        campaign.forget_simulated_state(paths)
-    request = campaign.RunRequest(
+        commands.forget_simulated_state(paths)
+    request = commands.RunRequest(
         manifest=manifest,
         paths=paths,
         settings=RunSettings(
@@ -379,7 +380,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: campaign.Paths) -> int:
         logs.configure(args.log_format, args.verbose - args.quiet - 1)
         request = replace(request, watch=lambda engine: ui.LiveView(engine, out))
     started = time.monotonic()
-    result = anyio.run(campaign.run_campaign, request)
+    result = anyio.run(commands.run_campaign, request)
     ui.print_summary(out, result, dry_run=args.dry_run, once=args.once, elapsed_s=time.monotonic() - started)
     code = result.outcome.exit_code
     if args.once and code == EXIT_OK:
@@ -394,11 +395,11 @@ def _default_listen(public_url: str) -> str:
     return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def _plan(manifest: Any, paths: campaign.Paths) -> int:
+def _plan(manifest: Any, paths: commands.Paths) -> int:
     # What a run would refuse before its first POST, as far as can be told without creating anything.
     preflight.check_output(paths.out, create=False)
     preflight.check_state(paths.state, create=False)
-    plan = campaign.make_plan(manifest, paths)
+    plan = commands.make_plan(manifest, paths)
     out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.state}")
     out.print(f"  submit now:           {len(plan.to_submit)}")
     out.print(f"  wait for a checkpoint: {len(plan.waiting_for_parent)}")
@@ -416,11 +417,11 @@ def _plan(manifest: Any, paths: campaign.Paths) -> int:
     return EXIT_OK
 
 
-def _status(campaign_name: str, paths: campaign.Paths, *, as_json: bool) -> int:
+def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
     if as_json:
-        sys.stdout.writelines(campaign.status_json(campaign_name, paths))
+        sys.stdout.writelines(commands.status_json(campaign_name, paths))
         return EXIT_OK
-    rows, files = campaign.status_rows(paths)
+    rows, files = commands.status_rows(paths)
     out.print(ui.status_table(rows, files, time.time()))
     return EXIT_OK
 
@@ -430,8 +431,8 @@ def _jobs(args: argparse.Namespace) -> int:
     if job_type is None:
         raise UsageError(f"unknown job type {args.type!r}; choose from {', '.join(JobType)}")
     job_id = getattr(args, "id", None)
-    data = anyio.run(campaign.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
-    sys.stdout.write(campaign.dump_json(logs.redact_json(data)) + "\n")
+    data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
+    sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
     return EXIT_OK
 
 

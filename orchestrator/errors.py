@@ -1,5 +1,5 @@
 """The one exception tree of dreamlook-batch. Third-party errors are translated at the
-boundary (`api.py`, `download.py`, `store/`) with ``raise ... from``.
+boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
 
     DreamlookBatchError
     ├── ManifestError          bad manifest: every problem, with file, line and job (exit 2)

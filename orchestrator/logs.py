@@ -68,6 +68,6 @@ def configure(log_format: str, verbosity: int) -> None:
 
 def redact_json(obj: object) -> object:
     """JSON from the API, fit to print: URL signatures removed."""
-    from .urls import redact_tree
+    from .transfer.urls import redact_tree
 
     return redact_tree(obj)

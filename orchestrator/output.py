@@ -16,8 +16,8 @@ from typing import Any
 from .errors import OutputError
 from .models import JobState
 from .store import FileRow, JobRow, Store
-from .urls import redact_tree
-from .verify import fsync_dir
+from .transfer.urls import redact_tree
+from .transfer.verify import fsync_dir
 
 # Jobs read from the store at once while summary.json or `status --json` is written: what the
 # end of a run holds, whatever the campaign's size.

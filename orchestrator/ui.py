@@ -27,8 +27,8 @@ from .models import BAD_ENDINGS, JobState
 from .store import FileRow, JobRow
 
 if TYPE_CHECKING:
-    from .campaign import RunResult
-    from .engine import Engine
+    from .commands import RunResult
+    from .run.engine import Engine
 
 REFRESH_S = 0.25
 EVENTS_SHOWN = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from orchestrator.api import ApiClient
+from orchestrator.api.client import ApiClient
 from orchestrator.errors import ApiError, AuthError, InvalidJob, NotFound, NotSent, QuotaError, RateLimited, ServerError
 from orchestrator.models import JobType
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.callbacks import CALLBACK_PATH, derive_secret
+from orchestrator.api.callbacks import CALLBACK_PATH, derive_secret
 from orchestrator.config import PollPolicy
 from orchestrator.models import JobState
 from orchestrator.sim import FaultPlan, Simulator

@@ -15,16 +15,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orchestrator.download import (
+from orchestrator.models import JobState
+from orchestrator.sim import Simulator
+from orchestrator.store import SqliteStore
+from orchestrator.store.parts import PartRecord
+from orchestrator.transfer.file import (
     FREE_SPACE_MARGIN_MAX_BYTES,
     FREE_SPACE_MARGIN_MIN_BYTES,
     _disk_full,
     free_space_margin,
 )
-from orchestrator.models import JobState
-from orchestrator.parts import PartRecord
-from orchestrator.sim import Simulator
-from orchestrator.store import SqliteStore
 
 from .conftest import fast_run, fast_sim
 from .test_disk_space import DISK_MB, LEFT_FREE, SIZE, MiB, fill_when_started, run

@@ -16,12 +16,12 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.campaign import RunResult
+from orchestrator.commands import RunResult
 from orchestrator.config import RunSettings
-from orchestrator.download import free_space_margin
 from orchestrator.models import JobState
 from orchestrator.sim import Simulator
 from orchestrator.store import SqliteStore
+from orchestrator.transfer.file import free_space_margin
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import fast_run, fast_sim, write

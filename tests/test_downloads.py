@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.campaign import RunResult
+from orchestrator.commands import RunResult
 from orchestrator.config import RunSettings
 from orchestrator.models import JobState
 from orchestrator.sim import FaultPlan, FaultRates, Simulator

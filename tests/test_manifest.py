@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ManifestError
-from orchestrator.manifest import load_manifest
+from orchestrator.manifest.load import load_manifest
 from orchestrator.models import JobType
 
 from .conftest import write

@@ -13,9 +13,9 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.engine import Engine
-from orchestrator.manifest import spec_fingerprint
+from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
+from orchestrator.run.engine import Engine
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 from orchestrator.store import SqliteStore
 

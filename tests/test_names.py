@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.results import safe_name
+from orchestrator.api.jobs import safe_name
 
 
 @pytest.mark.parametrize("raw", ["..", ".", "", "...", "%2E%2E", "a/..", "a/%2e%2e", "..\\..", "/", "-._"])

@@ -17,10 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.errors import DownloadError
-from orchestrator.parts import PartRecord, Span, gaps, merged
-from orchestrator.ranged import _hash_range
 from orchestrator.sim import Simulator
-from orchestrator.verify import READ_BYTES, Hashes
+from orchestrator.store.parts import PartRecord, Span, gaps, merged
+from orchestrator.transfer.ranges import _hash_range
+from orchestrator.transfer.verify import READ_BYTES, Hashes
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import fast_run, fast_sim

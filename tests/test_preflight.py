@@ -24,17 +24,17 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.api import ApiClient
+from orchestrator.api.budget import RequestBudget
+from orchestrator.api.client import ApiClient
 from orchestrator.cli import main
 from orchestrator.config import Timeouts
-from orchestrator.download import Downloader
-from orchestrator.engine import Engine, StopReason
 from orchestrator.errors import NotSent, PreflightFailed, Throttled
-from orchestrator.manifest import spec_fingerprint
+from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState, JobType
-from orchestrator.ratelimit import RequestBudget
+from orchestrator.run.engine import Engine, StopReason
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
 from orchestrator.store import SqliteStore
+from orchestrator.transfer.file import Downloader
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import fast_run, fast_sim, write
@@ -272,7 +272,9 @@ def test_a_parent_settled_after_being_unknown_brings_its_dependents_back(
 ) -> None:
     # Two identical trainings sent at once, both answers lost, and a job list without tags:
     # two listed jobs match both configs, so both are unknown and j0's dependent is skipped.
-    training = "type: dreambooth, base_model: stable-diffusion-v1-5, instance_prompt: ukj, image_urls: [https://x/a.jpg]"
+    training = (
+        "type: dreambooth, base_model: stable-diffusion-v1-5, instance_prompt: ukj, image_urls: [https://x/a.jpg]"
+    )
     manifest = write(
         tmp_path / "twins.yaml",
         "campaign: twins\njobs:\n"

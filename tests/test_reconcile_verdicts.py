@@ -15,11 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.api import ApiClient
+from orchestrator.api.client import ApiClient
+from orchestrator.api.jobs import parse_time
 from orchestrator.config import RetryPolicy
-from orchestrator.manifest import CAMPAIGN_TAG_KEY
+from orchestrator.manifest.load import CAMPAIGN_TAG_KEY
 from orchestrator.models import JobType
-from orchestrator.reconcile import (
+from orchestrator.run.reconcile import (
     CLOCK_SKEW_S,
     MAX_PAGES,
     PAGE,
@@ -29,7 +30,6 @@ from orchestrator.reconcile import (
     reaches_back,
     reconcile,
 )
-from orchestrator.results import parse_time
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 from orchestrator.sim.service import JobKind, iso
 

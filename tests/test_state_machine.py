@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from orchestrator.errors import StoreError
-from orchestrator.manifest import spec_fingerprint
+from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import PARENT_ENDED, TERMINAL, JobSpec, JobState, JobType
 from orchestrator.store import SqliteStore
 

@@ -14,10 +14,10 @@ import anyio
 import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
-from orchestrator.campaign import status_json
 from orchestrator.cli import main
+from orchestrator.commands import status_json
 from orchestrator.errors import StoreError
-from orchestrator.manifest import spec_fingerprint
+from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import ArtifactKind, JobState
 from orchestrator.output import SUMMARY_PAGE_JOBS, write_summary
 from orchestrator.sim import FaultPlan, FaultRates, Simulator

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..models import ArtifactKind, JobSpec, JobState
-from ..parts import PartRecord
+from .parts import PartRecord
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +113,7 @@ class Store(Protocol):
     def record_success(
         self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
     ) -> None: ...
-    # partial downloads: the object and the byte spans proven on disk (parts.py)
+    # partial downloads: the object and the byte spans proven on disk (store/parts.py)
     def part_record(self, job_id: str, remote_id: str) -> PartRecord | None: ...
     def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None: ...
     def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None: ...

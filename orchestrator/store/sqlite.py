@@ -16,8 +16,8 @@ from typing import Any
 
 from ..errors import StoreError
 from ..models import PARENT_ENDED, ArtifactKind, JobSpec, JobState, can_move
-from ..parts import PartRecord
 from .base import FileRow, JobRow, SyncReport
+from .parts import PartRecord
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5_000
@@ -605,7 +605,7 @@ class SqliteStore:
             )
             self._forget_part(db, job_id, remote_id)
 
-    # -- partial downloads: the object and the byte spans proven on disk (see parts.py)
+    # -- partial downloads: the object and the byte spans proven on disk (see store/parts.py)
 
     def part_record(self, job_id: str, remote_id: str) -> PartRecord | None:
         key = (job_id, remote_id)

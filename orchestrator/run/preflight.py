@@ -24,13 +24,13 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import retry
-from .api import ApiClient
-from .config import RetryPolicy
-from .errors import ApiError, AuthError, PreflightFailed, QuotaError, StoreError, TransportError, describe_detail
-from .models import JobType
-from .store import SqliteStore
-from .urls import redact
+from ..api import retry
+from ..api.client import ApiClient
+from ..config import RetryPolicy
+from ..errors import ApiError, AuthError, PreflightFailed, QuotaError, StoreError, TransportError, describe_detail
+from ..models import JobType
+from ..store import SqliteStore
+from ..transfer.urls import redact
 
 # Location schemes each option handles; anything else written `scheme://` is refused.
 HANDLED_SCHEMES: Mapping[str, frozenset[str]] = {"--out": frozenset(), "--state": frozenset()}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ManifestError, Problem
+from ..models import DOWNLOAD_CHOICES, JobSpec, JobType, Location
 from . import fields
-from .errors import ManifestError, Problem
-from .models import DOWNLOAD_CHOICES, JobSpec, JobType, Location
 from .sources import LineDict, iter_csv_rows, iter_json_lines, load_document, read_text
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -14,8 +14,8 @@ import statistics
 
 import anyio
 
-from .config import PollPolicy
-from .models import RemoteJob, RemoteState
+from ..config import PollPolicy
+from ..models import RemoteJob, RemoteState
 
 BEFORE_END_SHARE = 0.9  # the first look: a little before the predicted end
 MAX_WAIT_S = 3_600.0  # no wait of the engine lasts longer than this

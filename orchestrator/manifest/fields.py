@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .models import JobType
+from ..models import JobType
 
 Check = Callable[[Any], bool]
 

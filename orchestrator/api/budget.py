@@ -14,8 +14,8 @@ import time
 
 import anyio
 
-from .config import BUDGET_WAIT_S, RETRY_AFTER_CAP_S
-from .errors import Throttled
+from ..config import BUDGET_WAIT_S, RETRY_AFTER_CAP_S
+from ..errors import Throttled
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The job list shows the newest jobs first, 50 a page. When a due job is among our
 most recent of its type and enough others of them are in flight, one page of
 `GET /jobs/{type}` updates all it shows, due or not; due jobs it does not show, and
 successes whose list entry carries no results, are read by GET of the job. What is
-learned sets the next look (schedule.py). A callback only brings a job's next look
+learned sets the next look (run/schedule.py). A callback only brings a job's next look
 forward: a GET confirms.
 """
 
@@ -18,14 +18,14 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from . import retry
-from .api import ApiClient
-from .config import PollPolicy, RunSettings
-from .errors import ApiError, AuthError, NotFound, QuotaError, TransportError
-from .models import JobSpec, JobState, JobType, RemoteJob, RemoteState
-from .results import parse_job, select
+from ..api import retry
+from ..api.client import ApiClient
+from ..api.jobs import parse_job, select
+from ..config import PollPolicy, RunSettings
+from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
+from ..models import JobSpec, JobState, JobType, RemoteJob, RemoteState
+from ..store import FileRow, JobRow, SqliteStore
 from .schedule import next_check_in, typical
-from .store import FileRow, JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 BATCH_MIN_JOBS = 3  # due jobs of one type that make a list request worth it

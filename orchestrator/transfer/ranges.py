@@ -1,6 +1,6 @@
 """Large files over several connections, each range retried on its own.
 
-What is proven of the `.part` (see `parts.py`) is reused exactly: only the gaps are
+What is proven of the `.part` (see `store/parts.py`) is reused exactly: only the gaps are
 fetched, cut into ranges of the current `range_bytes`. Every finished range is synced
 and then recorded as a span, so a restart, even after SIGKILL, fetches only bytes that
 were never proven. A hasher follows the file in order, reading back the proven bytes
@@ -17,9 +17,9 @@ from typing import Protocol
 import aiohttp
 import anyio
 
-from .crashpoints import crash_point
-from .errors import DownloadError, FileGone, NoSpace, UrlExpired
-from .parts import PartLog, gaps, split
+from ..crashpoints import crash_point
+from ..errors import DownloadError, FileGone, NoSpace, UrlExpired
+from ..store.parts import PartLog, gaps, split
 from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5, write_at
 
 RANGE_ATTEMPTS = 5

@@ -25,8 +25,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .config import RetryPolicy
-from .errors import NotSent, RateLimited, ServerError, TransportError
+from ..config import RetryPolicy
+from ..errors import NotSent, RateLimited, ServerError, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -4,7 +4,7 @@ A lost answer leaves its job `submitting` with the time of the attempt recorded.
 service may still be creating it, so the job list is read for it only after its grace
 window (attempt + API timeout + grace, or later if the run that sent it said so); the
 window is measured from what the store holds, so it holds across kill -9, restarts and
-`--once` passes. Adoption (adoption.py) runs before the first submissions; every job
+`--once` passes. Adoption (run/adopt.py) runs before the first submissions; every job
 list read here goes through the `TagWatch`.
 """
 
@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 from anyio.abc import TaskGroup
 
+from ..api.client import ApiClient
+from ..config import RunSettings
+from ..errors import ApiError, AuthError, TransportError
+from ..models import JobState, JobType
+from ..store import JobRow, SqliteStore
+from ..ui import clock
 from . import reconcile
-from .adoption import TagWatch, adopt
-from .api import ApiClient
-from .config import RunSettings
-from .errors import ApiError, AuthError, TransportError
-from .models import JobState, JobType
-from .store import JobRow, SqliteStore
-from .ui import clock
+from .adopt import TagWatch, adopt
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Fetching one result file to disk without ever losing or corrupting it (rule 4).
 
 Small files go in one stream to `<name>.part`; files of `parallel_min_bytes` or more go
-over several connections in ranges (`ranged.py`). Either way only bytes proven in the
-state store (`parts.py`: synced spans of an object of known size and ETag) are ever
+over several connections in ranges (`transfer/ranges.py`). Either way only bytes proven in the
+state store (`store/parts.py`: synced spans of an object of known size and ETag) are ever
 reused: one stream resumes with `Range` from the end of the proven prefix, and proves
 what it writes every `range_bytes`; a server that ignores `Range` answers 200 and the
 file starts over; an object whose ETag or size changed starts over; a 416 proves
@@ -30,12 +30,12 @@ from typing import TypeVar
 import aiohttp
 import anyio
 
-from .config import CONNECTIONS_PER_FILE, PARALLEL_MIN_BYTES, RANGE_BYTES, Timeouts
-from .crashpoints import crash_point
-from .errors import DownloadError, FileGone, NoSpace, UrlExpired, VerificationFailed
-from .models import Artifact
-from .parts import PartLog, PartRecord
-from .ranged import ObjectChanged, RangesIgnored, fetch_ranges, part_size
+from ..config import CONNECTIONS_PER_FILE, PARALLEL_MIN_BYTES, RANGE_BYTES, Timeouts
+from ..crashpoints import crash_point
+from ..errors import DownloadError, FileGone, NoSpace, UrlExpired, VerificationFailed
+from ..models import Artifact
+from ..store.parts import PartLog, PartRecord
+from .ranges import ObjectChanged, RangesIgnored, fetch_ranges, part_size
 from .urls import expires_at, redact
 from .verify import CONTENT_RANGE, DISK_FULL, Fetched, Hashes, PartWriter, place, storage_md5
 
@@ -62,7 +62,7 @@ class Transfer:
     name: str
     total: int | None
     started: float = field(default_factory=time.monotonic)
-    counter: list[int] = field(default_factory=lambda: [0])  # bytes so far (shared with ranged.py)
+    counter: list[int] = field(default_factory=lambda: [0])  # bytes so far (shared with transfer/ranges.py)
 
     @property
     def done(self) -> int:

@@ -17,17 +17,18 @@ from typing import Any
 
 import anyio
 
-from . import output, preflight
-from .api import ApiClient
-from .callbacks import CallbackReceiver, derive_secret, parse_listen
+from . import output
+from .api.budget import RequestBudget
+from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
+from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .download import Downloader
-from .engine import Engine, RunOutcome, StopReason
 from .errors import StoreError, UsageError
-from .manifest import Manifest, spec_fingerprint
+from .manifest.load import Manifest, spec_fingerprint
 from .models import JobState, JobType
-from .ratelimit import RequestBudget
+from .run import preflight
+from .run.engine import Engine, RunOutcome, StopReason
 from .store import CampaignLock, FileRow, JobRow, SqliteStore
+from .transfer.file import Downloader
 
 STATE_DIR = ".dreamlook-batch"
 OUTPUT_DIR = "outputs"

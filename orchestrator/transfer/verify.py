@@ -18,8 +18,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .crashpoints import crash_point
-from .errors import DownloadError, NoSpace, VerificationFailed
+from ..crashpoints import crash_point
+from ..errors import DownloadError, NoSpace, VerificationFailed
 
 READ_BYTES = 1024 * 1024
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

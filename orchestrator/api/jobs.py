@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .models import Artifact, ArtifactKind, RemoteJob, RemoteState
+from ..models import Artifact, ArtifactKind, RemoteJob, RemoteState
 
 MAX_NAME_CHARS = 150
 RESERVED_NAMES = frozenset({"job.json", "SHA256SUMS", "summary.json", "report.html"})

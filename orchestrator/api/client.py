@@ -18,8 +18,8 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from .config import Timeouts
-from .errors import (
+from ..config import Timeouts
+from ..errors import (
     ApiError,
     AuthError,
     InvalidJob,
@@ -30,9 +30,9 @@ from .errors import (
     ServerError,
     TransportError,
 )
-from .models import JobType
-from .ratelimit import RequestBudget
-from .urls import redact
+from ..models import JobType
+from ..transfer.urls import redact
+from .budget import RequestBudget
 
 MAX_REDIRECTS = 5
 USER_AGENT = "dreamlook-batch/0.1"

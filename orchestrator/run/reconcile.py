@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
-from .api import ApiClient
-from .config import RetryPolicy
-from .errors import ApiError, TransportError
-from .manifest import CAMPAIGN_TAG_KEY
-from .models import JobType
-from .results import parse_time
-from .retry import idempotent
+from ..api.client import ApiClient
+from ..api.jobs import parse_time
+from ..api.retry import idempotent
+from ..config import RetryPolicy
+from ..errors import ApiError, TransportError
+from ..manifest.load import CAMPAIGN_TAG_KEY
+from ..models import JobType
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW_S = 300.0  # our clock and the API's may differ this much

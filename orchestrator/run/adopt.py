@@ -18,12 +18,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .api import ApiClient
-from .config import RunSettings
-from .errors import StoreError
-from .models import JobType
+from ..api.client import ApiClient
+from ..config import RunSettings
+from ..errors import StoreError
+from ..models import JobType
+from ..store import SqliteStore
 from .reconcile import PAGE, read_list, shows_tags, tags_in
-from .store import SqliteStore
 
 log = logging.getLogger(__name__)
 # How far back adoption reads the job list (newest first): 200 pages of 50, the newest

@@ -21,30 +21,23 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from . import output, retry
-from .api import ApiClient
-from .callbacks import callback_url
-from .checking import CheckStage
-from .config import RunSettings
-from .crashpoints import crash_point
-from .download import Downloader
-from .errors import (
-    AuthError,
-    InvalidJob,
-    NotSent,
-    QuotaError,
-    RateLimited,
-    Throttled,
-    describe_detail,
-)
-from .fetching import FetchStage
-from .manifest import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
-from .models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
-from .ratelimit import RequestBudget
-from .resolving import ResolveStage
-from .results import parse_job
+from .. import output
+from ..api import retry
+from ..api.budget import RequestBudget
+from ..api.callbacks import callback_url
+from ..api.client import ApiClient
+from ..api.jobs import parse_job
+from ..config import RunSettings
+from ..crashpoints import crash_point
+from ..errors import AuthError, InvalidJob, NotSent, QuotaError, RateLimited, Throttled, describe_detail
+from ..manifest.load import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
+from ..models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
+from ..store import JobRow, SqliteStore
+from ..transfer.file import Downloader
+from .check import CheckStage
+from .download import FetchStage
+from .resolve import ResolveStage
 from .schedule import Wakeup, next_check_in
-from .store import JobRow, SqliteStore
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again

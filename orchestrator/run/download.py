@@ -18,10 +18,9 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from . import output
-from .config import RunSettings
-from .download import Downloader
-from .errors import (
+from .. import output
+from ..config import RunSettings
+from ..errors import (
     ApiError,
     AuthError,
     DownloadError,
@@ -32,10 +31,11 @@ from .errors import (
     StoreError,
     TransportError,
 )
-from .models import Artifact, JobState, RemoteJob
-from .parts import PartRecord, Span
-from .store import SqliteStore
-from .urls import expires_at
+from ..models import Artifact, JobState, RemoteJob
+from ..store import SqliteStore
+from ..store.parts import PartRecord, Span
+from ..transfer.file import Downloader
+from ..transfer.urls import expires_at
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Reading manifests: files into line-numbered data, then validated `JobSpec`s."""

@@ -1,0 +1,1 @@
+"""Moving bytes: one file to disk, ranges, proven spans, verification, signed URLs."""
