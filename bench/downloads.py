@@ -41,7 +41,7 @@ def worker(urls: list[str], size: int, out: str, parallel: bool) -> None:
                 async def renew() -> Artifact:
                     return art
 
-                await dl.fetch(art, Path(out), renew, MemoryPartLog(), attempts=3, renew_margin_s=0)
+                await dl.fetch(art, Path(out), renew, MemoryPartLog(), renew_margin_s=0)
 
             await asyncio.gather(*(one(i, u) for i, u in enumerate(urls)))
             return time.perf_counter() - start

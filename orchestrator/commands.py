@@ -169,6 +169,8 @@ async def run_campaign(request: RunRequest) -> RunResult:
                         parallel_min_bytes=settings.parallel_min_bytes,
                         range_bytes=settings.range_bytes,
                         connections_per_file=settings.connections_per_file,
+                        file_retry=settings.file_retry,
+                        range_retry=settings.range_retry,
                     )
                 )
                 engines: list[Engine] = []  # the receiver starts first: its address goes into the jobs

@@ -46,7 +46,16 @@ RANGE_BYTES = 16 * 1024 * 1024
 CONNECTIONS_PER_FILE = 4
 DOWNLOAD_ROUNDS = 3  # times a file that keeps failing is queued again in one run
 DOWNLOAD_REQUEUE_S = 30.0  # wait before queuing it again
-DOWNLOAD_ATTEMPTS = 5
+# One file's attempts within a round, and one range's within a file attempt: a range is
+# tried at most DOWNLOAD_ROUNDS x FILE_ATTEMPTS x RANGE_ATTEMPTS times in one run (api/retry.py).
+FILE_ATTEMPTS = 5
+FILE_TOTAL_S = 1800.0  # no new attempt of one file after this
+FILE_BACKOFF_MIN_S = 0.5
+FILE_BACKOFF_MAX_S = 15.0
+RANGE_ATTEMPTS = 5
+RANGE_TOTAL_S = 600.0
+RANGE_BACKOFF_MIN_S = 0.25
+RANGE_BACKOFF_MAX_S = 4.0
 STOP_GRACE_S = 20.0  # after Ctrl-C: how long in-flight calls may finish
 # A lost answer is checked in the job list only this long after the client gave up
 # (None: one more API timeout): the service may still be creating the job.
@@ -69,6 +78,9 @@ class RetryPolicy:
     backoff_min_s: float = RETRY_BACKOFF_MIN_S
     backoff_max_s: float = RETRY_BACKOFF_MAX_S
     retry_after_cap_s: float = RETRY_AFTER_CAP_S
+
+    def scaled(self, factor: float) -> RetryPolicy:
+        return replace(self, backoff_min_s=self.backoff_min_s / factor, backoff_max_s=self.backoff_max_s / factor)
 
 
 PREFLIGHT_RETRY = RetryPolicy(
@@ -99,6 +111,14 @@ class PollPolicy:
         return replace(self, queued_s=self.queued_s / factor, min_s=self.min_s / factor, max_s=self.max_s / factor)
 
 
+FILE_RETRY = RetryPolicy(
+    attempts=FILE_ATTEMPTS, total_s=FILE_TOTAL_S, backoff_min_s=FILE_BACKOFF_MIN_S, backoff_max_s=FILE_BACKOFF_MAX_S
+)
+RANGE_RETRY = RetryPolicy(
+    attempts=RANGE_ATTEMPTS, total_s=RANGE_TOTAL_S, backoff_min_s=RANGE_BACKOFF_MIN_S, backoff_max_s=RANGE_BACKOFF_MAX_S
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Timeouts:
     connect_s: float = CONNECT_TIMEOUT_S
@@ -122,7 +142,8 @@ class RunSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     url_renew_margin_s: float = URL_RENEW_MARGIN_S
     retention_s: float = RETENTION_S
-    download_attempts: int = DOWNLOAD_ATTEMPTS
+    file_retry: RetryPolicy = FILE_RETRY  # one file within a download round
+    range_retry: RetryPolicy = RANGE_RETRY  # one range within a file attempt
     parallel_min_bytes: int = PARALLEL_MIN_BYTES
     range_bytes: int = RANGE_BYTES
     connections_per_file: int = CONNECTIONS_PER_FILE
@@ -145,13 +166,14 @@ class RunSettings:
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""
-        r, p = self.retry, self.preflight_retry
         return replace(
             self,
             poll=self.poll.scaled(factor),
             image_poll=self.image_poll.scaled(factor),
-            retry=replace(r, backoff_min_s=r.backoff_min_s / factor, backoff_max_s=r.backoff_max_s / factor),
-            preflight_retry=replace(p, backoff_min_s=p.backoff_min_s / factor, backoff_max_s=p.backoff_max_s / factor),
+            retry=self.retry.scaled(factor),
+            preflight_retry=self.preflight_retry.scaled(factor),
+            file_retry=self.file_retry.scaled(factor),
+            range_retry=self.range_retry.scaled(factor),
             url_renew_margin_s=self.url_renew_margin_s / factor,
             retention_s=self.retention_s / factor,
             download_requeue_s=self.download_requeue_s / factor,

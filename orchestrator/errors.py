@@ -20,8 +20,11 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
     │       └── Throttled      our own request budget did not let it go within its deadline
     └── DownloadError          a result file could not be fetched
         ├── UrlExpired         its signed URL expired or was refused: renew and resume
+        ├── RangesIgnored      storage answered a range request with the whole file: one stream instead
+        ├── ObjectChanged      the stored object changed (ETag or size) under a partial file: start over
         ├── FileGone           storage no longer has it (retention passed): the job is lost
         ├── NoSpace            the disk filled up: the part is kept, to resume once there is room
+        │   └── SpaceRefused   refused before a byte was fetched: the disk cannot hold it with its margin
         └── VerificationFailed the bytes do not match size, hash or format
 """
 
@@ -135,6 +138,14 @@ class UrlExpired(DownloadError):
     pass
 
 
+class RangesIgnored(DownloadError):
+    pass
+
+
+class ObjectChanged(DownloadError):
+    pass
+
+
 class FileGone(DownloadError):
     pass
 
@@ -144,6 +155,10 @@ class VerificationFailed(DownloadError):
 
 
 class NoSpace(DownloadError):
+    pass
+
+
+class SpaceRefused(NoSpace):
     pass
 
 

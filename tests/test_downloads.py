@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -13,7 +14,7 @@ import pytest
 
 from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
 from orchestrator.commands import RunResult
-from orchestrator.config import RunSettings
+from orchestrator.config import FILE_RETRY, RunSettings
 from orchestrator.models import JobState
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 
@@ -58,7 +59,11 @@ async def test_resets_truncations_and_ignored_ranges_still_give_the_right_bytes(
     # Retention far off: network backoffs are real seconds; deletion is the retention test's subject.
     sim_settings = fast_sim(seed=11, checkpoint_bytes=3 * MiB + 13, retention_s=1e9, faults=FaultPlan(rates=rates))
     run_settings = fast_run(
-        settings={"parallel_min_bytes": 1 * MiB, "range_bytes": 256 * 1024, "download_attempts": 15}
+        settings={
+            "parallel_min_bytes": 1 * MiB,
+            "range_bytes": 256 * 1024,
+            "file_retry": replace(FILE_RETRY, attempts=15),
+        }
     )
     path = manifest(tmp_path, trainings=8, images=8)
     async with Simulator(sim_settings) as sim:

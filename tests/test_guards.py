@@ -9,11 +9,13 @@ and go in one stream or in 1 MiB ranges, so every path runs.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from orchestrator.config import RunSettings
+from orchestrator.api.retry import range_tries_per_run
+from orchestrator.config import FILE_RETRY, RANGE_RETRY, RunSettings
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
 
 from .campaigns import assert_campaign_on_disk
@@ -100,3 +102,25 @@ async def test_an_object_rewritten_between_ranges_is_fetched_again_whole(tmp_pat
         assert_campaign_on_disk(sim, result.paths.out, "dl", ["t0"])
     assert [f for _, f in served].count("rewrite") == 1
     assert [s for s, _ in served].count(0) == 2  # started over: the first range again, from the new generation
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_file_that_keeps_failing_is_tried_exactly_as_the_policies_say(
+    tmp_path: Path, path: dict[str, int]
+) -> None:
+    """Rounds x file attempts x range attempts, stated once in api/retry.py, and no more requests."""
+    plan = FaultPlan(script=(ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.SERVER_ERROR, count=10_000),))
+    one_range = {**path, "range_bytes": 8 * MiB}  # the ranged path fetches the file as one range
+    run_settings = replace(
+        settings(one_range, download_rounds=2),
+        file_retry=replace(FILE_RETRY, attempts=2, backoff_min_s=0.001, backoff_max_s=0.001),
+        range_retry=replace(RANGE_RETRY, attempts=3, backoff_min_s=0.001, backoff_max_s=0.001),
+    )
+    async with Simulator(fast_sim(checkpoint_bytes=SIZE, faults=plan)) as sim:
+        result = await run(sim, manifest(tmp_path, trainings=1, lora=False), run_settings)
+        tried = sim.ledger.requests[Route.DOWNLOAD]
+    ranged = path is RANGES
+    assert tried == (range_tries_per_run(run_settings) if ranged else 2 * 2) == (12 if ranged else 4)
+    assert result.outcome.exit_code == 1
+    assert any("gave up after 2 attempts" in p for p in result.outcome.problems), result.outcome.problems
+    assert [n for n in placed(result.paths.out) if not n.endswith(".part")] == []

@@ -251,7 +251,7 @@ async def test_the_client_calls_a_request_that_cannot_have_left_not_sent(url: st
 
 @pytest.mark.anyio
 async def test_an_api_that_does_not_answer_is_reported_within_the_deadline(example: Path) -> None:
-    plan = FaultPlan(script=(ScriptedFault(route=Route.LIST, kind=FaultKind.SLOW, count=100),), slow_s=30.0)
+    plan = FaultPlan(script=(ScriptedFault(route=Route.LIST, kind=FaultKind.SLOW, count=100),), slow_s=5.0)
     manifest = load_manifest(example)
     settings = replace(fast_run(), preflight_deadline_s=0.5)
     async with Simulator(fast_sim(faults=plan)) as sim:

@@ -229,7 +229,6 @@ class FetchStage:
                 self.out_dir / job_id,
                 renew,
                 StorePartLog(self.store, job_id, remote_id),
-                attempts=self.settings.download_attempts,
                 renew_margin_s=self.settings.url_renew_margin_s,
             )
         except FileGone as exc:

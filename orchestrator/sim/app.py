@@ -184,6 +184,9 @@ async def storage(request: web.Request) -> web.StreamResponse:
     if now >= file.deleted_at:
         return _xml(404, "NoSuchKey", "The specified key does not exist.")
     fault = sim.faults.pick(Route.DOWNLOAD) if request.method == "GET" else None
+    if fault and fault[0] is FaultKind.SERVER_ERROR:  # storage has its bad moments too
+        sim.ledger.downloads.append(Served(file.path, 0, 0, 503, fault[0].value))
+        return _xml(503, "ServiceUnavailable", "We encountered an internal error. Please try again.")
     return await _send_file(request, file, fault)
 
 

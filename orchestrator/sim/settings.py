@@ -39,7 +39,7 @@ CALLBACK_BACKOFF_S = 0.5  # real seconds, doubled per attempt
 class FaultKind(enum.StrEnum):
     """What a scripted fault does to the request it hits."""
 
-    SERVER_ERROR = "5xx"  # 500/502/503 before anything happens
+    SERVER_ERROR = "5xx"  # 500/502/503 before anything happens (storage: 503)
     RATE_LIMITED = "429"  # with a Retry-After header: 1 s, or `arg` seconds when scripted
     RATE_LIMITED_BARE = "429-bare"  # without Retry-After
     SLOW = "slow"  # answer after SLOW_ANSWER_S (submit: the job is created first)

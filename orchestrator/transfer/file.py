@@ -9,7 +9,7 @@ file starts over; an object whose ETag or size changed starts over; a 416 proves
 nothing and starts over. `verify.place` checks size, md5 and format before the rename.
 A signed URL that has expired, or will within the margin, is renewed through the
 caller's `renew` (a GET of the job) before a request, and on a 400/403 mid-way;
-renewals cost no backoff. Only 200/206 bodies are written.
+renewals cost no backoff. Only 200/206 bodies are written. Attempts: `api/retry.file_attempts`.
 
 This module talks to storage, never to the API: its session carries no API key.
 """
@@ -30,12 +30,21 @@ from typing import TypeVar
 import aiohttp
 import anyio
 
-from ..config import CONNECTIONS_PER_FILE, PARALLEL_MIN_BYTES, RANGE_BYTES, Timeouts
+from ..api import retry
+from ..config import (
+    CONNECTIONS_PER_FILE,
+    FILE_RETRY,
+    PARALLEL_MIN_BYTES,
+    RANGE_BYTES,
+    RANGE_RETRY,
+    RetryPolicy,
+    Timeouts,
+)
 from ..crashpoints import crash_point
-from ..errors import DownloadError, FileGone, NoSpace, UrlExpired, VerificationFailed
+from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired
 from ..models import Artifact
 from ..store.parts import PartLog, PartRecord
-from .ranges import ObjectChanged, RangesIgnored, fetch_ranges, part_size
+from .ranges import fetch_ranges, part_size
 from .urls import expires_at, redact
 from .verify import CONTENT_RANGE, DISK_FULL, Fetched, Hashes, PartWriter, place, storage_md5
 
@@ -45,8 +54,6 @@ CHUNK_BYTES = 1024 * 1024  # bytes handed to the writer thread at once
 RECORD_MIN_BYTES = 1024 * 1024  # one stream records proven bytes only for files larger than this
 READ_BUFFER_BYTES = 256 * 1024  # aiohttp's buffer per connection
 IO_THREADS = 4  # file writes and hashes of all downloads; more threads only add malloc arenas (RSS)
-BACKOFF_S = 0.5
-BACKOFF_MAX_S = 15.0
 MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not a URL problem
 # Free space kept beyond what a file still needs (for the store, job.json, other writers):
 # a share of the file, within a floor and a cap.
@@ -96,10 +103,6 @@ class _Source:
         deadline = expires_at(self.url)
         if deadline is not None and deadline - time.time() < margin_s:
             await self.renew_after(self.url)
-
-
-class SpaceRefused(NoSpace):
-    """A file refused before its download starts: the disk cannot hold it with its margin."""
 
 
 def free_space_margin(size: int) -> int:
@@ -168,12 +171,16 @@ class Downloader:
         parallel_min_bytes: int = PARALLEL_MIN_BYTES,
         range_bytes: int = RANGE_BYTES,
         connections_per_file: int = CONNECTIONS_PER_FILE,
+        file_retry: RetryPolicy = FILE_RETRY,
+        range_retry: RetryPolicy = RANGE_RETRY,
     ) -> None:
         self._timeouts = timeouts or Timeouts()
         self._connections = connections
         self.parallel_min_bytes = parallel_min_bytes
         self.range_bytes = range_bytes
         self.connections_per_file = connections_per_file
+        self.file_retry = file_retry
+        self.range_retry = range_retry
         self._session: aiohttp.ClientSession | None = None
         self._io: anyio.CapacityLimiter | None = None
         self.transfers: dict[str, Transfer] = {}  # in flight, by "job/name"
@@ -213,14 +220,13 @@ class Downloader:
         renew: Callable[[], Awaitable[Artifact]],
         part_log: PartLog,
         *,
-        attempts: int,
         renew_margin_s: float,
     ) -> Fetched:
         """Download `artifact` into `folder`, resuming, renewing and retrying as needed."""
         key = f"{folder.name}/{artifact.name}"
         transfer = self.transfers[key] = Transfer(key, artifact.size_bytes)
         try:
-            return await self._fetch(artifact, folder, renew, part_log, transfer, attempts, renew_margin_s)
+            return await self._fetch(artifact, folder, renew, part_log, transfer, renew_margin_s)
         finally:
             self._finished_bytes += transfer.done
             del self.transfers[key]
@@ -232,20 +238,18 @@ class Downloader:
         renew: Callable[[], Awaitable[Artifact]],
         part_log: PartLog,
         transfer: Transfer,
-        attempts: int,
         renew_margin_s: float,
     ) -> Fetched:
         source = _Source(artifact, renew)
         final = folder / artifact.name
         part = folder / (artifact.name + ".part")
         size = artifact.size_bytes
-        parallel = size is not None and size >= self.parallel_min_bytes
-        delay = BACKOFF_S
-        last: Exception | None = None
-        for _ in range(attempts):
+        parallel = [size is not None and size >= self.parallel_min_bytes]
+
+        async def attempt() -> Fetched:
             await source.ensure_fresh(renew_margin_s)
             try:
-                if parallel and size is not None:
+                if parallel[0] and size is not None:
                     record = part_log.record()
                     proven = record.proven_bytes() if record is not None and record.size == size else 0
                     await self._thread(_prepare, folder, part, size, proven)
@@ -254,13 +258,16 @@ class Downloader:
                 return await self._one_stream(source, folder, part, final, part_log, transfer)
             except RangesIgnored:
                 log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
-                parallel = False  # the proven spans stay: one stream resumes from their prefix
+                parallel[0] = False  # the proven spans stay: one stream resumes from their prefix
+                raise
             except ObjectChanged as exc:
                 log.warning("download.object_changed file=%s %s: starting over", artifact.name, exc)
                 part_log.start_over(size)  # forget the spans first, then the bytes
                 await self._thread(partial(part.unlink, missing_ok=True))
+                raise
             except UrlExpired:
                 await source.renew_after(source.url)
+                raise
             except SpaceRefused:
                 raise  # before a byte was written: the message says it all
             except NoSpace as exc:
@@ -269,14 +276,8 @@ class Downloader:
                 if exc.errno not in DISK_FULL:
                     raise
                 raise _disk_full(folder, part, size, part_log.record(), exc) from exc
-            except (FileGone, VerificationFailed):
-                raise
-            except DownloadError as exc:
-                last = exc
-                log.info("download.retry file=%s wait_s=%.1f error=%s", artifact.name, delay, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
-        raise DownloadError(f"{artifact.name}: gave up after {attempts} attempts: {last}")
+
+        return await retry.file_attempts(attempt, self.file_retry, artifact.name)
 
     async def _ranged(
         self, source: _Source, part: Path, size: int, part_log: PartLog, transfer: Transfer
@@ -290,6 +291,7 @@ class Downloader:
             part_log,
             connections=self.connections_per_file,
             range_bytes=self.range_bytes,
+            policy=self.range_retry,
             counter=transfer.counter,
             io=self._io,
         )

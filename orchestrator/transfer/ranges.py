@@ -1,4 +1,5 @@
-"""Large files over several connections, each range retried on its own.
+"""Large files over several connections, each range retried on its own
+(`api/retry.range_attempts`).
 
 What is proven of the `.part` (see `store/parts.py`) is reused exactly: only the gaps are
 fetched, cut into ranges of the current `range_bytes`. Every finished range is synced
@@ -17,22 +18,14 @@ from typing import Protocol
 import aiohttp
 import anyio
 
+from ..api import retry
+from ..config import RetryPolicy
 from ..crashpoints import crash_point
-from ..errors import DownloadError, FileGone, NoSpace, UrlExpired
+from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, UrlExpired
 from ..store.parts import PartLog, gaps, split
 from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5, write_at
 
-RANGE_ATTEMPTS = 5
-RANGE_BACKOFF_S = 0.25
 WRITE_BYTES = 1024 * 1024
-
-
-class RangesIgnored(DownloadError):
-    """Storage answered a range request with the whole file: fetch it in one stream."""
-
-
-class ObjectChanged(DownloadError):
-    """The stored object changed (a new ETag or size) under a partial download: start over."""
 
 
 class Renewable(Protocol):
@@ -71,6 +64,7 @@ async def fetch_ranges(
     *,
     connections: int,
     range_bytes: int,
+    policy: RetryPolicy,
     counter: list[int] | None = None,
     io: anyio.CapacityLimiter | None = None,
 ) -> tuple[Hashes, str | None]:
@@ -99,23 +93,16 @@ async def fetch_ranges(
 
     async def fetch_one(i: int) -> None:
         start, end = pieces[i]
-        delay = RANGE_BACKOFF_S
-        for attempt in range(RANGE_ATTEMPTS):
+
+        async def attempt() -> None:
             url = source.url
             try:
                 await _get_range(session, url, fd, (start, end, size), log, etag, md5, headers_seen, counter, io)
-                break
             except UrlExpired:
                 await source.renew_after(url)
-            except (RangesIgnored, ObjectChanged, FileGone, NoSpace):
                 raise
-            except DownloadError:
-                if attempt == RANGE_ATTEMPTS - 1:
-                    raise
-                await anyio.sleep(delay)
-                delay *= 2
-        else:
-            raise DownloadError(f"{part.name}: bytes {start}-{end - 1} kept failing")
+
+        await retry.range_attempts(attempt, policy, f"{part.name} bytes {start}-{end - 1}")
         await anyio.to_thread.run_sync(os.fdatasync, fd, limiter=io)
         log.prove(start, end - start)  # only after the bytes are synced
         crash_point("span-proven")
