@@ -1,8 +1,6 @@
 """`dreamlook-batch`: parses arguments, calls `commands`, prints. No logic of its own.
 
-Exit codes: 0 all done; 1 failed jobs or lost files; 2 bad manifest or
-usage; 3 stopped by the API (bad key, out of tokens) with work left; 4 another
-process holds the campaign; 130 interrupted, state saved.
+Exit codes: `run/outcome.ExitCode`.
 """
 
 from __future__ import annotations
@@ -35,8 +33,8 @@ from .manifest.load import load_manifest
 from .models import JobType
 from .report import write_report
 from .run import preflight
+from .run.outcome import ExitCode
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_API, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -268,22 +266,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise first_error(group) from group
     except ManifestError as exc:
         _print_problems(exc.problems)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except CampaignLocked as exc:
         err.print(f"[bold red]locked:[/] {exc}")
-        return EXIT_LOCKED
+        return ExitCode.LOCKED
     except UsageError as exc:
         err.print(f"[bold red]error:[/] {exc}")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except (ApiError, TransportError) as exc:
         err.print(f"[bold red]API error:[/] {logs.scrub(str(exc))}")
-        return EXIT_API
+        return ExitCode.API
     except DreamlookBatchError as exc:
         err.print(f"[bold red]error:[/] {exc}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         err.print("interrupted; state saved")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 def _print_problems(problems: Sequence[Any]) -> None:
@@ -310,7 +308,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             by_type[spec.type.value] = by_type.get(spec.type.value, 0) + 1
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(by_type.items()))
         out.print(f"{manifest.path}: OK, campaign {manifest.campaign!r}, {len(manifest.jobs)} jobs ({kinds})")
-        return EXIT_OK
+        return ExitCode.OK
     paths = commands.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
     if command == "plan":
         return _plan(manifest, paths)
@@ -320,11 +318,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         rows, files = commands.status_rows(paths)
         page = write_report(manifest.campaign, rows, files, paths.out)
         out.print(f"report: {page}")
-        return EXIT_OK
+        return ExitCode.OK
     if command == "settle":
         message = commands.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
         out.print(message)
-        return EXIT_OK
+        return ExitCode.OK
     return _run(args, manifest, paths)
 
 
@@ -383,8 +381,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
     result = anyio.run(commands.run_campaign, request)
     ui.print_summary(out, result, dry_run=args.dry_run, once=args.once, elapsed_s=time.monotonic() - started)
     code = result.outcome.exit_code
-    if args.once and code == EXIT_OK:
-        return EXIT_OK
+    if args.once and code == ExitCode.OK:
+        return ExitCode.OK
     return code
 
 
@@ -414,16 +412,16 @@ def _plan(manifest: Any, paths: commands.Paths) -> int:
     for job_id in plan.changed_after_submit:
         out.print(f"  [yellow]changed after submission (will not be resubmitted):[/] {job_id}")
     out.print("nothing was sent")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
     if as_json:
         sys.stdout.writelines(commands.status_json(campaign_name, paths))
-        return EXIT_OK
+        return ExitCode.OK
     rows, files = commands.status_rows(paths)
     out.print(ui.status_table(rows, files, time.time()))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -433,7 +431,7 @@ def _jobs(args: argparse.Namespace) -> int:
     job_id = getattr(args, "id", None)
     data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
     sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _serve_sim(args: argparse.Namespace) -> int:
@@ -452,4 +450,4 @@ def _serve_sim(args: argparse.Namespace) -> int:
         anyio.run(serve, settings, args.host, args.port, ready)
     except KeyboardInterrupt:
         pass
-    return EXIT_OK
+    return ExitCode.OK

@@ -24,9 +24,10 @@ from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
 from .errors import StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
-from .models import JobState, JobType
+from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
 from .run import preflight
-from .run.engine import Engine, RunOutcome, StopReason
+from .run.engine import Engine
+from .run.outcome import RunOutcome, StopReason
 from .store import CampaignLock, FileRow, JobRow, SqliteStore
 from .transfer.file import Downloader
 
@@ -207,7 +208,7 @@ def _may_submit(manifest: Manifest, store: SqliteStore) -> bool:
     """Could this run POST (a job new to the state, pending, or whose POST awaits its outcome)?
     Then the API is checked first; a pass with nothing to send sends nothing extra."""
     states = {row.id: row.state for row in store.jobs()}
-    may_post = (JobState.PENDING, JobState.SUBMITTING)
+    may_post = MAY_POST
     return any(states.get(spec.id, JobState.PENDING) in may_post for spec in manifest.jobs)
 
 
@@ -292,11 +293,11 @@ def make_plan(manifest: Manifest, paths: Paths) -> Plan:
             parent = rows.get(spec.checkpoint_from) if spec.checkpoint_from else None
             ready = spec.checkpoint_from is None or (parent is not None and parent.checkpoint_id)
             (to_submit if ready else waiting).append(spec.id)
-        elif state in (JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING):
+        elif state in IN_FLIGHT:
             to_check.append(spec.id)
             if row is not None and state is JobState.SUBMITTING and (row.reconcile_at or 0.0) > time.time():
                 in_window.append((spec.id, row.reconcile_at or 0.0))
-        elif state in (JobState.SUCCEEDED, JobState.DOWNLOADING):
+        elif state in TO_DOWNLOAD:
             to_download.append(spec.id)
         else:
             finished[state.value] = finished.get(state.value, 0) + 1

@@ -48,7 +48,7 @@ class JobState(enum.StrEnum):
     @property
     def in_flight(self) -> bool:
         """Submitted (or maybe submitted) and not finished: counts against --max-active."""
-        return self in (JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING)
+        return self in IN_FLIGHT
 
 
 TERMINAL = frozenset(
@@ -66,6 +66,11 @@ TERMINAL = frozenset(
 # SKIPPED. Whenever that stops being true (a person settles the parent, it goes back to
 # pending, a checkpoint turns up), the store puts them back to PENDING at once.
 PARENT_ENDED = TERMINAL | {JobState.SUCCEEDED, JobState.DOWNLOADING}
+# The state sets the stages work on, named once.
+AT_SERVICE = frozenset({JobState.QUEUED, JobState.RUNNING})  # sent and known to the service: checked
+IN_FLIGHT = AT_SERVICE | {JobState.SUBMITTING}  # maybe sent and not finished: counts against --max-active
+TO_DOWNLOAD = frozenset({JobState.SUCCEEDED, JobState.DOWNLOADING})  # files still to fetch
+MAY_POST = frozenset({JobState.PENDING, JobState.SUBMITTING})  # a run may still send these
 BAD_ENDINGS = frozenset({JobState.FAILED, JobState.INVALID, JobState.UNKNOWN, JobState.LOST, JobState.SKIPPED})
 
 

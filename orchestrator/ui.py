@@ -24,6 +24,7 @@ from rich.text import Text
 
 from .logs import scrub
 from .models import BAD_ENDINGS, JobState
+from .run.outcome import StopReason
 from .store import FileRow, JobRow
 
 if TYPE_CHECKING:
@@ -203,13 +204,13 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         return
     if result.files_done:
         console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out}")
-    if outcome.stopped_by == "interrupted":
+    if outcome.stopped_by is StopReason.INTERRUPTED:
         console.print("interrupted: state saved; run the same command again to carry on")
-    elif outcome.stopped_by == "quota":
+    elif outcome.stopped_by is StopReason.QUOTA:
         console.print("out of tokens: top up, then run again; nothing already paid for was dropped")
-    elif outcome.stopped_by == "auth":
+    elif outcome.stopped_by is StopReason.AUTH:
         console.print("the API refused the key: fix DREAMLOOK_API_KEY, then run again")
-    elif outcome.stopped_by == "unreachable":
+    elif outcome.stopped_by is StopReason.UNREACHABLE:
         console.print("the API could not be reached: the jobs left pending were never sent; run again when it answers")
     if outcome.duplicates:
         console.print(

@@ -31,7 +31,8 @@ from orchestrator.config import Timeouts
 from orchestrator.errors import NotSent, PreflightFailed, Throttled
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState, JobType
-from orchestrator.run.engine import Engine, StopReason
+from orchestrator.run.engine import Engine
+from orchestrator.run.outcome import StopReason
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
 from orchestrator.store import SqliteStore
 from orchestrator.transfer.file import Downloader

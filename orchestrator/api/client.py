@@ -35,6 +35,7 @@ from ..transfer.urls import redact
 from .budget import RequestBudget
 
 MAX_REDIRECTS = 5
+LIST_PAGE = 50  # the job list's page: the API's default, and what every reader of the list asks for
 USER_AGENT = "dreamlook-batch/0.1"
 
 # aiohttp errors raised before a single byte of the request can have left: no connection

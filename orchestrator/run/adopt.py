@@ -18,12 +18,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..api.client import ApiClient
+from ..api.client import LIST_PAGE, ApiClient
 from ..config import RunSettings
 from ..errors import StoreError
 from ..models import JobType
 from ..store import SqliteStore
-from .reconcile import PAGE, read_list, shows_tags, tags_in
+from .reconcile import read_list, shows_tags, tags_in
 
 log = logging.getLogger(__name__)
 # How far back adoption reads the job list (newest first): 200 pages of 50, the newest
@@ -95,7 +95,7 @@ async def adopt(
         elif not listing.covered:
             warnings.append(
                 f"looked for this campaign's {job_type} jobs among the newest {len(listing.items)} only "
-                f"({ADOPT_MAX_PAGES} pages of {PAGE}); older ones would be paid for again"
+                f"({ADOPT_MAX_PAGES} pages of {LIST_PAGE}); older ones would be paid for again"
             )
         by_tag = tags_in(listing.items)
         found = [(r.id, by_tag[tag][-1], first_check(r.type)) for tag, r in rows.items() if tag in by_tag]

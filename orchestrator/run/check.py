@@ -19,17 +19,16 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..api import retry
-from ..api.client import ApiClient
+from ..api.client import LIST_PAGE, ApiClient
 from ..api.jobs import parse_job, select
 from ..config import PollPolicy, RunSettings
 from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
-from ..models import JobSpec, JobState, JobType, RemoteJob, RemoteState
+from ..models import AT_SERVICE, JobSpec, JobState, JobType, RemoteJob, RemoteState
 from ..store import FileRow, JobRow, SqliteStore
 from .schedule import next_check_in, typical
 
 log = logging.getLogger(__name__)
 BATCH_MIN_JOBS = 3  # due jobs of one type that make a list request worth it
-LIST_PAGE = 50  # the API's default page
 CHECKS_AT_ONCE = 8
 TYPICAL_REFRESH_S = 1.0
 
@@ -87,9 +86,7 @@ class CheckStage:
         covers, due or not; only due jobs it misses get a GET of their own.
         """
         due_by_type: dict[str, list[JobRow]] = {}
-        rows = (
-            self.store.jobs([JobState.QUEUED, JobState.RUNNING]) if everything else self.store.due_for_check(self.now())
-        )
+        rows = self.store.jobs(AT_SERVICE) if everything else self.store.due_for_check(self.now())
         for row in rows:
             if row.id not in self.busy and row.remote_id is not None:
                 due_by_type.setdefault(row.type, []).append(row)
@@ -100,7 +97,7 @@ class CheckStage:
                 in_flight = [
                     r
                     for r in self.store.jobs_by_id(on_first_page - self.busy)
-                    if r.state in (JobState.QUEUED, JobState.RUNNING) and r.remote_id is not None
+                    if r.state in AT_SERVICE and r.remote_id is not None
                 ]
                 if len(in_flight) >= BATCH_MIN_JOBS:
                     batch = {r.id: r for r in [*in_flight, *due]}
@@ -260,7 +257,7 @@ class CheckStage:
             return "replayed"
         self._hints_seen.add((remote_id, marker))
         self.callbacks_accepted += 1
-        if row.state in (JobState.QUEUED, JobState.RUNNING):
+        if row.state in AT_SERVICE:
             self.store.check_at(row.id, self.now())
             self.notify()
         return "accepted"

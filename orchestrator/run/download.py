@@ -31,7 +31,7 @@ from ..errors import (
     StoreError,
     TransportError,
 )
-from ..models import Artifact, JobState, RemoteJob
+from ..models import TO_DOWNLOAD, Artifact, JobState, RemoteJob
 from ..store import SqliteStore
 from ..store.parts import PartRecord, Span
 from ..transfer.file import Downloader
@@ -123,7 +123,7 @@ class FetchStage:
     def start_due(self, tg: TaskGroup) -> int:
         started = 0
         # Jobs left `downloading` by an earlier run are swept once; after that only new successes.
-        states = [JobState.SUCCEEDED] if self._swept else [JobState.SUCCEEDED, JobState.DOWNLOADING]
+        states = [JobState.SUCCEEDED] if self._swept else TO_DOWNLOAD
         self._swept = True
         for job_id in self.store.ids(states):
             if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,56 +30,18 @@ from ..config import RunSettings
 from ..crashpoints import crash_point
 from ..errors import AuthError, InvalidJob, NotSent, QuotaError, RateLimited, Throttled, describe_detail
 from ..manifest.load import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
-from ..models import BAD_ENDINGS, JobSpec, JobState, JobType, RemoteJob
+from ..models import AT_SERVICE, IN_FLIGHT, JobSpec, JobState, JobType, RemoteJob
 from ..store import JobRow, SqliteStore
 from ..transfer.file import Downloader
 from .check import CheckStage
 from .download import FetchStage
+from .outcome import RunOutcome, StopReason
 from .resolve import ResolveStage
 from .schedule import Wakeup, next_check_in
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one synced commit
-
-
-class StopReason:
-    AUTH = "auth"
-    QUOTA = "quota"
-    UNREACHABLE = "unreachable"  # a submission could not reach the API even after its retries
-    INTERRUPTED = "interrupted"
-
-
-@dataclass
-class RunOutcome:
-    counts: dict[JobState, int]
-    stopped_by: str | None
-    problems: list[str] = field(default_factory=list)
-    changed_after_submit: tuple[str, ...] = ()
-    dry_run: bool = False
-    once: bool = False
-    duplicates: int = 0  # jobs the service holds more than once under our tag
-
-    @property
-    def exit_code(self) -> int:
-        if self.stopped_by == StopReason.INTERRUPTED:
-            return 130
-        if self.stopped_by == StopReason.AUTH:
-            return 3
-        if self.duplicates:
-            return 1  # paid twice: never reported as a success, not even by --once
-        # A dry run skips dependents by design (it makes no checkpoint): not a failure.
-        bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
-        if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
-            return 1
-        unfinished = any(n for s, n in self.counts.items() if not s.terminal)
-        if self.stopped_by == StopReason.QUOTA and unfinished:
-            return 3
-        if self.stopped_by == StopReason.UNREACHABLE and unfinished:
-            return 1  # even with --once: jobs were due and could not be sent
-        if unfinished and not self.once:
-            return 1  # e.g. files that kept failing: the next run resumes them
-        return 0
 
 
 def _sent_body(
@@ -128,7 +89,7 @@ class Engine:
         self.remote: dict[str, RemoteJob] = {}
         self.busy: set[str] = set()  # job ids with a task in flight
         self.submitted_this_run = 0
-        self.stopped_by: str | None = None
+        self.stopped_by: StopReason | None = None
         self.problems: list[str] = []
         self._problems_seen: set[str] = set()
         self.resolve = ResolveStage(
@@ -173,7 +134,7 @@ class Engine:
 
     # -- control --------------------------------------------------------------------
 
-    def stop(self, reason: str = StopReason.INTERRUPTED) -> None:
+    def stop(self, reason: StopReason = StopReason.INTERRUPTED) -> None:
         """Finish what is in flight, start nothing new."""
         self._stopping = True
         self.stopped_by = self.stopped_by or reason
@@ -257,7 +218,7 @@ class Engine:
 
     def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
         """Is anything left that this run could still move on?"""
-        if check and self.store.count([JobState.QUEUED, JobState.RUNNING]):
+        if check and self.store.count(AT_SERVICE):
             return True
         if self.fetch.has_work():
             return True
@@ -288,7 +249,7 @@ class Engine:
     def _start_submissions(self, tg: TaskGroup) -> int:
         if not self._submissions_allowed() or self._stopping:
             return 0
-        active = self.store.count([JobState.SUBMITTING, JobState.QUEUED, JobState.RUNNING])
+        active = self.store.count(IN_FLIGHT)
         room = self.settings.limits.max_active - active
         cap = self.settings.limits.max_new_jobs
         if cap is not None:

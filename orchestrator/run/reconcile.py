@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.client import ApiClient
+from ..api.client import LIST_PAGE, ApiClient
 from ..api.jobs import parse_time
 from ..api.retry import idempotent
 from ..config import RetryPolicy
@@ -27,7 +27,6 @@ from ..models import JobType
 
 log = logging.getLogger(__name__)
 CLOCK_SKEW_S = 300.0  # our clock and the API's may differ this much
-PAGE = 50  # the API's default page size
 MAX_PAGES = 40
 NOT_SENT_KEYS = frozenset({"tags", "callback", "dry_run"})
 
@@ -97,8 +96,8 @@ async def read_list(
     seen_ids: set[str] = set()
     for page in range(max_pages):
 
-        async def list_page(offset: int = page * PAGE) -> list[dict[str, Any]]:
-            return await api.list_jobs(job_type, limit=PAGE, offset=offset)
+        async def list_page(offset: int = page * LIST_PAGE) -> list[dict[str, Any]]:
+            return await api.list_jobs(job_type, limit=LIST_PAGE, offset=offset)
 
         items = await idempotent(list_page, policy, what)
         fresh = [i for i in items if str(i.get("job_id", "")) not in seen_ids]
@@ -106,7 +105,7 @@ async def read_list(
         listed += fresh
         if enough(fresh):
             return Listing(listed, complete=False, enough=True)
-        if len(items) < PAGE:
+        if len(items) < LIST_PAGE:
             return Listing(listed, complete=True, enough=False)
         if not fresh:  # a full page seen before: `offset` is ignored, older jobs cannot be reached
             return Listing(listed, complete=False, enough=False)
