@@ -6,6 +6,7 @@ Exit codes: `run/outcome.ExitCode`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -446,8 +447,6 @@ def _serve_sim(args: argparse.Namespace) -> int:
         out.print(f"  time scale {settings.time_scale:g}x; Ctrl-C stops it")
         sys.stdout.flush()  # a script reading our first lines must not wait for a buffer
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the simulator is stopped
         anyio.run(serve, settings, args.host, args.port, ready)
-    except KeyboardInterrupt:
-        pass
     return ExitCode.OK

@@ -38,10 +38,6 @@ class JobRow:
     adoption_checked: bool = False  # the job list was read for its tag before a first submission
     duplicate_ids: tuple[str, ...] = ()  # other remote jobs with its tag (never silent)
 
-    @property
-    def changed_since_sent(self) -> bool:
-        return self.sent_fingerprint is not None and self.sent_fingerprint != self.fingerprint
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileRow:
@@ -100,8 +96,6 @@ class Store(Protocol):
         now: float,
     ) -> None: ...
     def check_at(self, job_id: str, when: float) -> None: ...
-    def set_checkpoint(self, job_id: str, checkpoint_id: str) -> None: ...
-    def add_files(self, job_id: str, files: Sequence[FileRow]) -> None: ...
     def files(self, job_id: str) -> list[FileRow]: ...
     def files_by_job(self) -> dict[str, list[FileRow]]: ...
     # the end of a run and `status --json`: tallies and pages, never the whole campaign at once

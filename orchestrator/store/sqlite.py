@@ -530,18 +530,6 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET next_check_at=? WHERE id=?", (when, job_id))
 
-    def set_checkpoint(self, job_id: str, checkpoint_id: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET checkpoint_id=? WHERE id=?", (checkpoint_id, job_id))
-            _revive_skipped(db, None)
-
-    def add_files(self, job_id: str, files: Sequence[FileRow]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO files (job_id, remote_id, name, kind, size_bytes) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, f.remote_id, f.name, f.kind.value, f.size_bytes) for f in files],
-            )
-
     def files(self, job_id: str) -> list[FileRow]:
         rows = self._query(
             "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files"
