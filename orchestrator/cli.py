@@ -10,8 +10,9 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -316,12 +317,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "status":
         return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
-        rows, files = commands.status_rows(paths)
+        rows, files = anyio.run(commands.status_rows, paths)
         page = write_report(manifest.campaign, rows, files, paths.out)
         out.print(f"report: {page}")
         return ExitCode.OK
     if command == "settle":
-        message = commands.settle(manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit)
+        settle = partial(
+            commands.settle, manifest, paths, args.job_id, remote_id=args.remote_id, resubmit=args.resubmit
+        )
+        message = anyio.run(settle)
         out.print(message)
         return ExitCode.OK
     return _run(args, manifest, paths)
@@ -398,7 +402,7 @@ def _plan(manifest: Any, paths: commands.Paths) -> int:
     # What a run would refuse before its first POST, as far as can be told without creating anything.
     preflight.check_output(paths.out, create=False)
     preflight.check_state(paths.state, create=False)
-    plan = commands.make_plan(manifest, paths)
+    plan = anyio.run(commands.make_plan, manifest, paths)
     out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.state}")
     out.print(f"  submit now:           {len(plan.to_submit)}")
     out.print(f"  wait for a checkpoint: {len(plan.waiting_for_parent)}")
@@ -418,11 +422,16 @@ def _plan(manifest: Any, paths: commands.Paths) -> int:
 
 def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
     if as_json:
-        sys.stdout.writelines(commands.status_json(campaign_name, paths))
+        anyio.run(_print_chunks, commands.status_json(campaign_name, paths))
         return ExitCode.OK
-    rows, files = commands.status_rows(paths)
+    rows, files = anyio.run(commands.status_rows, paths)
     out.print(ui.status_table(rows, files, time.time()))
     return ExitCode.OK
+
+
+async def _print_chunks(chunks: AsyncIterator[str]) -> None:
+    async for chunk in chunks:
+        sys.stdout.write(chunk)
 
 
 def _jobs(args: argparse.Namespace) -> int:

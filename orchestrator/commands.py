@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
 from .run import preflight
 from .run.engine import Engine
 from .run.outcome import RunOutcome, StopReason
-from .store import CampaignLock, FileRow, JobRow, SqliteStore
+from .store import CampaignLock, FileRow, JobRow, SqliteStore, Store
 from .transfer.file import Downloader
 
 STATE_DIR = ".dreamlook-batch"
@@ -140,9 +140,9 @@ async def run_campaign(request: RunRequest) -> RunResult:
     )
     with lock:
         # A dry run charges nothing and must leave no state a real run would trust.
-        store = SqliteStore(Path(":memory:") if settings.dry_run else request.paths.state)
+        store = await SqliteStore.open(Path(":memory:") if settings.dry_run else request.paths.state)
         try:
-            preflight.check_store(store)
+            await preflight.check_store(store)
             async with contextlib.AsyncExitStack() as stack:
                 sim_url = None
                 if request.simulate is not None:
@@ -160,7 +160,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     max_wait_s=settings.budget_wait_s,
                 )
                 api = await stack.enter_async_context(ApiClient(url, key, timeouts=settings.timeouts, budget=budget))
-                if not settings.dry_run and _may_submit(request.manifest, store):  # a dry run pays nothing
+                if not settings.dry_run and await _may_submit(request.manifest, store):  # a dry run pays nothing
                     await preflight.check_api(
                         api, request.manifest.jobs[0].type, settings.preflight_retry, settings.preflight_deadline_s
                     )
@@ -198,16 +198,16 @@ async def run_campaign(request: RunRequest) -> RunResult:
                 if request.watch is not None:
                     await stack.enter_async_context(request.watch(engine))
                 outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
-                files_done, bytes_done = store.files_done_total()
+                files_done, bytes_done = await store.files_done_total()
                 return RunResult(outcome, request.paths, api.requests, sim_url, files_done, bytes_done)
         finally:
-            store.close()
+            await store.close()
 
 
-def _may_submit(manifest: Manifest, store: SqliteStore) -> bool:
+async def _may_submit(manifest: Manifest, store: Store) -> bool:
     """Could this run POST (a job new to the state, pending, or whose POST awaits its outcome)?
     Then the API is checked first; a pass with nothing to send sends nothing extra."""
-    states = {row.id: row.state for row in store.jobs()}
+    states = {row.id: row.state for row in await store.jobs()}
     may_post = MAY_POST
     return any(states.get(spec.id, JobState.PENDING) in may_post for spec in manifest.jobs)
 
@@ -243,14 +243,14 @@ async def _run_with_signals(engine: Engine, *, once: bool, grace_s: float) -> Ru
         tg.start_soon(watch_signals)
     if result:
         return result[0]
-    return RunOutcome(engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
+    return RunOutcome(await engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
 
 
 # -- read-only views ------------------------------------------------------------------
 
 
-def open_existing_store(paths: Paths) -> SqliteStore | None:
-    return SqliteStore(paths.state) if paths.state.exists() else None
+async def open_existing_store(paths: Paths) -> Store | None:
+    return await SqliteStore.open(paths.state) if paths.state.exists() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,16 +267,16 @@ class Plan:
     duplicates: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
 
-def make_plan(manifest: Manifest, paths: Paths) -> Plan:
-    store = open_existing_store(paths)
+async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
+    store = await open_existing_store(paths)
     rows: dict[str, JobRow] = {}
     files: list[FileRow] = []
     if store is not None:
         try:
-            rows = {r.id: r for r in store.jobs()}
-            files = store.all_files()
+            rows = {r.id: r for r in await store.jobs()}
+            files = await store.all_files()
         finally:
-            store.close()
+            await store.close()
     to_submit: list[str] = []
     waiting: list[str] = []
     to_check: list[str] = []
@@ -316,40 +316,41 @@ def make_plan(manifest: Manifest, paths: Paths) -> Plan:
     )
 
 
-def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
-    store = _store_for_status(paths)
+async def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
+    store = await _store_for_status(paths)
     try:
-        return [r for r in store.jobs() if r.in_manifest], store.files_by_job()
+        return [r for r in await store.jobs() if r.in_manifest], await store.files_by_job()
     finally:
-        store.close()
+        await store.close()
 
 
-def status_json(campaign: str, paths: Paths, *, page_size: int = output.SUMMARY_PAGE_JOBS) -> Iterator[str]:
+async def status_json(campaign: str, paths: Paths, *, page_size: int = output.SUMMARY_PAGE_JOBS) -> AsyncIterator[str]:
     """`status --json`: the record summary.json holds (without the manifest's path), as text
     chunks read from the store a page at a time."""
-    store = _store_for_status(paths)
+    store = await _store_for_status(paths)
     try:
-        yield from output.campaign_record_json(campaign, store, page_size=page_size)
+        async for chunk in output.campaign_record_json(campaign, store, page_size=page_size):
+            yield chunk
     finally:
-        store.close()
+        await store.close()
 
 
-def _store_for_status(paths: Paths) -> SqliteStore:
-    store = open_existing_store(paths)
+async def _store_for_status(paths: Paths) -> Store:
+    store = await open_existing_store(paths)
     if store is None:
         raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
     return store
 
 
-def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | None, resubmit: bool) -> str:
+async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | None, resubmit: bool) -> str:
     """A person's word on an `unknown` job: it is `remote_id`, or send it again, or neither (failed)."""
     with CampaignLock(paths.state):
-        store = open_existing_store(paths)
+        store = await open_existing_store(paths)
         if store is None:
             raise StoreError(f"no state at {paths.state}")
         try:
             if remote_id:
-                revived = store.settle(
+                revived = await store.settle(
                     job_id,
                     JobState.QUEUED,
                     time.time(),
@@ -359,7 +360,7 @@ def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | No
                 message = f"{job_id}: recorded as {remote_id}; the next run follows and downloads it"
                 return message + _revived_note(revived)
             if resubmit:
-                revived = store.settle(
+                revived = await store.settle(
                     job_id,
                     JobState.PENDING,
                     time.time(),
@@ -370,10 +371,10 @@ def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | No
                     f"{job_id}: will be submitted again by the next run (this may cost tokens twice if it did exist)"
                 )
                 return message + _revived_note(revived)
-            store.settle(job_id, JobState.FAILED, time.time(), remote_id=None, reason="settled by hand: given up")
+            await store.settle(job_id, JobState.FAILED, time.time(), remote_id=None, reason="settled by hand: given up")
             return f"{job_id}: marked failed; it will not be sent again"
         finally:
-            store.close()
+            await store.close()
 
 
 def _revived_note(revived: tuple[str, ...]) -> str:

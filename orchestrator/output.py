@@ -9,9 +9,13 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import aiofiles
+import anyio
 
 from .errors import OutputError
 from .models import JobState
@@ -22,36 +26,66 @@ from .transfer.verify import fsync_dir
 # Jobs read from the store at once while summary.json or `status --json` is written: what the
 # end of a run holds, whatever the campaign's size.
 SUMMARY_PAGE_JOBS = 500
+WRITE_BATCH_CHARS = 256 * 1024  # chunks of summary.json handed to the writer thread at once
 
 
 def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
-    write_atomic_chunks(path, (text,), sync_folder=sync_folder)
-
-
-def write_atomic_chunks(path: Path, chunks: Iterable[str], *, sync_folder: bool = True) -> None:
-    """Write to a temporary name, sync, rename. The chunks are written as they come, so a file
-    as large as the campaign is never whole in memory. One process per campaign (the lock)
-    writes here, so a fixed temporary name is safe, and cheaper than a random one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write to a temporary name, sync, rename. One process per campaign (the lock) writes
+    here, so a fixed temporary name is safe, and cheaper than a random one."""
+    tmp = _temporary(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        if sync_folder:
-            fsync_dir(path.parent)
-    except OSError as exc:
-        # The previous version, if any, is still whole under its name: nothing is lost.
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        full = " (the disk is full: free some space and run again)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}{full}") from exc
-    except BaseException:  # e.g. the store failed while the chunks were read from it
+        _put_in_place(tmp, path, sync_folder=sync_folder)
+    except BaseException as exc:
+        raise _failed(path, tmp, exc) from exc
+
+
+async def write_atomic_stream(path: Path, chunks: AsyncIterable[str], *, sync_folder: bool = True) -> None:
+    """`write_atomic` of text that comes in chunks (from the store, a page at a time): each
+    is written as it comes, so a file as large as the campaign is never whole in memory."""
+    tmp = _temporary(path)
+    try:
+        await anyio.to_thread.run_sync(partial(path.parent.mkdir, parents=True, exist_ok=True))
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+            batch: list[str] = []
+            size = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                size += len(chunk)
+                if size >= WRITE_BATCH_CHARS:  # one thread hop per batch, not per job
+                    await fh.write("".join(batch))
+                    batch, size = [], 0
+            await fh.write("".join(batch))
+            await fh.flush()
+            await anyio.to_thread.run_sync(os.fsync, fh.fileno())
+        await anyio.to_thread.run_sync(partial(_put_in_place, tmp, path, sync_folder=sync_folder))
+    except BaseException as exc:
+        raise _failed(path, tmp, exc) from exc
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _put_in_place(tmp: Path, path: Path, *, sync_folder: bool) -> None:
+    os.replace(tmp, path)
+    if sync_folder:
+        fsync_dir(path.parent)
+
+
+def _failed(path: Path, tmp: Path, exc: BaseException) -> BaseException:
+    """The temporary file removed; an OSError said as an `OutputError`. The previous version,
+    if any, is still whole under its name: nothing is lost."""
+    with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
-        raise
+    if not isinstance(exc, OSError):
+        return exc  # e.g. the store failed while the chunks were read from it
+    full = " (the disk is full: free some space and run again)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}{full}")
 
 
 def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
@@ -64,24 +98,25 @@ def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable
     write_atomic(folder / "SHA256SUMS", sums)
 
 
-def write_summary(
+async def write_summary(
     path: Path, campaign: str, store: Store, *, manifest: str, page_size: int = SUMMARY_PAGE_JOBS
 ) -> None:
     """`summary.json`: the campaign record and the manifest's path, streamed from the store."""
-    write_atomic_chunks(path, campaign_record_json(campaign, store, extra={"manifest": manifest}, page_size=page_size))
+    record = campaign_record_json(campaign, store, extra={"manifest": manifest}, page_size=page_size)
+    await write_atomic_stream(path, record)
 
 
-def campaign_record_json(
+async def campaign_record_json(
     campaign: str, store: Store, *, extra: Mapping[str, Any] | None = None, page_size: int = SUMMARY_PAGE_JOBS
-) -> Iterator[str]:
+) -> AsyncIterator[str]:
     """The campaign as data, as JSON text: what `summary.json` holds and `status --json` prints.
 
     The text is what `json.dumps(record, indent=2, sort_keys=True) + "\n"` would give, made a job
     at a time: counts and duplicates come from the store's own tallies and the jobs a page at a
     time, so memory does not grow with the campaign (100,000 jobs held at once cost ~250 MB).
     """
-    counts = {state.value: n for state, n in store.counts().items() if n}
-    duplicates = {job_id: list(others) for job_id, others in store.duplicates().items() if others}
+    counts = {state.value: n for state, n in (await store.counts()).items() if n}
+    duplicates = {job_id: list(others) for job_id, others in (await store.duplicates()).items() if others}
     total = sum(counts.values())
     head: dict[str, Any] = {
         "campaign": campaign,
@@ -91,8 +126,9 @@ def campaign_record_json(
         "duplicates": duplicates,
         **(extra or {}),
     }
-    jobs = (_job_record(row, files) for page in store.manifest_pages(page_size) for row, files in page)
-    yield from _json_chunks(head, "jobs", jobs)
+    jobs = (_job_record(row, files) async for page in store.manifest_pages(page_size) for row, files in page)
+    async for chunk in _json_chunks(head, "jobs", jobs):
+        yield chunk
 
 
 def _job_record(row: JobRow, files: Sequence[FileRow]) -> dict[str, Any]:
@@ -120,7 +156,7 @@ def _job_record(row: JobRow, files: Sequence[FileRow]) -> dict[str, Any]:
     }
 
 
-def _json_chunks(head: Mapping[str, Any], list_key: str, items: Iterable[Any]) -> Iterator[str]:
+async def _json_chunks(head: Mapping[str, Any], list_key: str, items: AsyncIterable[Any]) -> AsyncIterator[str]:
     """`json.dumps({**head, list_key: list(items)}, indent=2, sort_keys=True) + "\n"`, an item at a time.
 
     A value nested at depth d is its own `json.dumps(indent=2)` with every line break followed by
@@ -135,7 +171,7 @@ def _json_chunks(head: Mapping[str, Any], list_key: str, items: Iterable[Any]) -
             yield nested(head[key], 1)
             continue
         empty = True
-        for item in items:
+        async for item in items:
             yield ("[" if empty else ",") + "\n    " + nested(item, 2)
             empty = False
         yield "[]" if empty else "\n  ]"

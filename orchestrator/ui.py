@@ -136,23 +136,24 @@ class LiveView:
 
     def _render(self) -> Group:
         engine = self.engine
-        counts = engine.store.counts()
+        snapshot = engine.snapshot
+        counts = snapshot.counts
         head = Text.assemble(
             ("dreamlook-batch ", "bold"),
             (f"campaign {engine.manifest.campaign}", "cyan"),
             f"  {human_seconds(time.monotonic() - self.started)}  ",
-            (f"({engine.stopped_by})" if engine.stopped_by else "", "yellow"),
+            (f"({snapshot.stopped_by})" if snapshot.stopped_by else "", "yellow"),
         )
         states = Text()
         for state in STATE_ORDER:
             if counts.get(state):
                 states.append(f"{state.value} {counts[state]}  ", style=STATE_STYLE.get(state, ""))
         parts: list[Text | Table] = [head, states or Text("no jobs")]
-        transfers = list(engine.downloader.transfers.values())
+        transfers = list(snapshot.transfers)
         now = time.monotonic()
         when, then, rate = self._speed
         if now - when >= 1.0:
-            total = engine.downloader.bytes_fetched
+            total = snapshot.bytes_fetched
             rate = (total - then) / (now - when)
             self._speed = (now, total, rate)
         if transfers:

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.models import JobState
 from orchestrator.sim import Simulator
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 from orchestrator.store.parts import PartRecord
 from orchestrator.transfer.file import (
     FREE_SPACE_MARGIN_MAX_BYTES,
@@ -63,7 +63,7 @@ async def test_a_full_disk_message_gives_what_is_still_needed_and_what_is_kept(
             result = await run(sim, manifest(tmp_path, trainings=1, lora=False), out, settings)
     assert result.outcome.exit_code == 1
     assert result.outcome.counts == {JobState.DOWNLOADING: 1}
-    store = SqliteStore(result.paths.state)
+    store = SqliteDb(result.paths.state)
     try:
         record = store.part_record("t0", store.files("t0")[0].remote_id)
     finally:

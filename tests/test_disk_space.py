@@ -20,7 +20,7 @@ from orchestrator.commands import RunResult
 from orchestrator.config import RunSettings
 from orchestrator.models import JobState
 from orchestrator.sim import Simulator
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 from orchestrator.transfer.file import free_space_margin
 
 from .campaigns import assert_campaign_on_disk
@@ -107,7 +107,7 @@ async def test_a_disk_that_fills_up_mid_download_keeps_the_part_and_says_what_is
         assert "Traceback" not in message
         assert first.outcome.counts == {JobState.DOWNLOADING: 1}
         assert [p.name for p in (out / "t0").iterdir() if p.suffix == ".part"], "the part is kept"
-        store = SqliteStore(first.paths.state)
+        store = SqliteDb(first.paths.state)
         try:
             record = store.part_record("t0", store.files("t0")[0].remote_id)
         finally:

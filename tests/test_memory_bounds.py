@@ -17,7 +17,7 @@ from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
 from orchestrator.run.engine import Engine
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 
 from .conftest import fast_run, fast_sim, until, write
 
@@ -83,7 +83,7 @@ async def test_job_objects_are_dropped_when_their_jobs_end(tmp_path: Path) -> No
 async def test_a_job_the_api_does_not_know_is_reported_once_however_often_it_is_checked(tmp_path: Path) -> None:
     manifest = load_manifest(campaign(tmp_path, 1, "ghost"))
     paths = paths_for(manifest)
-    store = SqliteStore(paths.state)  # a job whose recorded id the service never made
+    store = SqliteDb(paths.state)  # a job whose recorded id the service never made
     now = time.time()
     store.sync_manifest("ghost", manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], now)
     store.record_intents([("g000", "{}", spec_fingerprint(manifest.jobs[0]))], now)

@@ -20,7 +20,7 @@ from orchestrator import RunRequest, load_manifest, paths_for, run_campaign
 from orchestrator.cli import main
 from orchestrator.config import Timeouts
 from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 from orchestrator.store.sqlite import _SCHEMA
 
 from .campaigns import assert_campaign_on_disk
@@ -250,7 +250,7 @@ def test_a_version_1_state_file_is_upgraded(tmp_path: Path) -> None:
             " VALUES ('a', 'image_gen', 'submitting', 'f', 100.0, 100.0, 0),"
             " ('b', 'image_gen', 'pending', 'f', NULL, 100.0, 1)"
         )
-    store = SqliteStore(path)
+    store = SqliteDb(path)
     try:
         a, b = store.job("a"), store.job("b")
         assert (a.attempt_at, a.adoption_checked, a.duplicate_ids) == (100.0, True, ())

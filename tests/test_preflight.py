@@ -34,7 +34,7 @@ from orchestrator.models import JobState, JobType
 from orchestrator.run.engine import Engine
 from orchestrator.run.outcome import StopReason
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb, SqliteStore
 from orchestrator.transfer.file import Downloader
 
 from .campaigns import assert_campaign_on_disk
@@ -140,7 +140,7 @@ def test_a_state_store_that_takes_no_write_exits_2_and_sends_nothing(
     example: Path, threaded_sim: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     db = example.parent / ".dreamlook-batch" / "example.db"
-    SqliteStore(db).close()
+    SqliteDb(db).close()
     with threaded_sim(fast_sim()) as sim, read_only(db):
         monkeypatch.setenv("DREAMLOOK_API_KEY", sim.api_key)
         code, printed = run(["run", str(example), "--api-url", sim.url, *FAST], capsys)
@@ -220,10 +220,12 @@ async def test_a_submission_that_never_left_goes_back_to_pending_never_unknown(
     base = closed_port_url() if url == "closed-port" else url
     manifest = load_manifest(example)
     settings = fast_run()
-    store = SqliteStore(tmp_path / "state.db")
+    earlier = SqliteDb(tmp_path / "state.db")
     # An earlier run looked for these jobs' tags (adoption) before the API went away.
-    store.sync_manifest(manifest.campaign, manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], 0.0)
-    store.adopt([], EXAMPLE_IDS, 0.0)
+    earlier.sync_manifest(manifest.campaign, manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], 0.0)
+    earlier.adopt([], EXAMPLE_IDS, 0.0)
+    earlier.close()
+    store = await SqliteStore.open(tmp_path / "state.db")
     try:
         async with (
             ApiClient(base, "dl-" + "12" * 16, budget=RequestBudget(1000.0)) as api,
@@ -232,9 +234,9 @@ async def test_a_submission_that_never_left_goes_back_to_pending_never_unknown(
             engine = Engine(manifest, store, api, downloader, settings, tmp_path / "out")
             with anyio.fail_after(60):
                 outcome = await engine.run()
-        states = {row.id: row.state for row in store.jobs()}
+        states = {row.id: row.state for row in await store.jobs()}
     finally:
-        store.close()
+        await store.close()
     assert states == dict.fromkeys(EXAMPLE_IDS, JobState.PENDING)  # the dependent is not skipped either
     assert outcome.stopped_by == StopReason.UNREACHABLE and outcome.exit_code == 1
     assert any("nothing was created" in p for p in outcome.problems), outcome.problems

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from orchestrator.errors import StoreError
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import PARENT_ENDED, TERMINAL, JobSpec, JobState, JobType
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 
 JOBS = ["a", "b", "c"]
 PARENT = {"b": "a", "c": "b"}  # b needs a's checkpoint, c needs b's
@@ -45,7 +45,7 @@ class JobLifeCycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.TemporaryDirectory()
-        self.store = SqliteStore(Path(self.dir.name) / "s.db")
+        self.store = SqliteDb(Path(self.dir.name) / "s.db")
         specs = [
             JobSpec(id=j, type=JobType.DREAMBOOTH, payload={"prompt": j}, checkpoint_from=PARENT.get(j)) for j in JOBS
         ]
@@ -85,7 +85,9 @@ class JobLifeCycle(RuleBasedStateMachine):
     def checkpoint_arrives(self, job: str) -> None:
         """A success brings the checkpoint (and only a success may)."""
         try:
-            self.store.record_success(job, checkpoint_id=f"ckpt-{job}", files=[], remote_state="success", now=self._tick())
+            self.store.record_success(
+                job, checkpoint_id=f"ckpt-{job}", files=[], remote_state="success", now=self._tick()
+            )
         except StoreError:
             return
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteDb
 from orchestrator.store.sqlite import _SCHEMA, SCHEMA_VERSION
 
 
@@ -28,7 +28,7 @@ def version_1_state(path: Path) -> None:
 def test_a_version_1_state_file_is_upgraded_and_its_range_indexes_are_dropped(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     version_1_state(path)
-    store = SqliteStore(path)
+    store = SqliteDb(path)
     try:
         assert store.part_record("a", "ckp_1") is None  # nothing proven: the file starts over
         assert [f.name for f in store.files("a")] == ["m.safetensors"]  # the rest is kept
@@ -50,4 +50,4 @@ def test_a_version_1_state_file_is_upgraded_and_its_range_indexes_are_dropped(tm
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "file_ranges" not in tables and {"part_objects", "part_spans"} <= tables
-    SqliteStore(path).close()  # opening an upgraded file again changes nothing
+    SqliteDb(path).close()  # opening an upgraded file again changes nothing

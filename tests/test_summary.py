@@ -6,7 +6,8 @@ kept as the oracle, and every test compares against it on a real SQLite store.""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import ArtifactKind, JobState
 from orchestrator.output import SUMMARY_PAGE_JOBS, write_summary
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
-from orchestrator.store import FileRow, JobRow, SqliteStore
+from orchestrator.store import FileRow, JobRow, SqliteDb, SqliteStore
 
 from .conftest import fast_run, fast_sim, write
 
@@ -68,16 +69,16 @@ def old_campaign_record(
     }
 
 
-def old_record_of(store: SqliteStore, campaign: str) -> dict[str, Any]:
+def old_record_of(store: SqliteDb, campaign: str) -> dict[str, Any]:
     return old_campaign_record(campaign, [r for r in store.jobs() if r.in_manifest], store.files_by_job())
 
 
-def old_summary_text(store: SqliteStore, campaign: str, manifest: str) -> bytes:
+def old_summary_text(store: SqliteDb, campaign: str, manifest: str) -> bytes:
     record = {**old_record_of(store, campaign), "manifest": manifest}
     return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
 
 
-def old_status_text(store: SqliteStore, campaign: str) -> str:
+def old_status_text(store: SqliteDb, campaign: str) -> str:
     return json.dumps(old_record_of(store, campaign), indent=2, sort_keys=True, default=str) + "\n"
 
 
@@ -87,7 +88,7 @@ def manifest_of(folder: Path, ids: Sequence[str]) -> Path:
     return write(folder / "sum.yaml", "\n".join(lines) + "\n")
 
 
-def sync(store: SqliteStore, manifest: Path) -> None:
+def sync(store: SqliteDb, manifest: Path) -> None:
     specs = load_manifest(manifest).jobs
     store.sync_manifest("sum", specs, [spec_fingerprint(s) for s in specs], NOW)
 
@@ -105,6 +106,15 @@ def image(job_id: str, n: int, name: str, *, size: int = 100) -> FileRow:
     )
 
 
+def summarize(path: Path, store: SqliteDb, **options: Any) -> None:
+    """`write_summary` over the fixture's store: the run's own async verbs, on their worker thread."""
+    anyio.run(partial(write_summary, path, "sum", SqliteStore(store), **options))
+
+
+async def collected(chunks: AsyncIterator[str]) -> str:
+    return "".join([chunk async for chunk in chunks])
+
+
 IN_MANIFEST = [f"j{i:02d}" for i in range(11)]
 # The second manifest's order (not the ids' order) and two jobs dropped from it.
 ORDER = ["j05", "j00", "j01", "j02", "j03", "j04", "j10", "j06", "j07", "j08", "j09"]
@@ -115,7 +125,7 @@ def build_campaign(folder: Path) -> Path:
     and two jobs (one done, one duplicate) that left the manifest, all through the store's verbs."""
     everyone = [*IN_MANIFEST, "j11", "j12"]
     manifest = manifest_of(folder, everyone)
-    store = SqliteStore(paths_for(load_manifest(manifest)).state)
+    store = SqliteDb(paths_for(load_manifest(manifest)).state)
     try:
         sync(store, manifest)
         fingerprints = {s.id: spec_fingerprint(s) for s in load_manifest(manifest).jobs}
@@ -153,9 +163,9 @@ def build_campaign(folder: Path) -> Path:
 
 
 @pytest.fixture
-def built(tmp_path: Path) -> tuple[Path, SqliteStore]:
+def built(tmp_path: Path) -> tuple[Path, SqliteDb]:
     manifest = build_campaign(tmp_path)
-    store = SqliteStore(paths_for(load_manifest(manifest)).state)
+    store = SqliteDb(paths_for(load_manifest(manifest)).state)
     sync(store, manifest)
     yield manifest, store
     store.close()
@@ -163,11 +173,11 @@ def built(tmp_path: Path) -> tuple[Path, SqliteStore]:
 
 @pytest.mark.parametrize("page_size", [1, 3, 4, 11, SUMMARY_PAGE_JOBS])
 def test_summary_json_is_the_old_text_byte_for_byte_at_any_page_size(
-    tmp_path: Path, built: tuple[Path, SqliteStore], page_size: int
+    tmp_path: Path, built: tuple[Path, SqliteDb], page_size: int
 ) -> None:
     manifest, store = built
     path = tmp_path / "out" / "summary.json"
-    write_summary(path, "sum", store, manifest=str(manifest), page_size=page_size)
+    summarize(path, store, manifest=str(manifest), page_size=page_size)
     assert path.read_bytes() == old_summary_text(store, "sum", str(manifest))
     # What the fixture holds, read back on its own terms (the oracle above could share a mistake).
     summary = json.loads(path.read_text())
@@ -198,7 +208,7 @@ def test_summary_json_is_the_old_text_byte_for_byte_at_any_page_size(
     assert jobs["j08"]["percentage"] == 42.5 and jobs["j08"]["state"] == "running"
 
 
-def test_pages_hold_at_most_page_size_jobs_and_cover_every_job(built: tuple[Path, SqliteStore]) -> None:
+def test_pages_hold_at_most_page_size_jobs_and_cover_every_job(built: tuple[Path, SqliteDb]) -> None:
     _, store = built
     pages = list(store.manifest_pages(4))
     assert [len(p) for p in pages] == [4, 4, 3]
@@ -210,57 +220,57 @@ def test_pages_hold_at_most_page_size_jobs_and_cover_every_job(built: tuple[Path
     }
 
 
-def test_status_json_prints_the_old_text(built: tuple[Path, SqliteStore], capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_json_prints_the_old_text(built: tuple[Path, SqliteDb], capsys: pytest.CaptureFixture[str]) -> None:
     manifest, store = built
     capsys.readouterr()
     assert main(["status", str(manifest), "--json"]) == 0
     assert capsys.readouterr().out == old_status_text(store, "sum")
     paths = paths_for(load_manifest(manifest))
-    assert "".join(status_json("sum", paths, page_size=2)) == old_status_text(store, "sum")
+    assert anyio.run(collected, status_json("sum", paths, page_size=2)) == old_status_text(store, "sum")
 
 
-def test_a_campaign_with_no_job_left_in_the_manifest(tmp_path: Path, built: tuple[Path, SqliteStore]) -> None:
+def test_a_campaign_with_no_job_left_in_the_manifest(tmp_path: Path, built: tuple[Path, SqliteDb]) -> None:
     _, store = built
     store.sync_manifest("sum", [], [], NOW)
     path = tmp_path / "summary.json"
-    write_summary(path, "sum", store, manifest="m.yaml", page_size=2)
+    summarize(path, store, manifest="m.yaml", page_size=2)
     assert path.read_bytes() == old_summary_text(store, "sum", "m.yaml")
     assert json.loads(path.read_text())["jobs"] == []
 
 
 @pytest.mark.parametrize(("left", "done"), [(["j00", "j02", "j10"], False), (["j10", "j00"], True)])
 def test_done_means_every_job_done_and_none_paid_twice(
-    tmp_path: Path, built: tuple[Path, SqliteStore], left: list[str], done: bool
+    tmp_path: Path, built: tuple[Path, SqliteDb], left: list[str], done: bool
 ) -> None:
     _, store = built
     sync(store, manifest_of(tmp_path / "again", left))  # only done jobs left; j02 is a duplicate
     path = tmp_path / "summary.json"
-    write_summary(path, "sum", store, manifest="m.yaml", page_size=1)
+    summarize(path, store, manifest="m.yaml", page_size=1)
     assert path.read_bytes() == old_summary_text(store, "sum", "m.yaml")
     assert json.loads(path.read_text())["done"] is done
 
 
-def test_the_done_files_tally_counts_done_files_only(built: tuple[Path, SqliteStore]) -> None:
+def test_the_done_files_tally_counts_done_files_only(built: tuple[Path, SqliteDb]) -> None:
     _, store = built
     # j00's two, j02's one, j05's first (its second is lost), and j11's, which left the manifest.
     assert store.files_done_total() == (5, 200 + 3 + 100 + 100 + 7000)
 
 
 def test_a_failure_halfway_through_leaves_the_previous_summary_whole(
-    tmp_path: Path, built: tuple[Path, SqliteStore]
+    tmp_path: Path, built: tuple[Path, SqliteDb]
 ) -> None:
     manifest, store = built
     path = tmp_path / "summary.json"
-    write_summary(path, "sum", store, manifest=str(manifest))
+    summarize(path, store, manifest=str(manifest))
     before = path.read_bytes()
     # The store refuses the page size only once the head of the record is written.
     with pytest.raises(ValueError, match="page_size"):
-        write_summary(path, "sum", store, manifest="other.yaml", page_size=0)
+        summarize(path, store, manifest="other.yaml", page_size=0)
     assert path.read_bytes() == before
     assert not (tmp_path / ".summary.json.tmp").exists()
     store.close()
     with pytest.raises(StoreError):  # a closed store: an error the CLI reports, not a traceback
-        write_summary(path, "sum", store, manifest="other.yaml")
+        summarize(path, store, manifest="other.yaml")
     assert path.read_bytes() == before and not (tmp_path / ".summary.json.tmp").exists()
 
 
@@ -285,7 +295,7 @@ async def test_a_real_run_writes_the_old_summary_and_tallies_its_files(tmp_path:
             result = await run_campaign(request)
     counts = result.outcome.counts
     assert counts.get(JobState.FAILED) and counts.get(JobState.DONE), counts
-    store = SqliteStore(result.paths.state)
+    store = SqliteDb(result.paths.state)
     try:
         expected = old_summary_text(store, "real", str(manifest.path))
     finally:

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -27,7 +27,7 @@ CALLBACK_PATH = "/dreamlook-batch/callback"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 STATUS = {"accepted": 200, "replayed": 409, "unknown-job": 404}
 
-Hint = Callable[[str, str, str], str]  # (our job id, remote id, what changed) -> verdict
+Hint = Callable[[str, str, str], Awaitable[str]]  # (our job id, remote id, what changed) -> verdict
 
 
 def derive_secret(api_key: str, campaign: str) -> str:
@@ -96,7 +96,7 @@ class CallbackReceiver:
                 return self._refuse("malformed", 400, request.remote)
             job_id = request.query.get("job", "")
             marker = f"{body.get('state')}/{body.get('state_updated')}"
-            verdict = self._hint(job_id, body["job_id"], marker)
+            verdict = await self._hint(job_id, body["job_id"], marker)
             if verdict != "accepted":
                 return self._refuse(verdict, STATUS.get(verdict, 400), request.remote)
             self.verdicts[verdict] += 1

@@ -22,7 +22,7 @@ from ..api.client import LIST_PAGE, ApiClient
 from ..config import RunSettings
 from ..errors import StoreError
 from ..models import JobType
-from ..store import SqliteStore
+from ..store import Store
 from .reconcile import read_list, shows_tags, tags_in
 
 log = logging.getLogger(__name__)
@@ -34,22 +34,22 @@ ADOPT_MAX_PAGES = 200
 class TagWatch:
     """Looks at every job list the run reads for two remote jobs with one of our tags."""
 
-    def __init__(self, store: SqliteStore, campaign: str) -> None:
+    def __init__(self, store: Store, campaign: str) -> None:
         self.store, self.prefix = store, f"{campaign}/"
 
-    def seen(self, items: Sequence[Mapping[str, Any]]) -> None:
+    async def seen(self, items: Sequence[Mapping[str, Any]]) -> None:
         for tag, ids in tags_in(items).items():
             if not tag.startswith(self.prefix):
                 continue
             job_id = tag[len(self.prefix) :]
             try:
-                row = self.store.job(job_id)
+                row = await self.store.job(job_id)
             except StoreError:
                 continue  # a job of this campaign no longer in the state: nothing to mark
             # The job's own remote job may be off this page: any other id with its tag is a copy.
             kept = row.remote_id or ids[-1]  # ids[-1]: the oldest listed
             others = [i for i in reversed(ids) if i != kept]
-            if others and self.store.record_duplicates(job_id, others):
+            if others and await self.store.record_duplicates(job_id, others):
                 log.error(
                     "job.duplicate job_id=%s remote_id=%s duplicate_ids=%s",
                     job_id,
@@ -61,7 +61,7 @@ class TagWatch:
 async def adopt(
     api: ApiClient,
     settings: RunSettings,
-    store: SqliteStore,
+    store: Store,
     campaign: str,
     *,
     now: Callable[[], float],
@@ -72,7 +72,7 @@ async def adopt(
 
     Raises ApiError/TransportError when a job list cannot be read: the jobs it would
     have covered stay unchecked, and unchecked jobs are never submitted."""
-    candidates = store.adoption_candidates()
+    candidates = await store.adoption_candidates()
     warnings: list[str] = []
     adopted = 0
     for job_type in sorted({r.type for r in candidates}):
@@ -86,7 +86,7 @@ async def adopt(
         listing = await read_list(
             api, settings.retry, JobType(job_type), enough, max_pages=ADOPT_MAX_PAGES, what="adopt"
         )
-        watch.seen(listing.items)
+        await watch.seen(listing.items)
         if listing.items and not shows_tags(listing.items):
             warnings.append(
                 f"the {job_type} job list shows no tags: jobs of this campaign the service may already hold "
@@ -99,7 +99,7 @@ async def adopt(
             )
         by_tag = tags_in(listing.items)
         found = [(r.id, by_tag[tag][-1], first_check(r.type)) for tag, r in rows.items() if tag in by_tag]
-        store.adopt(found, [r.id for r in rows.values()], now())
+        await store.adopt(found, [r.id for r in rows.values()], now())
         for job_id, remote_id, _ in found:
             log.info("job.adopted job_id=%s remote_id=%s", job_id, remote_id)
         adopted += len(found)

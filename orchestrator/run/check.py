@@ -24,7 +24,7 @@ from ..api.jobs import parse_job, select
 from ..config import PollPolicy, RunSettings
 from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
 from ..models import AT_SERVICE, JobSpec, JobState, JobType, RemoteJob, RemoteState
-from ..store import FileRow, JobRow, SqliteStore
+from ..store import FileRow, JobRow, Store
 from .schedule import next_check_in, typical
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class CheckStage:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         api: ApiClient,
         settings: RunSettings,
         specs: Mapping[str, JobSpec],
@@ -46,7 +46,7 @@ class CheckStage:
         problem: Callable[[str, str], None],
         notify: Callable[[], None],
         now: Callable[[], float],
-        seen_listing: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
+        seen_listing: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
     ) -> None:
         self.seen_listing = seen_listing  # every job list read is checked for duplicates
         self.store = store
@@ -69,34 +69,36 @@ class CheckStage:
     def policy(self, job_type: str) -> PollPolicy:
         return self.settings.image_poll if job_type == JobType.IMAGE_GEN.value else self.settings.poll
 
-    def _typical_s(self, job_type: str) -> float | None:
+    async def _typical_s(self, job_type: str) -> float | None:
         stamp, value = self._typical.get(job_type, (0.0, None))
         if time.monotonic() - stamp > TYPICAL_REFRESH_S:
-            value = typical(self.store.durations(job_type))
+            value = typical(await self.store.durations(job_type))
             self._typical[job_type] = (time.monotonic(), value)
         return value
 
-    def next_due(self) -> float | None:
-        return self.store.next_check_due(self.now())
+    async def next_due(self) -> float | None:
+        return await self.store.next_check_due(self.now())
 
-    def start_due(self, tg: TaskGroup, *, everything: bool = False) -> int:
+    async def start_due(self, tg: TaskGroup, *, everything: bool = False) -> int:
         """Start checks of the jobs that are due (all in flight, with `everything`).
 
         With many jobs of a type in flight, one reading of the job list updates all it
         covers, due or not; only due jobs it misses get a GET of their own.
         """
         due_by_type: dict[str, list[JobRow]] = {}
-        rows = self.store.jobs(AT_SERVICE) if everything else self.store.due_for_check(self.now())
+        rows = await self.store.jobs(AT_SERVICE) if everything else await self.store.due_for_check(self.now())
         for row in rows:
             if row.id not in self.busy and row.remote_id is not None:
                 due_by_type.setdefault(row.type, []).append(row)
         started = 0
         for job_type, due in due_by_type.items():
-            on_first_page = self.store.newest_submitted(job_type, LIST_PAGE) if self.settings.batch_status else set()
+            on_first_page = (
+                await self.store.newest_submitted(job_type, LIST_PAGE) if self.settings.batch_status else set()
+            )
             if any(r.id in on_first_page for r in due):
                 in_flight = [
                     r
-                    for r in self.store.jobs_by_id(on_first_page - self.busy)
+                    for r in await self.store.jobs_by_id(on_first_page - self.busy)
                     if r.state in AT_SERVICE and r.remote_id is not None
                 ]
                 if len(in_flight) >= BATCH_MIN_JOBS:
@@ -143,7 +145,7 @@ class CheckStage:
 
                 items = await retry.idempotent(first_page, self.settings.retry, f"list {job_type}")
             if self.seen_listing is not None:
-                self.seen_listing(items)
+                await self.seen_listing(items)
             found = {str(i.get("job_id")): i for i in items if i.get("job_id") in by_remote}
         except (AuthError, QuotaError):
             raise
@@ -162,7 +164,7 @@ class CheckStage:
             if remote.state is RemoteState.SUCCESS and not has_results:
                 missed.append(row)  # a summary: the results need a GET of the job
                 continue
-            self._apply(row, remote)
+            await self._apply(row, remote)
         return missed
 
     async def _check_one(self, row: JobRow) -> None:
@@ -170,7 +172,7 @@ class CheckStage:
             remote = await self.fresh(row.id)
         except NotFound:
             # The API does not know the id it gave us: keep asking, slowly.
-            self.store.update_remote(
+            await self.store.update_remote(
                 row.id,
                 remote_state="not-found",
                 percentage=None,
@@ -183,7 +185,7 @@ class CheckStage:
             raise
         except Exception as exc:
             log.warning("job.check_failed job_id=%s error=%s", row.id, exc)
-            self.store.update_remote(
+            await self.store.update_remote(
                 row.id,
                 remote_state=row.remote_state or "?",
                 percentage=row.percentage,
@@ -191,38 +193,40 @@ class CheckStage:
                 now=self.now(),
             )
             return
-        self._apply(row, remote)
+        await self._apply(row, remote)
 
     # -- what it means --------------------------------------------------------------
 
-    def _apply(self, row: JobRow, remote: RemoteJob) -> None:
+    async def _apply(self, row: JobRow, remote: RemoteJob) -> None:
         now = self.now()
         if remote.state is RemoteState.SUCCESS:
             self.remote[row.id] = remote  # the download stage starts from its URLs
-            self._on_success(row, remote)
+            await self._on_success(row, remote)
             return
         self.remote.pop(row.id, None)  # nothing reads the object of a job in flight or failed
         if remote.state is RemoteState.FAILURE:
-            self.store.update_remote(
+            await self.store.update_remote(
                 row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=None, now=now
             )
-            self.store.move(row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure")
+            await self.store.move(
+                row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure"
+            )
             self.problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
             return
         if remote.state is RemoteState.OTHER:
             log.warning("job.unknown_state job_id=%s state=%r: still waiting", row.id, remote.raw_state)
         age = now - (row.submitted_at or now)
-        policy, typical_s = self.policy(row.type), self._typical_s(row.type)
+        policy, typical_s = self.policy(row.type), await self._typical_s(row.type)
         wait = next_check_in(policy, remote, row.checks, age_s=age, typical_s=typical_s)
         if self.callbacks_accepted:
             wait *= self.settings.callback_poll_relax  # callbacks arrive: polls are only a safety net
-        self.store.update_remote(
+        await self.store.update_remote(
             row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=now + wait, now=now
         )
         if remote.state is RemoteState.RUNNING and row.state is JobState.QUEUED:
-            self.store.move(row.id, JobState.RUNNING, now)
+            await self.store.move(row.id, JobState.RUNNING, now)
 
-    def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
+    async def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
         spec = self.specs.get(row.id)
         wanted = select(remote, spec.download if spec else None)
         files = [
@@ -238,17 +242,17 @@ class CheckStage:
             )
             for a in wanted
         ]
-        self.store.record_success(
+        await self.store.record_success(
             row.id, checkpoint_id=remote.final_checkpoint_id, files=files, remote_state=remote.raw_state, now=self.now()
         )
         log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
 
     # -- callbacks ------------------------------------------------------------------
 
-    def hint(self, job_id: str, remote_id: str, marker: str) -> str:
+    async def hint(self, job_id: str, remote_id: str, marker: str) -> str:
         """A callback said `remote_id` (our `job_id`) changed: look at it now. Returns the verdict."""
         try:
-            row = self.store.job(job_id)
+            row = await self.store.job(job_id)
         except Exception:
             return "unknown-job"
         if row.remote_id != remote_id:
@@ -258,6 +262,6 @@ class CheckStage:
         self._hints_seen.add((remote_id, marker))
         self.callbacks_accepted += 1
         if row.state in AT_SERVICE:
-            self.store.check_at(row.id, self.now())
+            await self.store.check_at(row.id, self.now())
             self.notify()
         return "accepted"

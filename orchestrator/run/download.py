@@ -32,7 +32,7 @@ from ..errors import (
     TransportError,
 )
 from ..models import TO_DOWNLOAD, Artifact, JobState, RemoteJob
-from ..store import SqliteStore
+from ..store import Store
 from ..store.parts import PartRecord, Span
 from ..transfer.file import Downloader
 from ..transfer.urls import expires_at
@@ -52,30 +52,30 @@ class _Queued:
 class StorePartLog:
     """A partial download's memory (its object and proven spans), kept in the state store."""
 
-    def __init__(self, store: SqliteStore, job_id: str, remote_id: str) -> None:
+    def __init__(self, store: Store, job_id: str, remote_id: str) -> None:
         self.store, self.job_id, self.remote_id = store, job_id, remote_id
 
-    def record(self) -> PartRecord | None:
-        return self.store.part_record(self.job_id, self.remote_id)
+    async def record(self) -> PartRecord | None:
+        return await self.store.part_record(self.job_id, self.remote_id)
 
-    def start_over(self, size: int | None) -> None:
-        self.store.part_start_over(self.job_id, self.remote_id, size)
+    async def start_over(self, size: int | None) -> None:
+        await self.store.part_start_over(self.job_id, self.remote_id, size)
 
-    def set_etag(self, etag: str | None) -> None:
-        self.store.part_set_etag(self.job_id, self.remote_id, etag)
+    async def set_etag(self, etag: str | None) -> None:
+        await self.store.part_set_etag(self.job_id, self.remote_id, etag)
 
-    def prove(self, offset: int, length: int) -> None:
-        self.store.part_prove(self.job_id, self.remote_id, offset, length)
+    async def prove(self, offset: int, length: int) -> None:
+        await self.store.part_prove(self.job_id, self.remote_id, offset, length)
 
-    def keep_only(self, spans: Iterable[Span]) -> None:
-        self.store.part_keep_only(self.job_id, self.remote_id, list(spans))
+    async def keep_only(self, spans: Iterable[Span]) -> None:
+        await self.store.part_keep_only(self.job_id, self.remote_id, list(spans))
 
 
 class FetchStage:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         downloader: Downloader,
         settings: RunSettings,
         out_dir: Path,
@@ -107,11 +107,11 @@ class FetchStage:
 
     # -- what is left ---------------------------------------------------------------
 
-    def has_work(self) -> bool:
+    async def has_work(self) -> bool:
         """Anything this stage could still move on in this run?"""
         if self.queue or self.active or self.preparing or not self._swept:
             return True
-        return self.store.count([JobState.SUCCEEDED]) > 0
+        return await self.store.count([JobState.SUCCEEDED]) > 0
 
     def next_due(self) -> float | None:
         if not self._delayed:
@@ -120,12 +120,12 @@ class FetchStage:
 
     # -- starting work --------------------------------------------------------------
 
-    def start_due(self, tg: TaskGroup) -> int:
+    async def start_due(self, tg: TaskGroup) -> int:
         started = 0
         # Jobs left `downloading` by an earlier run are swept once; after that only new successes.
         states = [JobState.SUCCEEDED] if self._swept else TO_DOWNLOAD
         self._swept = True
-        for job_id in self.store.ids(states):
+        for job_id in await self.store.ids(states):
             if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:
                 self.preparing.add(job_id)
                 tg.start_soon(self._prepare, job_id)
@@ -162,11 +162,11 @@ class FetchStage:
     async def _prepare(self, job_id: str) -> None:
         """Queue the job's pending files, with deadlines from a job object with live URLs."""
         try:
-            row = self.store.job(job_id)
+            row = await self.store.job(job_id)
             if row.state is JobState.SUCCEEDED:
-                self.store.move(job_id, JobState.DOWNLOADING, self.now())
+                await self.store.move(job_id, JobState.DOWNLOADING, self.now())
             folder = self.out_dir / job_id
-            files = self.store.files(job_id)
+            files = await self.store.files(job_id)
             # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
             done = [f for f in files if f.done]
             present = (
@@ -176,15 +176,15 @@ class FetchStage:
             )
             for f in done:
                 if f.name not in present:
-                    self.store.file_missing(job_id, f.remote_id)
+                    await self.store.file_missing(job_id, f.remote_id)
                     log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
-            pending = [f for f in self.store.files(job_id) if not f.done and not f.lost]
+            pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
             remote = self.remote.get(job_id) or await self.fresh(job_id)
             by_id = {a.remote_id: a for a in remote.artifacts}
             for file in pending:
                 artifact = by_id.get(file.remote_id)
                 if artifact is None or not artifact.available:
-                    self.store.file_lost(job_id, file.remote_id)
+                    await self.store.file_lost(job_id, file.remote_id)
                     self.problem(job_id, f"lost {file.name}: the service no longer offers it")
                 else:
                     self._enqueue(job_id, artifact, remote)
@@ -232,7 +232,7 @@ class FetchStage:
                 renew_margin_s=self.settings.url_renew_margin_s,
             )
         except FileGone as exc:
-            self.store.file_lost(job_id, remote_id)
+            await self.store.file_lost(job_id, remote_id)
             self.problem(job_id, f"lost {name}: {exc}")
             return
         except (AuthError, QuotaError):
@@ -251,7 +251,7 @@ class FetchStage:
                 self.given_up.add(job_id)
                 self.problem(job_id, f"{name} could not be downloaded ({exc}); run again to resume it")
             return
-        self.store.file_done(job_id, remote_id, got.sha256, got.size)
+        await self.store.file_done(job_id, remote_id, got.sha256, got.size)
         log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
 
     def _forget(self, job_id: str) -> None:
@@ -265,7 +265,7 @@ class FetchStage:
             return
         if any(j == job_id for j, _ in self.active):
             return
-        files = self.store.files(job_id)
+        files = await self.store.files(job_id)
         if any(not f.done and not f.lost for f in files):
             return
         remote = self.remote.get(job_id)
@@ -280,9 +280,9 @@ class FetchStage:
         self._forget(job_id)
         lost = [f.name for f in files if f.lost]
         if lost:
-            self.store.move(
+            await self.store.move(
                 job_id, JobState.LOST, self.now(), reason=f"deleted by the service before download: {', '.join(lost)}"
             )
         else:
-            self.store.move(job_id, JobState.DONE, self.now())
+            await self.store.move(job_id, JobState.DONE, self.now())
             log.info("job.done job_id=%s files=%d", job_id, len(files))

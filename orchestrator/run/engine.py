@@ -31,16 +31,17 @@ from ..crashpoints import crash_point
 from ..errors import AuthError, InvalidJob, NotSent, QuotaError, RateLimited, Throttled, describe_detail
 from ..manifest.load import CAMPAIGN_TAG_KEY, Manifest, spec_fingerprint
 from ..models import AT_SERVICE, IN_FLIGHT, JobSpec, JobState, JobType, RemoteJob
-from ..store import JobRow, SqliteStore
+from ..store import JobRow, Store
 from ..transfer.file import Downloader
 from .check import CheckStage
 from .download import FetchStage
-from .outcome import RunOutcome, StopReason
+from .outcome import RunOutcome, Snapshot, StopReason
 from .resolve import ResolveStage
 from .schedule import Wakeup, next_check_in
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
+SNAPSHOT_EVERY_S = 0.25  # the most often the live view's numbers are read from the store
 ID_COMMIT_WINDOW_S = 0.002  # job ids arriving this close together share one synced commit
 
 
@@ -63,7 +64,7 @@ class Engine:
     def __init__(
         self,
         manifest: Manifest,
-        store: SqliteStore,
+        store: Store,
         api: ApiClient,
         downloader: Downloader,
         settings: RunSettings,
@@ -108,6 +109,8 @@ class Engine:
         self.ids = IdCommitter(store, clock)
         self._stopping = False
         self._tg: TaskGroup | None = None
+        self.snapshot = Snapshot(counts={}, stopped_by=None, transfers=(), bytes_fetched=0)
+        self._published_at = float("-inf")
         self.check = CheckStage(
             store=store,
             api=api,
@@ -143,6 +146,18 @@ class Engine:
     def _notify(self) -> None:
         self.wakeup.notify()
 
+    async def _publish(self, *, now: bool = False) -> None:
+        """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
+        if not now and time.monotonic() - self._published_at < SNAPSHOT_EVERY_S:
+            return
+        self._published_at = time.monotonic()
+        self.snapshot = Snapshot(
+            counts=await self.store.counts(),
+            stopped_by=self.stopped_by,
+            transfers=tuple(self.downloader.transfers.values()),
+            bytes_fetched=self.downloader.bytes_fetched,
+        )
+
     def _problem(self, job_id: str, message: str) -> None:
         """Tell the user once per job and message: a re-check that finds the same thing
         again (a job the API does not know, say) must not grow the list with the campaign."""
@@ -156,7 +171,7 @@ class Engine:
 
     async def run(self, *, once: bool = False) -> RunOutcome:
         fingerprints = [spec_fingerprint(s) for s in self.manifest.jobs]
-        report = self.store.sync_manifest(self.manifest.campaign, self.manifest.jobs, fingerprints, self.now())
+        report = await self.store.sync_manifest(self.manifest.campaign, self.manifest.jobs, fingerprints, self.now())
         for job_id in report.changed_after_submit:
             self._problem(
                 job_id,
@@ -179,62 +194,64 @@ class Engine:
             detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
             self.stopped_by = StopReason.AUTH
             self.problems.append(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
-        self.resolve.report()
-        self._write_summary()
+        await self.resolve.report()
+        await self._write_summary()
+        await self._publish(now=True)
         return RunOutcome(
-            self.store.counts(),
+            await self.store.counts(),
             self.stopped_by,
             self.problems,
             report.changed_after_submit,
             self.settings.dry_run,
             once,
-            len(self.store.duplicates()),
+            len(await self.store.duplicates()),
         )
 
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:
         """Start what is due, sleep until the next thing is due or a task ends; until nothing is left."""
         while True:
-            started = self._start_due_work(check=check, submit=submit)
+            await self._publish()
+            started = await self._start_due_work(check=check, submit=submit)
             busy = bool(self.busy or self.resolve.busy or self.check.busy or self.fetch.active or self.fetch.preparing)
             if self._stopping:
                 if not busy:
                     return
-            elif not busy and not started and not self._waiting_for_more(check=check, submit=submit):
+            elif not busy and not started and not await self._waiting_for_more(check=check, submit=submit):
                 return
-            await self.wakeup.wait(self._sleep_for(check=check))
+            await self.wakeup.wait(await self._sleep_for(check=check))
 
     async def _one_pass(self) -> None:
         """cron: check every job in flight, submit what may be, then download what is ready."""
         async with anyio.create_task_group() as tg:
-            self.check.start_due(tg, everything=True)
+            await self.check.start_due(tg, everything=True)
         async with anyio.create_task_group() as tg:
-            self._start_submissions(tg)
+            await self._start_submissions(tg)
         await self._loop(check=False, submit=False)
 
-    def _sleep_for(self, *, check: bool) -> float:
-        due = [self.check.next_due() if check else None, self.fetch.next_due(), self.resolve.next_due()]
+    async def _sleep_for(self, *, check: bool) -> float:
+        due = [await self.check.next_due() if check else None, self.fetch.next_due(), await self.resolve.next_due()]
         soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
-    def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
+    async def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
         """Is anything left that this run could still move on?"""
-        if check and self.store.count(AT_SERVICE):
+        if check and await self.store.count(AT_SERVICE):
             return True
-        if self.fetch.has_work():
+        if await self.fetch.has_work():
             return True
-        if submit and self.resolve.waiting():
+        if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
-        return submit and self._submissions_allowed() and bool(self.store.count([JobState.PENDING]))
+        return submit and self._submissions_allowed() and bool(await self.store.count([JobState.PENDING]))
 
-    def _start_due_work(self, *, check: bool, submit: bool) -> int:
+    async def _start_due_work(self, *, check: bool, submit: bool) -> int:
         assert self._tg is not None
         if self._stopping:
             return 0
-        started = self.check.start_due(self._tg) if check else 0
+        started = await self.check.start_due(self._tg) if check else 0
         if submit:
-            started += self.resolve.start_due(self._tg)
-            started += self._start_submissions(self._tg)
-        return started + self.fetch.start_due(self._tg)
+            started += await self.resolve.start_due(self._tg)
+            started += await self._start_submissions(self._tg)
+        return started + await self.fetch.start_due(self._tg)
 
     # -- submitting -----------------------------------------------------------------
 
@@ -246,10 +263,10 @@ class Engine:
             and (cap is None or self.submitted_this_run < cap)
         )
 
-    def _start_submissions(self, tg: TaskGroup) -> int:
+    async def _start_submissions(self, tg: TaskGroup) -> int:
         if not self._submissions_allowed() or self._stopping:
             return 0
-        active = self.store.count(IN_FLIGHT)
+        active = await self.store.count(IN_FLIGHT)
         room = self.settings.limits.max_active - active
         cap = self.settings.limits.max_new_jobs
         if cap is not None:
@@ -257,7 +274,7 @@ class Engine:
         if room <= 0:
             return 0
         batch: list[tuple[JobRow, JobSpec, str | None]] = []
-        for row, parent_state, parent_checkpoint in self.store.ready_to_submit(room + len(self.busy)):
+        for row, parent_state, parent_checkpoint in await self.store.ready_to_submit(room + len(self.busy)):
             spec = self.specs.get(row.id)
             if spec is None or row.id in self.busy:
                 continue
@@ -268,7 +285,7 @@ class Engine:
                 why = f"not sent: {spec.checkpoint_from} ended {parent_state}"
                 if self.settings.dry_run:
                     why = f"not sent: a dry run makes no checkpoint for {spec.checkpoint_from}"
-                self.store.move(row.id, JobState.SKIPPED, self.now(), reason=why)
+                await self.store.move(row.id, JobState.SKIPPED, self.now(), reason=why)
                 continue
             batch.append((row, spec, parent_checkpoint))
             if len(batch) >= room:
@@ -283,7 +300,7 @@ class Engine:
             intents = [
                 (row.id, json.dumps(_storable(bodies[row.id]), sort_keys=True), row.fingerprint) for row, _, _ in batch
             ]
-            self.store.record_intents(intents, self.now())  # rule 1: durable before any POST
+            await self.store.record_intents(intents, self.now())  # rule 1: durable before any POST
             crash_point("after-intent")
         for row, spec, _ in batch:
             self.busy.add(row.id)
@@ -298,7 +315,7 @@ class Engine:
                     await self.submit_budget.acquire()
                 except Throttled as exc:
                     log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
-                    self._back_to_pending(spec.id)  # not sent: the next pass takes it again
+                    await self._back_to_pending(spec.id)  # not sent: the next pass takes it again
                     return
                 await self._submit_once(spec, body)
         finally:
@@ -311,13 +328,13 @@ class Engine:
         async def post() -> str:
             if not self.settings.dry_run:  # each attempt starts a grace window of its own
                 sent_at = self.now()
-                self.store.record_attempt(job_id, sent_at, self.settings.reconcile_after(sent_at))
+                await self.store.record_attempt(job_id, sent_at, self.settings.reconcile_after(sent_at))
             return await self.api.submit(spec.type, body)
 
         try:
             remote_id = await retry.submission(post, self.settings.retry, f"submit {job_id}")
         except InvalidJob as exc:
-            self.store.move(
+            await self.store.move(
                 job_id,
                 JobState.INVALID,
                 self.now(),
@@ -326,7 +343,7 @@ class Engine:
             self._problem(job_id, f"invalid: {describe_detail(exc.detail)}")
             return
         except QuotaError as exc:
-            self._back_to_pending(job_id)
+            await self._back_to_pending(job_id)
             if self.stopped_by is None:
                 self.stopped_by = StopReason.QUOTA
                 self.problems.append(
@@ -335,16 +352,16 @@ class Engine:
                 )
             return
         except AuthError:
-            self._back_to_pending(job_id)
+            await self._back_to_pending(job_id)
             raise
         except (Throttled, RateLimited) as exc:
             log.info("job.not_sent job_id=%s why=%s", job_id, exc)
-            self._back_to_pending(job_id)  # provably nothing was created
+            await self._back_to_pending(job_id)  # provably nothing was created
             return
         except NotSent as exc:
             # Never left (no connection, a URL it cannot send to), even after retries: nothing
             # was created, so not `unknown`; and sending more now would fail alike.
-            self._back_to_pending(job_id)
+            await self._back_to_pending(job_id)
             if self.stopped_by is None:
                 self.stopped_by = StopReason.UNREACHABLE
                 self.problems.append(f"{exc}; no new jobs are sent in this run (nothing was created): run again later")
@@ -353,10 +370,10 @@ class Engine:
             if self.settings.dry_run:
                 self._problem(job_id, f"dry run not confirmed: {exc}")
                 return
-            self.resolve.answer_lost(job_id, exc)  # the service may still be creating it
+            await self.resolve.answer_lost(job_id, exc)  # the service may still be creating it
             return
         if self.settings.dry_run:
-            self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
+            await self.store.move(job_id, JobState.DRY_RUN_OK, self.now(), reason=f"accepted by the API as {remote_id}")
             return
         crash_point("after-post")
         await self.ids.commit(job_id, remote_id, self._first_check(spec.type.value))
@@ -370,15 +387,15 @@ class Engine:
             return None
         return callback_url(self.callback_base, self.callback_secret, job_id)
 
-    def _back_to_pending(self, job_id: str) -> None:
+    async def _back_to_pending(self, job_id: str) -> None:
         if not self.settings.dry_run:
-            self.store.move(job_id, JobState.PENDING, self.now())
+            await self.store.move(job_id, JobState.PENDING, self.now())
 
     # -- reading a job --------------------------------------------------------------
 
     async def _fresh(self, job_id: str) -> RemoteJob:
         """GET the job (retried), parsed, and kept: its URLs are signed anew on every GET."""
-        row = self.store.job(job_id)
+        row = await self.store.job(job_id)
         raw = await retry.idempotent(
             lambda: self.api.get_job(JobType(row.type), row.remote_id or ""), self.settings.retry, f"get {job_id}"
         )
@@ -388,10 +405,10 @@ class Engine:
 
     # -- summary --------------------------------------------------------------------
 
-    def _write_summary(self) -> None:
+    async def _write_summary(self) -> None:
         if self.settings.dry_run:
             return
-        output.write_summary(
+        await output.write_summary(
             self.out_dir / "summary.json", self.manifest.campaign, self.store, manifest=str(self.manifest.path)
         )
 
@@ -400,7 +417,7 @@ class IdCommitter:
     """Rule 1 at scale: job ids that arrive within `ID_COMMIT_WINDOW_S` are synced in one
     transaction, and each caller returns only once its own id is durable."""
 
-    def __init__(self, store: SqliteStore, now: Callable[[], float]) -> None:
+    def __init__(self, store: Store, now: Callable[[], float]) -> None:
         self.store, self.now = store, now
         self._pending: list[tuple[str, str, float | None]] = []
         self._committed = anyio.Event()
@@ -420,7 +437,7 @@ class IdCommitter:
                 batch, self._pending = self._pending, []
                 self._committed, self._flushing = anyio.Event(), False
                 try:
-                    self.store.mark_submitted_many(batch, self.now())
+                    await self.store.mark_submitted_many(batch, self.now())
                     self._error = None
                 except BaseException as exc:
                     self._error = exc

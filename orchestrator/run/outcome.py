@@ -1,4 +1,5 @@
-"""How a run ended: why it stopped, its exit code, and the exit codes of every command.
+"""How a run stands and ended: the snapshot its watchers read, why it stopped, its exit
+code, and the exit codes of every command.
 
 Exit codes: 0 all done; 1 failed jobs, lost files or jobs paid twice; 2 bad manifest,
 command line or a failed check before the first paid POST (nothing sent); 3 the API
@@ -12,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from ..models import BAD_ENDINGS, JobState
+from ..transfer.file import Transfer
 
 
 class ExitCode(enum.IntEnum):
@@ -62,3 +64,13 @@ class RunOutcome:
         if unfinished and not self.once:
             return ExitCode.FAILED  # e.g. files that kept failing: the next run resumes them
         return ExitCode.OK
+
+
+@dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """A run as its watchers see it, published by the engine: they never read the store."""
+
+    counts: dict[JobState, int]
+    stopped_by: StopReason | None
+    transfers: tuple[Transfer, ...]  # files being fetched (their byte counters move on)
+    bytes_fetched: int

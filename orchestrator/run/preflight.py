@@ -29,7 +29,7 @@ from ..api.client import ApiClient
 from ..config import RetryPolicy
 from ..errors import ApiError, AuthError, PreflightFailed, QuotaError, StoreError, TransportError, describe_detail
 from ..models import JobType
-from ..store import SqliteStore
+from ..store import Store
 from ..transfer.urls import redact
 
 # Location schemes each option handles; anything else written `scheme://` is refused.
@@ -100,11 +100,11 @@ def check_state_path(state: Path, name: str) -> None:
             break
 
 
-def check_store(store: SqliteStore) -> None:
+async def check_store(store: Store) -> None:
     try:
-        store.check_writable()
+        await store.check_writable()
     except StoreError as exc:
-        raise PreflightFailed(f"--state {store.path}: cannot be written ({exc}). Nothing was sent.") from exc
+        raise PreflightFailed(f"--state {store.location}: cannot be written ({exc}). Nothing was sent.") from exc
 
 
 def _check_folder(option: str, shown: Path, folder: Path, *, create: bool) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +143,7 @@ async def reconcile(
     job_type: JobType,
     lost: Sequence[Lost],
     claimed: Set[str],
-    seen: Callable[[Sequence[Mapping[str, Any]]], None] | None = None,
+    seen: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
 ) -> dict[str, Reconciled]:
     """A verdict for each lost submission of `job_type`, from one reading of the job list."""
     oldest_intent = min(item.intent_at for item in lost)
@@ -154,7 +154,7 @@ async def reconcile(
         return {item.job_id: Reconciled(Verdict.UNREAD, None, why) for item in lost}
     listed, covered = listing.items, listing.covered
     if seen is not None:
-        seen(listed)
+        await seen(listed)
     by_tag = tags_in(listed)
     verdicts: dict[str, Reconciled] = {}
     taken = set(claimed)

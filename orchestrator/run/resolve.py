@@ -19,7 +19,7 @@ from ..api.client import ApiClient
 from ..config import RunSettings
 from ..errors import ApiError, AuthError, TransportError
 from ..models import JobState, JobType
-from ..store import JobRow, SqliteStore
+from ..store import JobRow, Store
 from ..ui import clock
 from . import reconcile
 from .adopt import TagWatch, adopt
@@ -31,7 +31,7 @@ class ResolveStage:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        store: Store,
         api: ApiClient,
         settings: RunSettings,
         campaign: str,
@@ -54,10 +54,10 @@ class ResolveStage:
 
     # -- lost answers ---------------------------------------------------------------
 
-    def answer_lost(self, job_id: str, error: Exception) -> None:
+    async def answer_lost(self, job_id: str, error: Exception) -> None:
         """The client gave up on the answer: look for the job only after the grace window."""
-        self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
-        until = clock(self.window_end(self.store.job(job_id)))
+        await self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
+        until = clock(self.window_end(await self.store.job(job_id)))
         log.warning("job.submit_unclear job_id=%s error=%s check_after=%s", job_id, error, until)
 
     def window_end(self, row: JobRow) -> float:
@@ -67,22 +67,22 @@ class ResolveStage:
             return row.reconcile_at or row.intent_at or 0.0
         return max(row.reconcile_at or 0.0, self.settings.reconcile_after(row.attempt_at))
 
-    def waiting(self) -> list[JobRow]:
+    async def waiting(self) -> list[JobRow]:
         """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
         skip = self.submitting | self.busy | self.unread
-        return [r for r in self.store.jobs([JobState.SUBMITTING]) if r.id not in skip]
+        return [r for r in await self.store.jobs([JobState.SUBMITTING]) if r.id not in skip]
 
-    def next_due(self) -> float | None:
-        return min((self.window_end(r) for r in self.waiting()), default=None)
+    async def next_due(self) -> float | None:
+        return min((self.window_end(r) for r in await self.waiting()), default=None)
 
-    def _due_by_type(self) -> list[list[JobRow]]:
+    async def _due_by_type(self) -> list[list[JobRow]]:
         now = self.now()
-        due = [r for r in self.waiting() if self.window_end(r) <= now]
+        due = [r for r in await self.waiting() if self.window_end(r) <= now]
         return [[r for r in due if r.type == t] for t in sorted({r.type for r in due})]
 
-    def start_due(self, tg: TaskGroup) -> int:
+    async def start_due(self, tg: TaskGroup) -> int:
         started = 0
-        for rows in self._due_by_type():
+        for rows in await self._due_by_type():
             self.busy.update(r.id for r in rows)
             tg.start_soon(self._resolve_task, rows)
             started += len(rows)
@@ -90,7 +90,7 @@ class ResolveStage:
 
     async def resolve_due(self) -> None:
         """Lost answers whose window has passed, at once; the others wait."""
-        for rows in self._due_by_type():
+        for rows in await self._due_by_type():
             await self.resolve(rows)
 
     async def _resolve_task(self, rows: list[JobRow]) -> None:
@@ -102,7 +102,7 @@ class ResolveStage:
 
     async def resolve(self, rows: list[JobRow]) -> None:
         """Jobs of one type: found, provably absent (pending again), or unknown."""
-        claimed = {r.remote_id for r in self.store.jobs() if r.remote_id}
+        claimed = {r.remote_id for r in await self.store.jobs() if r.remote_id}
         lost = [
             reconcile.Lost(r.id, f"{self.campaign}/{r.id}", r.sent_payload or "{}", r.intent_at or 0.0) for r in rows
         ]
@@ -113,18 +113,20 @@ class ResolveStage:
             found = verdicts[row.id]
             log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
             if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-                self.store.mark_submitted(row.id, found.remote_id, self.now(), next_check_at=self.first_check(row.type))
+                await self.store.mark_submitted(
+                    row.id, found.remote_id, self.now(), next_check_at=self.first_check(row.type)
+                )
             elif found.verdict is reconcile.Verdict.UNREAD:
                 # Not knowing is not `unknown`: nothing was learned, so the job stays submitting
                 # (never sent again) and the next run reads the list once more.
                 self.unread.add(row.id)
                 self.notes.append(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
             elif found.verdict is reconcile.Verdict.ABSENT:
-                self.store.move(row.id, JobState.PENDING, self.now())
+                await self.store.move(row.id, JobState.PENDING, self.now())
                 since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
                 self.resent_since[row.type] = since
             else:
-                self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
+                await self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
                 self.problem(
                     row.id,
                     f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
@@ -168,11 +170,11 @@ class ResolveStage:
             except (ApiError, TransportError) as exc:
                 log.info("campaign.duplicate_scan_failed type=%s error=%s", job_type, exc)
                 continue
-            self.tags.seen(listing.items)
+            await self.tags.seen(listing.items)
 
-    def report(self) -> None:
+    async def report(self) -> None:
         """What the end-of-run summary must say: jobs left in their window, and duplicates."""
-        for row in self.store.jobs([JobState.SUBMITTING]):
+        for row in await self.store.jobs([JobState.SUBMITTING]):
             if row.id in self.unread:
                 continue  # already said why
             until = clock(self.window_end(row))
@@ -181,8 +183,8 @@ class ResolveStage:
                 f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
                 "for it in the job list (the service may still be creating it)"
             )
-        for job_id, others in self.store.duplicates().items():
-            row = self.store.job(job_id)
+        for job_id, others in (await self.store.duplicates()).items():
+            row = await self.store.job(job_id)
             self.notes.append(
                 f"{job_id}: DUPLICATE: the service holds {len(others) + 1} jobs with its tag; {row.remote_id} is "
                 f"followed and downloaded, the other(s) {', '.join(others)} can be fetched with "

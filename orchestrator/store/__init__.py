@@ -1,13 +1,20 @@
 """The state store: the single source of truth of a campaign. The only place with SQL.
 
-`Store` is the protocol the engine uses (domain verbs, no SQL); `SqliteStore` is the
-implementation for one process per campaign; `CampaignLock` keeps it that way.
+`Store` (base.py) is the protocol everything above the store is typed against: domain
+verbs, all awaitable, no SQL. `SqliteStore` (threaded.py) implements it over `SqliteDb`
+(sqlite.py: the SQL) for one process per campaign; `CampaignLock` keeps it that way.
 """
 
 from __future__ import annotations
 
 from .base import FileRow, JobRow, Store, SyncReport
 from .lock import CampaignLock
-from .sqlite import SCHEMA_VERSION, SqliteStore
+from .sqlite import SCHEMA_VERSION, SqliteDb
+from .threaded import SqliteStore
 
-__all__ = ["SCHEMA_VERSION", "CampaignLock", "FileRow", "JobRow", "SqliteStore", "Store", "SyncReport"]
+
+def _conforms(store: SqliteStore) -> Store:
+    return store  # mypy checks here that SqliteStore is a Store, verb for verb
+
+
+__all__ = ["SCHEMA_VERSION", "CampaignLock", "FileRow", "JobRow", "SqliteDb", "SqliteStore", "Store", "SyncReport"]

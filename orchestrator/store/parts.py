@@ -40,11 +40,11 @@ class PartRecord:
 class PartLog(Protocol):
     """A partial download's memory across restarts (the state store keeps it)."""
 
-    def record(self) -> PartRecord | None: ...
-    def start_over(self, size: int | None) -> None: ...  # forget every span and the ETag
-    def set_etag(self, etag: str | None) -> None: ...
-    def prove(self, offset: int, length: int) -> None: ...  # only after the bytes are synced
-    def keep_only(self, spans: Iterable[Span]) -> None: ...  # forget every other span
+    async def record(self) -> PartRecord | None: ...
+    async def start_over(self, size: int | None) -> None: ...  # forget every span and the ETag
+    async def set_etag(self, etag: str | None) -> None: ...
+    async def prove(self, offset: int, length: int) -> None: ...  # only after the bytes are synced
+    async def keep_only(self, spans: Iterable[Span]) -> None: ...  # forget every other span
 
 
 class MemoryPartLog:
@@ -56,21 +56,21 @@ class MemoryPartLog:
         self._spans: dict[int, int] = {}
         self._known = False
 
-    def record(self) -> PartRecord | None:
+    async def record(self) -> PartRecord | None:
         if not self._known:
             return None
         return PartRecord(size=self._size, etag=self._etag, spans=tuple(sorted(self._spans.items())))
 
-    def start_over(self, size: int | None) -> None:
+    async def start_over(self, size: int | None) -> None:
         self._known, self._size, self._etag, self._spans = True, size, None, {}
 
-    def set_etag(self, etag: str | None) -> None:
+    async def set_etag(self, etag: str | None) -> None:
         self._etag = etag
 
-    def prove(self, offset: int, length: int) -> None:
+    async def prove(self, offset: int, length: int) -> None:
         self._spans[offset] = max(length, self._spans.get(offset, 0))
 
-    def keep_only(self, spans: Iterable[Span]) -> None:
+    async def keep_only(self, spans: Iterable[Span]) -> None:
         self._spans = dict(spans)
 
 

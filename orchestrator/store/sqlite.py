@@ -1,4 +1,4 @@
-"""`SqliteStore`: the campaign in one SQLite file (WAL, versioned schema).
+"""`SqliteDb`: the campaign in one SQLite file (WAL, versioned schema); every SQL statement.
 
 Intents and job ids are committed with `synchronous=FULL` (rule 1: synced before and
 right after the paid POST); other updates with `NORMAL`, which WAL keeps through a
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,12 +139,15 @@ def _file(row: sqlite3.Row) -> FileRow:
     return FileRow(**values)
 
 
-class SqliteStore:
+class SqliteDb:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            # One worker thread at a time uses the connection (store/threaded.py), not always the same one.
+            self._db = sqlite3.connect(
+                path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -549,7 +552,7 @@ class SqliteStore:
         row = self._query("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM files WHERE done=1")[0]
         return int(row[0]), int(row[1])
 
-    def manifest_pages(self, page_size: int) -> Iterator[list[tuple[JobRow, list[FileRow]]]]:
+    def manifest_pages(self, page_size: int) -> Generator[list[tuple[JobRow, list[FileRow]]], None, None]:
         """The jobs of the manifest in its order, each with its files (by name), `page_size` jobs
         at a time. One ordered read: SQLite sorts once (spilling to disk past its cache) and only a
         page is held here. Paging by position instead would scan the table for every page, there

@@ -250,7 +250,7 @@ class Downloader:
             await source.ensure_fresh(renew_margin_s)
             try:
                 if parallel[0] and size is not None:
-                    record = part_log.record()
+                    record = await part_log.record()
                     proven = record.proven_bytes() if record is not None and record.size == size else 0
                     await self._thread(_prepare, folder, part, size, proven)
                     hashes, md5 = await self._ranged(source, part, size, part_log, transfer)
@@ -262,7 +262,7 @@ class Downloader:
                 raise
             except ObjectChanged as exc:
                 log.warning("download.object_changed file=%s %s: starting over", artifact.name, exc)
-                part_log.start_over(size)  # forget the spans first, then the bytes
+                await part_log.start_over(size)  # forget the spans first, then the bytes
                 await self._thread(partial(part.unlink, missing_ok=True))
                 raise
             except UrlExpired:
@@ -271,11 +271,11 @@ class Downloader:
             except SpaceRefused:
                 raise  # before a byte was written: the message says it all
             except NoSpace as exc:
-                raise _disk_full(folder, part, size, part_log.record(), exc) from exc
+                raise _disk_full(folder, part, size, await part_log.record(), exc) from exc
             except OSError as exc:
                 if exc.errno not in DISK_FULL:
                     raise
-                raise _disk_full(folder, part, size, part_log.record(), exc) from exc
+                raise _disk_full(folder, part, size, await part_log.record(), exc) from exc
 
         return await retry.file_attempts(attempt, self.file_retry, artifact.name)
 
@@ -304,7 +304,7 @@ class Downloader:
         size = artifact.size_bytes
         # Worth a record only where a resume is worth it. Files of unknown size are images,
         # which come whole or not at all, and storage's md5 guards them.
-        record = part_log.record() if size is not None else None
+        record = await part_log.record() if size is not None else None
         # A record left by ranges of a small file is kept up to date too: it must not outlive its bytes.
         recorded = size is not None and (size > RECORD_MIN_BYTES or record is not None)
         on_disk = await self._thread(part_size, part)
@@ -314,9 +314,9 @@ class Downloader:
         await self._thread(_prepare, folder, part, size, have)
         if recorded:
             if have:
-                part_log.keep_only([(0, have)])  # what follows the prefix is about to be overwritten
+                await part_log.keep_only([(0, have)])  # what follows the prefix is about to be overwritten
             else:
-                part_log.start_over(size)
+                await part_log.start_over(size)
         known_etag = record.etag if have and record is not None else None
         where = redact(artifact.url)
         if have and have == size:
@@ -330,7 +330,7 @@ class Downloader:
                 if resp.status == 416:
                     # Proves nothing about the part: forget it and fetch the file again.
                     if recorded:
-                        part_log.start_over(size)
+                        await part_log.start_over(size)
                     await self._thread(partial(part.unlink, missing_ok=True))
                     raise DownloadError(f"{artifact.name}: storage refused to resume at byte {have}; fetching it again")
                 if resp.status in (400, 401, 403):
@@ -347,8 +347,8 @@ class Downloader:
                 start = self._start_of(resp, have, artifact)
                 if recorded and start == 0:
                     if have:
-                        part_log.start_over(size)  # a 200: the whole file comes again
-                    part_log.set_etag(etag)
+                        await part_log.start_over(size)  # a 200: the whole file comes again
+                    await part_log.set_etag(etag)
                 md5 = storage_md5(resp.headers.getall("x-goog-hash", []))
                 prove = part_log.prove if recorded else None
                 writer = await self._stream(resp, part, start, transfer, md5=md5 is not None, prove=prove)
@@ -378,7 +378,7 @@ class Downloader:
         transfer: Transfer,
         *,
         md5: bool,
-        prove: Callable[[int, int], None] | None,
+        prove: Callable[[int, int], Awaitable[None]] | None,
     ) -> PartWriter:
         """Write the body into `part` from `start`, hashing as it goes, off the event loop;
         with `prove`, sync and record the prefix every `range_bytes` and at the end or a break."""
@@ -391,7 +391,7 @@ class Downloader:
             nonlocal proven
             await self._thread(writer.sync)
             if prove is not None and writer.position > proven:
-                prove(0, writer.position)  # only after the bytes are synced
+                await prove(0, writer.position)  # only after the bytes are synced
                 proven = writer.position
                 crash_point("span-proven")
 

@@ -70,11 +70,11 @@ async def fetch_ranges(
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
     on_disk = await anyio.to_thread.run_sync(part_size, part, limiter=io)
-    record = log.record()  # the store is used from this (the event loop's) thread only
+    record = await log.record()  # the store is used from this (the event loop's) thread only
     covered = record.covered() if record is not None and record.size == size else []
     if not covered or on_disk is None or on_disk > size or covered[-1][1] > min(on_disk, size):
         # Nothing proven, or proven bytes the file cannot hold: forget them first, then the file.
-        log.start_over(size)
+        await log.start_over(size)
         covered = []
         etag: list[str | None] = [None]
         await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=True), limiter=io)
@@ -104,7 +104,7 @@ async def fetch_ranges(
 
         await retry.range_attempts(attempt, policy, f"{part.name} bytes {start}-{end - 1}")
         await anyio.to_thread.run_sync(os.fdatasync, fd, limiter=io)
-        log.prove(start, end - start)  # only after the bytes are synced
+        await log.prove(start, end - start)  # only after the bytes are synced
         crash_point("span-proven")
         done.add(i)
         progress["event"].set()
@@ -193,7 +193,7 @@ async def _get_range(
             got = resp.headers.get("ETag")
             if etag[0] is None and got:
                 etag[0] = got
-                log.set_etag(got)
+                await log.set_etag(got)
             elif got and got != etag[0]:
                 raise ObjectChanged(f"the stored object changed (ETag {etag[0]} -> {got})")
             md5[0] = md5[0] or storage_md5(resp.headers.getall("x-goog-hash", []))

@@ -1,0 +1,213 @@
+"""`SqliteStore`: the `Store` over one SQLite file, off the event loop.
+
+Every verb of `SqliteDb` (store/sqlite.py, where all the SQL is) runs on a worker thread,
+one at a time: a synced commit (an intent, a job id) never blocks the event loop, and the
+connection is never used by two threads at once. A verb that has started finishes even
+if its caller is cancelled, so a commit is never cut in half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import anyio
+
+from ..models import JobSpec, JobState
+from .base import FileRow, JobRow, SyncReport
+from .parts import PartRecord
+from .sqlite import SqliteDb
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    def __init__(self, db: SqliteDb) -> None:
+        self.path = db.path
+        self._db = db
+        self._one_at_a_time = anyio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        """Open (or create, or upgrade) the store at `path`, off the event loop."""
+        return cls(await anyio.to_thread.run_sync(SqliteDb, path))
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    async def _call(self, verb: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(verb, limiter=self._one_at_a_time)
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._call(self._db.close)
+
+    async def manifest_pages(self, page_size: int) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
+        pages = self._db.manifest_pages(page_size)
+        try:
+            while (page := await self._call(partial(next, pages, None))) is not None:
+                yield page
+        finally:
+            await self._call(pages.close)
+
+    async def sync_manifest(
+        self, campaign: str, specs: Sequence[JobSpec], fingerprints: Sequence[str], now: float
+    ) -> SyncReport:
+        return await self._call(partial(self._db.sync_manifest, campaign, specs, fingerprints, now))
+
+    async def job(self, job_id: str) -> JobRow:
+        return await self._call(partial(self._db.job, job_id))
+
+    async def jobs(self, states: Iterable[JobState] | None = None) -> list[JobRow]:
+        return await self._call(partial(self._db.jobs, states))
+
+    async def counts(self) -> dict[JobState, int]:
+        return await self._call(self._db.counts)
+
+    async def count(self, states: Iterable[JobState]) -> int:
+        return await self._call(partial(self._db.count, states))
+
+    async def ids(self, states: Iterable[JobState]) -> list[str]:
+        return await self._call(partial(self._db.ids, states))
+
+    async def jobs_by_id(self, ids: Iterable[str]) -> list[JobRow]:
+        return await self._call(partial(self._db.jobs_by_id, ids))
+
+    async def due_for_check(self, now: float) -> list[JobRow]:
+        return await self._call(partial(self._db.due_for_check, now))
+
+    async def next_check_due(self, after: float) -> float | None:
+        return await self._call(partial(self._db.next_check_due, after))
+
+    async def durations(self, job_type: str, limit: int = 50) -> list[float]:
+        return await self._call(partial(self._db.durations, job_type, limit))
+
+    async def newest_submitted(self, job_type: str, limit: int) -> set[str]:
+        return await self._call(partial(self._db.newest_submitted, job_type, limit))
+
+    async def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]:
+        return await self._call(partial(self._db.ready_to_submit, limit))
+
+    async def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
+        return await self._call(partial(self._db.record_intents, intents, now))
+
+    async def mark_submitted(
+        self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
+    ) -> None:
+        return await self._call(partial(self._db.mark_submitted, job_id, remote_id, now, next_check_at=next_check_at))
+
+    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
+        return await self._call(partial(self._db.mark_submitted_many, items, now))
+
+    async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+        return await self._call(partial(self._db.move, job_id, state, now, reason=reason))
+
+    async def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
+        return await self._call(partial(self._db.record_attempt, job_id, now, window_end))
+
+    async def answer_lost(self, job_id: str, window_end: float) -> None:
+        return await self._call(partial(self._db.answer_lost, job_id, window_end))
+
+    async def adoption_candidates(self) -> list[JobRow]:
+        return await self._call(self._db.adoption_candidates)
+
+    async def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
+        return await self._call(partial(self._db.adopt, found, checked, now))
+
+    async def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
+        return await self._call(partial(self._db.record_duplicates, job_id, remote_ids))
+
+    async def duplicates(self) -> dict[str, tuple[str, ...]]:
+        return await self._call(self._db.duplicates)
+
+    async def update_remote(
+        self,
+        job_id: str,
+        *,
+        remote_state: str,
+        percentage: float | None,
+        next_check_at: float | None,
+        now: float,
+    ) -> None:
+        return await self._call(
+            partial(
+                self._db.update_remote,
+                job_id,
+                remote_state=remote_state,
+                percentage=percentage,
+                next_check_at=next_check_at,
+                now=now,
+            )
+        )
+
+    async def check_at(self, job_id: str, when: float) -> None:
+        return await self._call(partial(self._db.check_at, job_id, when))
+
+    async def files(self, job_id: str) -> list[FileRow]:
+        return await self._call(partial(self._db.files, job_id))
+
+    async def files_by_job(self) -> dict[str, list[FileRow]]:
+        return await self._call(self._db.files_by_job)
+
+    async def all_files(self) -> list[FileRow]:
+        return await self._call(self._db.all_files)
+
+    async def files_done_total(self) -> tuple[int, int]:
+        return await self._call(self._db.files_done_total)
+
+    async def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
+        return await self._call(partial(self._db.file_done, job_id, remote_id, sha256, size))
+
+    async def file_lost(self, job_id: str, remote_id: str) -> None:
+        return await self._call(partial(self._db.file_lost, job_id, remote_id))
+
+    async def file_missing(self, job_id: str, remote_id: str) -> None:
+        return await self._call(partial(self._db.file_missing, job_id, remote_id))
+
+    async def record_success(
+        self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
+    ) -> None:
+        return await self._call(
+            partial(
+                self._db.record_success,
+                job_id,
+                checkpoint_id=checkpoint_id,
+                files=files,
+                remote_state=remote_state,
+                now=now,
+            )
+        )
+
+    async def part_record(self, job_id: str, remote_id: str) -> PartRecord | None:
+        return await self._call(partial(self._db.part_record, job_id, remote_id))
+
+    async def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None:
+        return await self._call(partial(self._db.part_start_over, job_id, remote_id, size))
+
+    async def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
+        return await self._call(partial(self._db.part_set_etag, job_id, remote_id, etag))
+
+    async def part_prove(self, job_id: str, remote_id: str, start: int, length: int) -> None:
+        return await self._call(partial(self._db.part_prove, job_id, remote_id, start, length))
+
+    async def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
+        return await self._call(partial(self._db.part_keep_only, job_id, remote_id, spans))
+
+    async def settle(
+        self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
+    ) -> tuple[str, ...]:
+        return await self._call(partial(self._db.settle, job_id, state, now, remote_id=remote_id, reason=reason))
+
+    async def check_writable(self) -> None:
+        return await self._call(self._db.check_writable)
