@@ -1,0 +1,265 @@
+"""The `Store` contract, written once and run against every backend.
+
+Each test speaks only the `Store` Protocol's awaitable verbs, so a new backend (PostgreSQL,
+for several machines) is added by adding it to `BACKENDS` and passing this file. The
+guarantees are those docs/architecture.md states: no second intent, ids recorded only
+for the jobs that expect them, the state machine, `unknown` left only by a person,
+dependents skipped exactly while their parent can give no checkpoint, proven spans
+forgotten once a file is placed, pages in manifest order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import StoreError
+from orchestrator.manifest.load import spec_fingerprint
+from orchestrator.models import ArtifactKind, JobSpec, JobState, JobType
+from orchestrator.store import FileRow, SqliteStore, Store
+
+pytestmark = pytest.mark.anyio
+T0 = 1_000.0
+
+Opener = Callable[[Path], AsyncIterator[Store]]
+
+
+@asynccontextmanager
+async def sqlite_file(folder: Path) -> AsyncIterator[Store]:
+    store = await SqliteStore.open(folder / "contract.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def sqlite_memory(folder: Path) -> AsyncIterator[Store]:
+    store = await SqliteStore.open(Path(":memory:"))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+BACKENDS = [pytest.param(sqlite_file, id="sqlite-file"), pytest.param(sqlite_memory, id="sqlite-memory")]
+
+
+@pytest.fixture(params=BACKENDS)
+def opener(request: pytest.FixtureRequest) -> Callable[[Path], object]:
+    return request.param  # type: ignore[no-any-return]
+
+
+def spec(job_id: str, *, parent: str | None = None, prompt: str = "p") -> JobSpec:
+    job_type = JobType.IMAGE_GEN if parent else JobType.DREAMBOOTH
+    return JobSpec(id=job_id, type=job_type, payload={"prompt": prompt}, checkpoint_from=parent)
+
+
+SPECS = [spec("a"), spec("b"), spec("a-pics", parent="a")]
+
+
+async def synced(store: Store, specs: list[JobSpec] = SPECS, campaign: str = "c") -> None:
+    await store.sync_manifest(campaign, specs, [spec_fingerprint(s) for s in specs], T0)
+
+
+def file_row(job_id: str, name: str, size: int) -> FileRow:
+    return FileRow(
+        job_id=job_id,
+        remote_id=f"f-{name}",
+        name=name,
+        kind=ArtifactKind.CHECKPOINT,
+        size_bytes=size,
+        sha256=None,
+        done=False,
+        lost=False,
+    )
+
+
+async def test_a_manifest_sync_reports_what_was_added_changed_and_removed(opener: Callable, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        report = await store.sync_manifest("c", SPECS, [spec_fingerprint(s) for s in SPECS], T0)
+        assert report.added == ("a", "b", "a-pics") and report.removed == () and report.changed_after_submit == ()
+        await store.record_intents([("b", "{}", spec_fingerprint(SPECS[1]))], T0)
+        edited = [spec("a"), spec("b", prompt="other")]
+        report = await store.sync_manifest("c", edited, [spec_fingerprint(s) for s in edited], T0)
+        assert report.added == () and report.changed_after_submit == ("b",) and report.removed == ("a-pics",)
+        assert [r.id for r in await store.jobs()] == ["a", "b", "a-pics"]
+        assert (await store.counts()) == {JobState.PENDING: 1, JobState.SUBMITTING: 1}  # a-pics left the manifest
+        with pytest.raises(StoreError, match="holds campaign 'c'"):
+            await synced(store, campaign="another")
+
+
+async def test_an_intent_is_recorded_once_and_an_id_only_for_a_job_being_submitted(
+    opener: Callable, tmp_path: Path
+) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        await store.record_intents([("a", '{"prompt": "p"}', "fp")], T0 + 1)
+        row = await store.job("a")
+        assert row.state is JobState.SUBMITTING and row.intent_at == T0 + 1 and row.sent_payload == '{"prompt": "p"}'
+        with pytest.raises(StoreError, match="second intent"):
+            await store.record_intents([("a", "{}", "fp")], T0 + 2)
+        with pytest.raises(StoreError, match="not recorded"):
+            await store.mark_submitted("b", "remote-b", T0 + 2)  # never sent: no id may land on it
+        await store.mark_submitted("a", "remote-a", T0 + 3, next_check_at=T0 + 60)
+        row = await store.job("a")
+        assert (row.state, row.remote_id, row.submitted_at, row.next_check_at) == (
+            JobState.QUEUED,
+            "remote-a",
+            T0 + 3,
+            T0 + 60,
+        )
+        with pytest.raises(StoreError):
+            await store.mark_submitted("a", "remote-a2", T0 + 4)  # a second id never replaces the first
+        assert (await store.job("a")).remote_id == "remote-a"
+        with pytest.raises(StoreError, match="no job"):
+            await store.job("nobody")
+
+
+async def test_a_lost_answer_keeps_the_latest_window_and_a_provably_absent_job_forgets_its_intent(
+    opener: Callable, tmp_path: Path
+) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        await store.record_intents([("a", "{}", "fp")], T0)
+        await store.record_attempt("a", T0 + 1, T0 + 100)
+        await store.answer_lost("a", T0 + 50)  # an earlier end never shortens the window
+        row = await store.job("a")
+        assert row.attempt_at == T0 + 1 and row.reconcile_at == T0 + 100
+        await store.move("a", JobState.PENDING, T0 + 200)
+        row = await store.job("a")
+        assert row.state is JobState.PENDING and row.intent_at is None and row.sent_payload is None
+
+
+async def test_moves_follow_the_state_machine_and_only_a_person_leaves_unknown(
+    opener: Callable, tmp_path: Path
+) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        with pytest.raises(StoreError, match="cannot move"):
+            await store.move("a", JobState.DONE, T0)  # pending -> done skips the whole life
+        with pytest.raises(StoreError, match="may still give a checkpoint"):
+            await store.move("a-pics", JobState.SKIPPED, T0)  # its parent has not even been sent
+        await store.record_intents([("a", "{}", "fp")], T0)
+        await store.move("a", JobState.UNKNOWN, T0 + 1, reason="cannot tell")
+        await store.move("a-pics", JobState.SKIPPED, T0 + 1)  # no checkpoint can come now
+        for target in (JobState.PENDING, JobState.QUEUED, JobState.FAILED):
+            with pytest.raises(StoreError):
+                await store.move("a", target, T0 + 2)
+        with pytest.raises(StoreError, match="not unknown"):
+            await store.settle("b", JobState.FAILED, T0 + 2, remote_id=None, reason="by hand")
+        revived = await store.settle("a", JobState.QUEUED, T0 + 3, remote_id="remote-a", reason="by hand")
+        assert revived == ("a-pics",) and (await store.job("a-pics")).state is JobState.PENDING
+        row = await store.job("a")
+        assert row.state is JobState.QUEUED and row.remote_id == "remote-a" and row.finished_at is None
+
+
+async def test_a_success_brings_the_checkpoint_and_the_files_and_placed_files_forget_their_spans(
+    opener: Callable, tmp_path: Path
+) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        await store.record_intents([("a", "{}", "fp")], T0)
+        await store.mark_submitted("a", "remote-a", T0)
+        files = [file_row("a", "m.safetensors", 100), file_row("a", "l.safetensors", 10)]
+        await store.record_success("a", checkpoint_id="ckpt", files=files, remote_state="success", now=T0 + 5)
+        row = await store.job("a")
+        assert row.state is JobState.SUCCEEDED and row.checkpoint_id == "ckpt" and row.ended_at == T0 + 5
+        assert [f.name for f in await store.files("a")] == ["l.safetensors", "m.safetensors"]  # by name
+        ready = {r.id: (parent, checkpoint) for r, parent, checkpoint in await store.ready_to_submit(10)}
+        assert ready["a-pics"] == (JobState.SUCCEEDED, "ckpt")
+
+        assert await store.part_record("a", "f-m.safetensors") is None  # nothing proven yet
+        await store.part_start_over("a", "f-m.safetensors", 100)
+        await store.part_set_etag("a", "f-m.safetensors", '"e1"')
+        await store.part_prove("a", "f-m.safetensors", 0, 40)
+        await store.part_prove("a", "f-m.safetensors", 60, 40)
+        record = await store.part_record("a", "f-m.safetensors")
+        assert record is not None and (record.size, record.etag, record.spans) == (100, '"e1"', ((0, 40), (60, 40)))
+        await store.part_keep_only("a", "f-m.safetensors", [(0, 20)])
+        record = await store.part_record("a", "f-m.safetensors")
+        assert record is not None and record.spans == ((0, 20),)
+
+        await store.file_done("a", "f-m.safetensors", "0" * 64, 100)
+        assert await store.part_record("a", "f-m.safetensors") is None  # placed: its spans are forgotten
+        await store.file_lost("a", "f-l.safetensors")
+        assert [(f.name, f.done, f.lost) for f in await store.files("a")] == [
+            ("l.safetensors", False, True),
+            ("m.safetensors", True, False),
+        ]
+        assert await store.files_done_total() == (1, 100)
+        await store.file_missing("a", "f-m.safetensors")  # the placed file vanished from disk
+        assert await store.files_done_total() == (0, 0)
+        assert {k: [f.name for f in v] for k, v in (await store.files_by_job()).items()} == {
+            "a": ["l.safetensors", "m.safetensors"]
+        }
+        assert len(await store.all_files()) == 2
+
+
+async def test_adoption_takes_only_pending_jobs_never_looked_for(opener: Callable, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        assert [r.id for r in await store.adoption_candidates()] == ["a", "b", "a-pics"]
+        await store.adopt([("a", "remote-a", T0 + 30)], ["a", "b"], T0)
+        row = await store.job("a")
+        assert row.state is JobState.QUEUED and row.remote_id == "remote-a" and row.adoption_checked
+        assert [r.id for r in await store.adoption_candidates()] == ["a-pics"]
+        with pytest.raises(StoreError, match="not pending"):
+            await store.adopt([("a", "remote-a2", None)], [], T0)
+        assert (await store.job("a")).remote_id == "remote-a"
+
+
+async def test_duplicates_are_kept_and_news_is_told_once(opener: Callable, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        assert await store.record_duplicates("a", ["x", "y"])
+        assert not await store.record_duplicates("a", ["y"])  # nothing new
+        assert await store.record_duplicates("a", ["z"])
+        assert await store.duplicates() == {"a": ("x", "y", "z")}
+        assert (await store.job("a")).duplicate_ids == ("x", "y", "z")
+
+
+async def test_checks_come_due_in_order_and_tallies_count(opener: Callable, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await synced(store)
+        await store.record_intents([("a", "{}", "fp"), ("b", "{}", "fp")], T0)
+        await store.mark_submitted_many([("a", "remote-a", T0 + 10), ("b", "remote-b", T0 + 20)], T0)
+        assert [r.id for r in await store.due_for_check(T0 + 15)] == ["a"]
+        assert await store.next_check_due(T0 + 15) == T0 + 20
+        await store.update_remote("b", remote_state="running", percentage=50.0, next_check_at=T0 + 40, now=T0 + 16)
+        await store.move("b", JobState.RUNNING, T0 + 16)
+        await store.check_at("a", T0 + 30)
+        assert await store.next_check_due(T0 + 15) == T0 + 30
+        assert await store.count([JobState.QUEUED, JobState.RUNNING]) == 2
+        assert await store.ids([JobState.RUNNING]) == ["b"]
+        assert {r.id for r in await store.jobs_by_id(["a", "b", "none"])} == {"a", "b"}
+        assert await store.jobs_by_id([]) == []
+        assert await store.newest_submitted(JobType.DREAMBOOTH.value, 1) <= {"a", "b"}
+        row = await store.job("b")
+        assert (row.remote_state, row.percentage) == ("running", 50.0)
+        await store.record_success("b", checkpoint_id=None, files=[], remote_state="success", now=T0 + 100)
+        assert await store.durations(JobType.DREAMBOOTH.value) == [100.0]
+
+
+async def test_manifest_pages_hold_every_job_once_in_manifest_order(opener: Callable, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        specs = [spec(f"j{i}") for i in (3, 1, 4, 0, 2)]
+        await synced(store, specs)
+        pages = [page async for page in store.manifest_pages(2)]
+        assert [len(p) for p in pages] == [2, 2, 1]
+        assert [row.id for page in pages for row, _ in page] == ["j3", "j1", "j4", "j0", "j2"]
+        await store.check_writable()
+
+
+async def test_what_a_file_store_commits_is_there_when_it_is_opened_again(tmp_path: Path) -> None:
+    async with sqlite_file(tmp_path) as store:
+        await synced(store)
+        await store.record_intents([("a", "{}", "fp")], T0)
+        await store.mark_submitted("a", "remote-a", T0)
+    async with sqlite_file(tmp_path) as store:
+        row = await store.job("a")
+        assert (row.state, row.remote_id) == (JobState.QUEUED, "remote-a")
+        assert store.location.endswith("contract.db")
