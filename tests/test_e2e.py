@@ -24,9 +24,10 @@ def key_file(folder: Path, sim: Simulator) -> Path:
     return write(folder / "key", sim.api_key + "\n")
 
 
-def status_json(manifest: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+async def status_json(manifest: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    """`status --json` as a user runs it: the command, on a thread of its own (it runs its own event loop)."""
     capsys.readouterr()
-    assert main(["status", str(manifest), "--json"]) == 0
+    assert await anyio.to_thread.run_sync(main, ["status", str(manifest), "--json"]) == 0
     return dict(json.loads(capsys.readouterr().out))
 
 
@@ -56,7 +57,7 @@ async def test_300_job_mixed_campaign_end_to_end(tmp_path: Path, capsys: pytest.
     assert selected_kinds(result.paths.out, "t000") == {"lora"}
     assert selected_kinds(result.paths.out, "t001") == {"checkpoint", "lora"}
     assert selected_kinds(result.paths.out, "c000") == {"checkpoint", "image"}
-    status = status_json(path, capsys)
+    status = await status_json(path, capsys)
     assert status["done"] is True and status["counts"] == {"done": 300}
     summary = json.loads((result.paths.out / "summary.json").read_text())
     assert summary["counts"] == {"done": 300} and len(summary["jobs"]) == 300
@@ -85,7 +86,7 @@ async def test_the_same_campaign_by_cron_style_once_passes(tmp_path: Path, capsy
                 await anyio.sleep(0.05)  # cron's minute, time-scaled
         assert passes > 3  # with max_active=50 it cannot have been one pass
         assert_campaign_on_disk(sim, result.paths.out, "mixed", [j.id for j in manifest.jobs])
-        assert status_json(path, capsys)["done"] is True
+        assert (await status_json(path, capsys))["done"] is True
         # One more pass, as cron will keep running us: nothing is sent.
         before = dict(sim.ledger.requests)
         result = await run_campaign(request)

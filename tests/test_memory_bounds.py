@@ -76,7 +76,7 @@ async def test_job_objects_are_dropped_when_their_jobs_end(tmp_path: Path) -> No
     assert counts.get(JobState.FAILED) and counts.get(JobState.DONE), counts  # both endings were taken
     assert sum(counts.values()) == JOBS
     assert seen_at_once > 0  # the cache was used (a cache that is never filled proves nothing)
-    assert engine.remote == {}  # every job ended: none of their objects is kept
+    assert len(engine.ctx.jobs) == 0  # every job ended: none of their objects is kept
     assert engine.fetch.prepared == set() and not any(engine.fetch.queued_per_job.values())
 
 

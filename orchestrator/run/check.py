@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ..api import retry
-from ..api.client import LIST_PAGE, ApiClient
+from ..api.client import LIST_PAGE
 from ..api.jobs import parse_job, select
-from ..config import PollPolicy, RunSettings
 from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
-from ..models import AT_SERVICE, JobSpec, JobState, JobType, RemoteJob, RemoteState
-from ..store import FileRow, JobRow, Store
+from ..models import AT_SERVICE, JobState, JobType, RemoteJob, RemoteState
+from ..store import FileRow, JobRow
+from .adopt import TagWatch
+from .context import RunContext
 from .schedule import next_check_in, typical
 
 log = logging.getLogger(__name__)
@@ -34,30 +34,12 @@ TYPICAL_REFRESH_S = 1.0
 
 
 class CheckStage:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        api: ApiClient,
-        settings: RunSettings,
-        specs: Mapping[str, JobSpec],
-        remote: dict[str, RemoteJob],
-        fresh: Callable[[str], Awaitable[RemoteJob]],
-        problem: Callable[[str, str], None],
-        notify: Callable[[], None],
-        now: Callable[[], float],
-        seen_listing: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
-    ) -> None:
-        self.seen_listing = seen_listing  # every job list read is checked for duplicates
-        self.store = store
-        self.api = api
-        self.settings = settings
-        self.specs = specs
-        self.remote = remote
-        self.fresh = fresh
-        self.problem = problem
-        self.notify = notify
-        self.now = now
+    def __init__(self, ctx: RunContext, tags: TagWatch) -> None:
+        self.ctx = ctx
+        self.tags = tags  # every job list read is checked for duplicates
+        self.store, self.api, self.settings, self.now = ctx.store, ctx.api, ctx.settings, ctx.now
+        self.specs = ctx.manifest.by_id
+        self.problem, self.notify = ctx.events.problem, ctx.events.notify
         self.limiter = anyio.CapacityLimiter(CHECKS_AT_ONCE)
         self.busy: set[str] = set()
         self.callbacks_accepted = 0
@@ -65,9 +47,6 @@ class CheckStage:
         self._typical: dict[str, tuple[float, float | None]] = {}
 
     # -- scheduling -----------------------------------------------------------------
-
-    def policy(self, job_type: str) -> PollPolicy:
-        return self.settings.image_poll if job_type == JobType.IMAGE_GEN.value else self.settings.poll
 
     async def _typical_s(self, job_type: str) -> float | None:
         stamp, value = self._typical.get(job_type, (0.0, None))
@@ -144,8 +123,7 @@ class CheckStage:
                     return await self.api.list_jobs(JobType(job_type), limit=LIST_PAGE)
 
                 items = await retry.idempotent(first_page, self.settings.retry, f"list {job_type}")
-            if self.seen_listing is not None:
-                await self.seen_listing(items)
+            await self.tags.seen(items)
             found = {str(i.get("job_id")): i for i in items if i.get("job_id") in by_remote}
         except (AuthError, QuotaError):
             raise
@@ -169,14 +147,14 @@ class CheckStage:
 
     async def _check_one(self, row: JobRow) -> None:
         try:
-            remote = await self.fresh(row.id)
+            remote = await self.ctx.jobs.fresh(row.id)
         except NotFound:
             # The API does not know the id it gave us: keep asking, slowly.
             await self.store.update_remote(
                 row.id,
                 remote_state="not-found",
                 percentage=None,
-                next_check_at=self.now() + self.policy(row.type).max_s,
+                next_check_at=self.now() + self.ctx.poll_policy(row.type).max_s,
                 now=self.now(),
             )
             self.problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
@@ -189,7 +167,7 @@ class CheckStage:
                 row.id,
                 remote_state=row.remote_state or "?",
                 percentage=row.percentage,
-                next_check_at=self.now() + self.policy(row.type).max_s / 4,
+                next_check_at=self.now() + self.ctx.poll_policy(row.type).max_s / 4,
                 now=self.now(),
             )
             return
@@ -200,10 +178,10 @@ class CheckStage:
     async def _apply(self, row: JobRow, remote: RemoteJob) -> None:
         now = self.now()
         if remote.state is RemoteState.SUCCESS:
-            self.remote[row.id] = remote  # the download stage starts from its URLs
+            self.ctx.jobs.keep(row.id, remote)  # the download stage starts from its URLs
             await self._on_success(row, remote)
             return
-        self.remote.pop(row.id, None)  # nothing reads the object of a job in flight or failed
+        self.ctx.jobs.drop(row.id)  # nothing reads the object of a job in flight or failed
         if remote.state is RemoteState.FAILURE:
             await self.store.update_remote(
                 row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=None, now=now
@@ -216,7 +194,7 @@ class CheckStage:
         if remote.state is RemoteState.OTHER:
             log.warning("job.unknown_state job_id=%s state=%r: still waiting", row.id, remote.raw_state)
         age = now - (row.submitted_at or now)
-        policy, typical_s = self.policy(row.type), await self._typical_s(row.type)
+        policy, typical_s = self.ctx.poll_policy(row.type), await self._typical_s(row.type)
         wait = next_check_in(policy, remote, row.checks, age_s=age, typical_s=typical_s)
         if self.callbacks_accepted:
             wait *= self.settings.callback_poll_relax  # callbacks arrive: polls are only a safety net

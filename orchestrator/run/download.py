@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .. import output
-from ..config import RunSettings
 from ..errors import (
     ApiError,
     AuthError,
@@ -36,6 +35,7 @@ from ..store import Store
 from ..store.parts import PartRecord, Span
 from ..transfer.file import Downloader
 from ..transfer.urls import expires_at
+from .context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +72,10 @@ class StorePartLog:
 
 
 class FetchStage:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        downloader: Downloader,
-        settings: RunSettings,
-        out_dir: Path,
-        remote: dict[str, RemoteJob],
-        fresh: Callable[[str], Awaitable[RemoteJob]],
-        problem: Callable[[str, str], None],
-        notify: Callable[[], None],
-        now: Callable[[], float],
-    ) -> None:
-        self.store = store
-        self.downloader = downloader
-        self.settings = settings
-        self.out_dir = out_dir
-        self.remote = remote
-        self.fresh = fresh
-        self.problem = problem
-        self.notify = notify
-        self.now = now
+    def __init__(self, ctx: RunContext, downloader: Downloader, out_dir: Path) -> None:
+        self.ctx, self.downloader, self.out_dir = ctx, downloader, out_dir
+        self.store, self.settings, self.now = ctx.store, ctx.settings, ctx.now
+        self.problem, self.notify = ctx.events.problem, ctx.events.notify
         self.queue: list[_Queued] = []
         self.preparing: set[str] = set()
         self.prepared: set[str] = set()
@@ -179,7 +161,7 @@ class FetchStage:
                     await self.store.file_missing(job_id, f.remote_id)
                     log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
             pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
-            remote = self.remote.get(job_id) or await self.fresh(job_id)
+            remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
             by_id = {a.remote_id: a for a in remote.artifacts}
             for file in pending:
                 artifact = by_id.get(file.remote_id)
@@ -210,12 +192,12 @@ class FetchStage:
             self.notify()
 
     async def _fetch_file(self, job_id: str, remote_id: str) -> None:
-        remote = self.remote.get(job_id) or await self.fresh(job_id)
+        remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
         artifact = next((a for a in remote.artifacts if a.remote_id == remote_id), None)
         name = artifact.name if artifact else remote_id
 
         async def renew() -> Artifact:
-            fresh = await self.fresh(job_id)
+            fresh = await self.ctx.jobs.fresh(job_id)
             found = next((a for a in fresh.artifacts if a.remote_id == remote_id), None)
             if found is None or not found.available:
                 raise FileGone(f"{name}: the service no longer offers it")
@@ -256,7 +238,7 @@ class FetchStage:
 
     def _forget(self, job_id: str) -> None:
         """A finished job needs nothing in memory: the store has it all."""
-        self.remote.pop(job_id, None)
+        self.ctx.jobs.drop(job_id)
         self.queued_per_job.pop(job_id, None)
         self.prepared.discard(job_id)
 
@@ -268,13 +250,13 @@ class FetchStage:
         files = await self.store.files(job_id)
         if any(not f.done and not f.lost for f in files):
             return
-        remote = self.remote.get(job_id)
+        remote = self.ctx.jobs.get(job_id)
         if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
             try:
                 await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
             except OutputError as exc:  # its files are placed and recorded: the next run writes these again
                 self.given_up.add(job_id)
-                self.remote.pop(job_id, None)
+                self.ctx.jobs.drop(job_id)
                 self.problem(job_id, f"{exc}; the job stays downloading and the next run finishes it")
                 return
         self._forget(job_id)

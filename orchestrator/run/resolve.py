@@ -11,42 +11,27 @@ list read here goes through the `TagWatch`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from anyio.abc import TaskGroup
 
-from ..api.client import ApiClient
-from ..config import RunSettings
 from ..errors import ApiError, AuthError, TransportError
 from ..models import JobState, JobType
-from ..store import JobRow, Store
+from ..store import JobRow
 from ..ui import clock
 from . import reconcile
 from .adopt import TagWatch, adopt
+from .context import RunContext
 
 log = logging.getLogger(__name__)
 
 
 class ResolveStage:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        api: ApiClient,
-        settings: RunSettings,
-        campaign: str,
-        submitting: set[str],
-        first_check: Callable[[str], float],
-        problem: Callable[[str, str], None],
-        notes: list[str],
-        notify: Callable[[], None],
-        now: Callable[[], float],
-    ) -> None:
-        self.store, self.api, self.settings, self.campaign = store, api, settings, campaign
-        self.submitting = submitting  # job ids whose POST is in flight in this process
-        self.first_check, self.problem, self.notes = first_check, problem, notes
-        self.notify, self.now = notify, now
-        self.tags = TagWatch(store, campaign)
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.store, self.api, self.settings, self.now = ctx.store, ctx.api, ctx.settings, ctx.now
+        self.campaign = ctx.manifest.campaign
+        self.problem, self.notify, self.note = ctx.events.problem, ctx.events.notify, ctx.events.note
+        self.tags = TagWatch(ctx.store, ctx.manifest.campaign)
         self.busy: set[str] = set()  # lost answers being looked for now
         self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
         self.adoption_failed: str | None = None
@@ -69,7 +54,7 @@ class ResolveStage:
 
     async def waiting(self) -> list[JobRow]:
         """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
-        skip = self.submitting | self.busy | self.unread
+        skip = self.ctx.posting | self.busy | self.unread
         return [r for r in await self.store.jobs([JobState.SUBMITTING]) if r.id not in skip]
 
     async def next_due(self) -> float | None:
@@ -114,13 +99,13 @@ class ResolveStage:
             log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
             if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
                 await self.store.mark_submitted(
-                    row.id, found.remote_id, self.now(), next_check_at=self.first_check(row.type)
+                    row.id, found.remote_id, self.now(), next_check_at=self.ctx.first_check(row.type)
                 )
             elif found.verdict is reconcile.Verdict.UNREAD:
                 # Not knowing is not `unknown`: nothing was learned, so the job stays submitting
                 # (never sent again) and the next run reads the list once more.
                 self.unread.add(row.id)
-                self.notes.append(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
+                self.note(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
             elif found.verdict is reconcile.Verdict.ABSENT:
                 await self.store.move(row.id, JobState.PENDING, self.now())
                 since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
@@ -152,12 +137,13 @@ class ResolveStage:
             raise
         except (ApiError, TransportError) as exc:
             self.adoption_failed = str(exc)
-            self.notes.append(
+            self.note(
                 f"could not read the job list to look for jobs of this campaign the service already holds "
                 f"({exc}); nothing new was submitted, to avoid paying twice. Run again when the API answers"
             )
             return exc
-        self.notes.extend(warnings)
+        for warning in warnings:
+            self.note(warning)
         return None
 
     async def scan_for_duplicates(self) -> None:
@@ -179,13 +165,13 @@ class ResolveStage:
                 continue  # already said why
             until = clock(self.window_end(row))
             log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
-            self.notes.append(
+            self.note(
                 f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
                 "for it in the job list (the service may still be creating it)"
             )
         for job_id, others in (await self.store.duplicates()).items():
             row = await self.store.job(job_id)
-            self.notes.append(
+            self.note(
                 f"{job_id}: DUPLICATE: the service holds {len(others) + 1} jobs with its tag; {row.remote_id} is "
                 f"followed and downloaded, the other(s) {', '.join(others)} can be fetched with "
                 f"`dreamlook-batch jobs get {row.type} ID`"

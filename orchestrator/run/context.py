@@ -1,0 +1,112 @@
+"""What every stage of a run shares, in one object: the store, the API, the settings,
+the clock, the run's events (problems told once, why it stopped, the scheduler's
+wakeup), the latest job objects, and the jobs whose POST is in flight.
+
+Stages take a `RunContext` and nothing of the engine: no callbacks into it, no dicts
+passed around. The engine builds the context, the stages, and drives them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..api import retry
+from ..api.client import ApiClient
+from ..api.jobs import parse_job
+from ..config import PollPolicy, RunSettings
+from ..manifest.load import Manifest
+from ..models import JobType, RemoteJob
+from ..store import Store
+from .outcome import StopReason
+from .schedule import Wakeup, next_check_in
+
+log = logging.getLogger(__name__)
+
+
+class RunEvents:
+    """What the run tells the user, and the scheduler's wakeup. Problems are told once per job
+    and message: a re-check that finds the same thing again must not grow the list."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self._seen: set[str] = set()
+        self.stopped_by: StopReason | None = None
+        self.wakeup = Wakeup()
+
+    def problem(self, job_id: str, message: str) -> None:
+        line = f"{job_id}: {message}"
+        if line in self._seen:
+            log.info("job.problem_again job_id=%s %s", job_id, message)
+            return
+        self._seen.add(line)
+        self.problems.append(line)
+        log.warning("job.problem job_id=%s %s", job_id, message)
+
+    def note(self, line: str) -> None:
+        """A line for the end of the run that is not one job's problem (or is told as is)."""
+        self.problems.append(line)
+
+    def stop(self, reason: StopReason, why: str | None = None) -> bool:
+        """The first reason to stop wins; True when this one did (its `why` is told)."""
+        if self.stopped_by is not None:
+            return False
+        self.stopped_by = reason
+        if why is not None:
+            self.problems.append(why)
+        return True
+
+    def notify(self) -> None:
+        self.wakeup.notify()
+
+
+class JobObjects:
+    """The latest job object of each job being downloaded: its URLs are signed anew on every
+    GET, and its job.json is written from it. Dropped when the job ends, so it holds the
+    downloads in hand, not the campaign."""
+
+    def __init__(self, store: Store, api: ApiClient, settings: RunSettings) -> None:
+        self._store, self._api, self._settings = store, api, settings
+        self._by_id: dict[str, RemoteJob] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, job_id: str) -> RemoteJob | None:
+        return self._by_id.get(job_id)
+
+    def keep(self, job_id: str, remote: RemoteJob) -> None:
+        self._by_id[job_id] = remote
+
+    def drop(self, job_id: str) -> None:
+        self._by_id.pop(job_id, None)
+
+    async def fresh(self, job_id: str) -> RemoteJob:
+        """GET the job (retried), parsed, and kept."""
+        row = await self._store.job(job_id)
+        raw = await retry.idempotent(
+            lambda: self._api.get_job(JobType(row.type), row.remote_id or ""), self._settings.retry, f"get {job_id}"
+        )
+        remote = parse_job(raw)
+        self._by_id[job_id] = remote
+        return remote
+
+
+@dataclass(kw_only=True)
+class RunContext:
+    manifest: Manifest
+    store: Store
+    api: ApiClient
+    settings: RunSettings
+    now: Callable[[], float]
+    events: RunEvents = field(default_factory=RunEvents)
+    jobs: JobObjects
+    posting: set[str] = field(default_factory=set)  # job ids whose POST is in flight in this process
+
+    def poll_policy(self, job_type: str) -> PollPolicy:
+        return self.settings.image_poll if job_type == JobType.IMAGE_GEN.value else self.settings.poll
+
+    def first_check(self, job_type: str) -> float:
+        """When a job just submitted is first looked at."""
+        return self.now() + next_check_in(self.poll_policy(job_type), None, 0)
