@@ -28,8 +28,8 @@ WORK = ROOT / "mutants"  # mutmut's own working copy (ignored by git)
 RESULT = re.compile(r"^\s*(?P<name>orchestrator\.\S+__mutmut_\d+): (?P<status>.+)$")
 COUNTED = ("killed", "survived", "timeout", "suspicious", "segfault")
 # Whole modules that guard money or files, and of two larger modules only the functions that do:
-# the engine's submission path and the store's verbs for intents, ids and file progress.
-STORE = "orchestrator.store.sqlite.x\u01c1SqliteStore\u01c1"
+# the exit code of a run's outcome, and the store's verbs for intents, ids and file progress.
+STORE = "orchestrator.store.sqlite.x\u01c1SqliteDb\u01c1"
 GUARDED = (
     "orchestrator.run.reconcile.*",
     "orchestrator.run.resolve.*",
@@ -39,13 +39,8 @@ GUARDED = (
     "orchestrator.transfer.ranges.*",
     "orchestrator.store.parts.*",
     "orchestrator.transfer.verify.*",
-    "orchestrator.run.engine.x\u01c1RunOutcome\u01c1exit_code*",
-    "orchestrator.run.engine.x\u01c1Engine\u01c1_start_submissions*",
-    "orchestrator.run.engine.x\u01c1Engine\u01c1_submit*",
-    "orchestrator.run.engine.x\u01c1Engine\u01c1_back_to_pending*",
-    "orchestrator.run.engine.x\u01c1IdCommitter\u01c1*",
-    "orchestrator.run.engine.x__sent_body*",
-    "orchestrator.run.engine.x__storable*",
+    "orchestrator.run.outcome.x\u01c1RunOutcome\u01c1exit_code*",
+    "orchestrator.run.submit.*",
     *(
         f"{STORE}{verb}__mutmut_*"
         for verb in (
@@ -99,7 +94,13 @@ def main() -> int:
     started = time.monotonic()
     command = ["run", "--max-children", str(args.children), *(args.patterns or GUARDED)]
     # mutmut runs `type_check_command` (mypy) by name: the environment's own first on PATH.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Tests that start the CLI as a process (kill -9, resume) must run the mutated copy too:
+    # the mutant under test is named in the environment the child inherits.
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(WORK),
+    }
     run = subprocess.run([str(Path(sys.executable).with_name("mutmut")), *command], cwd=ROOT, env=env, check=False)
     took = time.monotonic() - started
     listing = _mutmut("results", "--all", "true")

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.api.client import ApiClient
+from orchestrator.api.client import LIST_PAGE, ApiClient
 from orchestrator.api.jobs import parse_time
 from orchestrator.config import RetryPolicy
 from orchestrator.manifest.load import CAMPAIGN_TAG_KEY
@@ -23,7 +23,6 @@ from orchestrator.models import JobType
 from orchestrator.run.reconcile import (
     CLOCK_SKEW_S,
     MAX_PAGES,
-    PAGE,
     Lost,
     Verdict,
     _config_matches,
@@ -63,12 +62,12 @@ async def test_a_lost_job_on_the_second_page_is_found_not_declared_absent() -> N
     async with Simulator(fast_sim(time_scale=1.0)) as sim:
         intent_at = time.time() - 1
         ours = await submit(sim, {**OURS, "tags": [{"key": CAMPAIGN_TAG_KEY, "value": TAG}]})
-        for i in range(PAGE + 5):
+        for i in range(LIST_PAGE + 5):
             await submit(sim, {"prompt": f"someone else's picture {i}", "base_model": "stable-diffusion-v1-5"})
         found = await verdict(sim, intent_at)
         assert found[:2] == (Verdict.FOUND, ours), found
         assert sim.ledger.requests["list"] == 2  # the second page was read
-        assert len(sim.ledger.jobs) == PAGE + 6  # nothing was sent again
+        assert len(sim.ledger.jobs) == LIST_PAGE + 6  # nothing was sent again
 
 
 @pytest.mark.anyio
@@ -150,7 +149,7 @@ async def test_a_list_that_does_not_reach_back_proves_nothing(tags_listed: bool)
     """More jobs made since the attempt than the pages read: absent from them is not absent."""
     async with Simulator(fast_sim(time_scale=1.0, list_echoes_tags=tags_listed)) as sim:
         intent_at = sim.now() - 1
-        newer = MAX_PAGES * PAGE + 1
+        newer = MAX_PAGES * LIST_PAGE + 1
         for i in range(newer):  # somebody else's jobs, made through the service itself (no HTTP: quicker)
             sim.service.submit(
                 JobKind.IMAGE_GEN, {"prompt": f"theirs {i}", "base_model": "stable-diffusion-v1-5"}, sim.now()
@@ -158,7 +157,7 @@ async def test_a_list_that_does_not_reach_back_proves_nothing(tags_listed: bool)
         found = await verdicts(sim, [Lost("j0", TAG, json.dumps(tagged(TAG)), intent_at)])
     verdict, remote, why = found["j0"]
     assert (verdict, remote) == (Verdict.UNKNOWN, None)
-    assert f"{MAX_PAGES * PAGE} jobs" in why, why  # what was read, for the person who settles it
+    assert f"{MAX_PAGES * LIST_PAGE} jobs" in why, why  # what was read, for the person who settles it
 
 
 @pytest.mark.anyio
