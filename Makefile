@@ -23,10 +23,11 @@ demo: $(STAMP)  ## run jobs/example.yaml against the built-in simulator
 test: $(STAMP)  ## run the test suite
 	$(BIN)/pytest -q
 
-lint: $(STAMP)  ## ruff and mypy --strict
+lint: $(STAMP)  ## ruff and mypy --strict, of the package, the tests and the benchmarks
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check orchestrator
+	$(BIN)/ruff format --check orchestrator tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy tests bench
 
 bench: $(STAMP)  ## measure speed and memory side by side with the baselines; writes bench/RESULTS.md
 	$(BIN)/python -m bench

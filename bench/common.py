@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +77,7 @@ class Timer:
         self.cpu = time.process_time() - self.cpu0
 
 
-def run_json(cmd: list[str], timeout: float) -> dict:
+def run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
     """Run a helper that prints one JSON object on its last line; /usr/bin/time-like RSS included."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=True).stdout

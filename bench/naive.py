@@ -12,11 +12,12 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 
-async def run_job(session: aiohttp.ClientSession, api: str, job: dict, out: Path, poll_s: float) -> None:
+async def run_job(session: aiohttp.ClientSession, api: str, job: dict[str, Any], out: Path, poll_s: float) -> None:
     kind = job.pop("type")
     job_id = job.pop("id")
     async with session.post(f"{api}/{kind}", json=job) as resp:
@@ -50,7 +51,7 @@ async def main() -> None:
     headers = {"authorization": f"Bearer {os.environ['DREAMLOOK_API_KEY']}"}
     async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=args.max_active)) as s:
 
-        async def one(job: dict) -> None:
+        async def one(job: dict[str, Any]) -> None:
             async with limit:
                 await run_job(s, args.api_url, job, Path(args.out), args.poll_s)
 

@@ -30,7 +30,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode not in (0,):
-        raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        said = proc.stderr.read()[-2000:].decode(errors="replace") if proc.stderr else ""
+        raise RuntimeError(f"{cmd[:4]!r} exited {proc.returncode}: {said}")
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 

@@ -49,7 +49,10 @@ def assert_campaign_on_disk(sim: Simulator, out: Path, campaign: str, job_ids: l
     for job_id in job_ids:
         folder = out / job_id
         expected = sim.expected_files(remote_of[f"{campaign}/{job_id}"])
-        sums = dict(reversed(line.split("  ", 1)) for line in (folder / "SHA256SUMS").read_text().splitlines())
+        sums = {
+            name: digest
+            for digest, name in (line.split("  ", 1) for line in (folder / "SHA256SUMS").read_text().splitlines())
+        }
         assert sums, f"{job_id}: no files"
         for name, digest in sums.items():
             assert expected[name] == digest, f"{job_id}/{name}: SHA256SUMS disagrees with the simulator"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from orchestrator.sim import Simulator
 
@@ -32,7 +33,7 @@ class Http:
         assert self.session is not None
         await self.session.close()
 
-    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any, CIMultiDictProxy[str]]:
         assert self.session is not None
         url = path if path.startswith("http") else self.sim.url + path
         async with self.session.request(method, url, allow_redirects=False, **kw) as resp:

@@ -108,7 +108,7 @@ def chaos(
         with sqlite3.connect(tmp_path / ".dreamlook-batch" / "mixed.db") as db:
             rows = {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, state, reason FROM jobs")}
         tags = sim.ledger.tag_values()
-        remote_of = {}
+        remote_of: dict[str, str] = {}
         for entry in sim.ledger.jobs:
             value = next(t["value"] for t in entry.tags if t["key"] == "dreamlook-batch")
             remote_of.setdefault(value, entry.job_id)  # the first one made is ours
@@ -130,7 +130,10 @@ def chaos(
     assert states["submitting"] == 0 and open_jobs == 0, states
     # Every successful job's files are on disk, byte-identical to the simulator's.
     for job, files in expected.items():
-        sums = dict(reversed(line.split("  ", 1)) for line in (out / job / "SHA256SUMS").read_text().splitlines())
+        sums = {
+            name: digest
+            for digest, name in (line.split("  ", 1) for line in (out / job / "SHA256SUMS").read_text().splitlines())
+        }
         assert sums and all(files[name] == digest for name, digest in sums.items()), job
         for name, digest in sums.items():
             assert hashlib.sha256((out / job / name).read_bytes()).hexdigest() == digest, f"{job}/{name}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -24,7 +25,7 @@ def key_file(folder: Path, sim: Simulator) -> Path:
     return write(folder / "key", sim.api_key + "\n")
 
 
-async def status_json(manifest: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+async def status_json(manifest: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """`status --json` as a user runs it: the command, on a thread of its own (it runs its own event loop)."""
     capsys.readouterr()
     assert await anyio.to_thread.run_sync(main, ["status", str(manifest), "--json"]) == 0

@@ -190,7 +190,10 @@ def test_a_full_disk_writing_a_jobs_record_keeps_it_downloading_and_the_next_run
         remote_of = {e.tags[-1]["value"]: e.job_id for e in sim.ledger.jobs}
         expected = sim.expected_files(remote_of["one/g0"])
     assert state(manifest.parent) == {"g0": "done", "g1": "done"}
-    sums = dict(reversed(line.split("  ", 1)) for line in (out / "g0" / "SHA256SUMS").read_text().splitlines())
+    sums = {
+        name: digest
+        for digest, name in (line.split("  ", 1) for line in (out / "g0" / "SHA256SUMS").read_text().splitlines())
+    }
     assert sums == expected and json.loads((out / "g0" / "job.json").read_text())["state"] == "success"
 
 

@@ -69,7 +69,7 @@ async def test_job_objects_are_dropped_when_their_jobs_end(tmp_path: Path) -> No
             with anyio.fail_after(120):
                 while not result:  # how many job objects it holds while the campaign runs
                     if engines:
-                        seen_at_once = max(seen_at_once, len(engines[0].remote))
+                        seen_at_once = max(seen_at_once, len(engines[0].ctx.jobs))
                     await anyio.sleep(0.001)
     counts = result[0].outcome.counts
     engine = engines[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -71,7 +73,7 @@ DOC_CHECKPOINT_KEYS = {
 }
 
 
-async def wait_state(http: Http, kind: str, job_id: str, states: set[str], limit_s: float = 10) -> dict:
+async def wait_state(http: Http, kind: str, job_id: str, states: set[str], limit_s: float = 10) -> dict[str, Any]:
     with anyio.fail_after(limit_s):
         while True:
             job = await http.job(kind, job_id)
@@ -122,7 +124,7 @@ async def test_submit_prefixes_both_spellings_and_tags_echoed() -> None:
         ("dreambooth_image_gen", {"dreambooth": DB_BODY}, "image_gen"),
     ],
 )
-async def test_invalid_submissions_get_fastapi_422(kind: str, body: dict, field: str) -> None:
+async def test_invalid_submissions_get_fastapi_422(kind: str, body: dict[str, Any], field: str) -> None:
     async with Simulator(fast_sim()) as sim, Http(sim) as http:
         status, data, _ = await http.call("POST", f"/{kind}", json=body)
         assert status == 422

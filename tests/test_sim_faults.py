@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import anyio
 import pytest
@@ -120,8 +122,8 @@ async def test_fault_rates_are_reproducible_from_the_seed() -> None:
     assert {200, 429} <= set(first) and any(s >= 500 for s in first)
 
 
-async def _receiver(fail_first: int) -> tuple[web.AppRunner, str, MemoryObjectReceiveStream[dict]]:
-    send, received = anyio.create_memory_object_stream[dict](100)
+async def _receiver(fail_first: int) -> tuple[web.AppRunner, str, MemoryObjectReceiveStream[dict[str, Any]]]:
+    send, received = anyio.create_memory_object_stream[dict[str, Any]](100)
     calls = {"n": 0}
 
     async def hook(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import struct
 import zlib
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -21,7 +22,7 @@ from .test_sim_api import wait_state
 pytestmark = pytest.mark.anyio
 
 
-async def trained(http: Http, **extra: object) -> dict:
+async def trained(http: Http, **extra: object) -> dict[str, Any]:
     db = await http.submit("dreambooth", {**DB_BODY, **extra})
     return await wait_state(http, "dreambooth", db, {"success"})
 

@@ -11,7 +11,7 @@ forgotten once a file is placed, pages in manifest order.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ from orchestrator.store import FileRow, SqliteStore, Store
 pytestmark = pytest.mark.anyio
 T0 = 1_000.0
 
-Opener = Callable[[Path], AsyncIterator[Store]]
+Opener = Callable[[Path], AbstractAsyncContextManager[Store]]
 
 
 @asynccontextmanager
@@ -49,8 +49,9 @@ BACKENDS = [pytest.param(sqlite_file, id="sqlite-file"), pytest.param(sqlite_mem
 
 
 @pytest.fixture(params=BACKENDS)
-def opener(request: pytest.FixtureRequest) -> Callable[[Path], object]:
-    return request.param  # type: ignore[no-any-return]
+def opener(request: pytest.FixtureRequest) -> Opener:
+    backend: Opener = request.param
+    return backend
 
 
 def spec(job_id: str, *, parent: str | None = None, prompt: str = "p") -> JobSpec:
@@ -78,7 +79,7 @@ def file_row(job_id: str, name: str, size: int) -> FileRow:
     )
 
 
-async def test_a_manifest_sync_reports_what_was_added_changed_and_removed(opener: Callable, tmp_path: Path) -> None:
+async def test_a_manifest_sync_reports_what_was_added_changed_and_removed(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         report = await store.sync_manifest("c", SPECS, [spec_fingerprint(s) for s in SPECS], T0)
         assert report.added == ("a", "b", "a-pics") and report.removed == () and report.changed_after_submit == ()
@@ -93,7 +94,7 @@ async def test_a_manifest_sync_reports_what_was_added_changed_and_removed(opener
 
 
 async def test_an_intent_is_recorded_once_and_an_id_only_for_a_job_being_submitted(
-    opener: Callable, tmp_path: Path
+    opener: Opener, tmp_path: Path
 ) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
@@ -120,7 +121,7 @@ async def test_an_intent_is_recorded_once_and_an_id_only_for_a_job_being_submitt
 
 
 async def test_a_lost_answer_keeps_the_latest_window_and_a_provably_absent_job_forgets_its_intent(
-    opener: Callable, tmp_path: Path
+    opener: Opener, tmp_path: Path
 ) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
@@ -134,9 +135,7 @@ async def test_a_lost_answer_keeps_the_latest_window_and_a_provably_absent_job_f
         assert row.state is JobState.PENDING and row.intent_at is None and row.sent_payload is None
 
 
-async def test_moves_follow_the_state_machine_and_only_a_person_leaves_unknown(
-    opener: Callable, tmp_path: Path
-) -> None:
+async def test_moves_follow_the_state_machine_and_only_a_person_leaves_unknown(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
         with pytest.raises(StoreError, match="cannot move"):
@@ -158,7 +157,7 @@ async def test_moves_follow_the_state_machine_and_only_a_person_leaves_unknown(
 
 
 async def test_a_success_brings_the_checkpoint_and_the_files_and_placed_files_forget_their_spans(
-    opener: Callable, tmp_path: Path
+    opener: Opener, tmp_path: Path
 ) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
@@ -199,7 +198,7 @@ async def test_a_success_brings_the_checkpoint_and_the_files_and_placed_files_fo
         assert len(await store.all_files()) == 2
 
 
-async def test_adoption_takes_only_pending_jobs_never_looked_for(opener: Callable, tmp_path: Path) -> None:
+async def test_adoption_takes_only_pending_jobs_never_looked_for(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
         assert [r.id for r in await store.adoption_candidates()] == ["a", "b", "a-pics"]
@@ -212,7 +211,7 @@ async def test_adoption_takes_only_pending_jobs_never_looked_for(opener: Callabl
         assert (await store.job("a")).remote_id == "remote-a"
 
 
-async def test_duplicates_are_kept_and_news_is_told_once(opener: Callable, tmp_path: Path) -> None:
+async def test_duplicates_are_kept_and_news_is_told_once(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
         assert await store.record_duplicates("a", ["x", "y"])
@@ -222,7 +221,7 @@ async def test_duplicates_are_kept_and_news_is_told_once(opener: Callable, tmp_p
         assert (await store.job("a")).duplicate_ids == ("x", "y", "z")
 
 
-async def test_checks_come_due_in_order_and_tallies_count(opener: Callable, tmp_path: Path) -> None:
+async def test_checks_come_due_in_order_and_tallies_count(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         await synced(store)
         await store.record_intents([("a", "{}", "fp"), ("b", "{}", "fp")], T0)
@@ -244,7 +243,7 @@ async def test_checks_come_due_in_order_and_tallies_count(opener: Callable, tmp_
         assert await store.durations(JobType.DREAMBOOTH.value) == [100.0]
 
 
-async def test_manifest_pages_hold_every_job_once_in_manifest_order(opener: Callable, tmp_path: Path) -> None:
+async def test_manifest_pages_hold_every_job_once_in_manifest_order(opener: Opener, tmp_path: Path) -> None:
     async with opener(tmp_path) as store:
         specs = [spec(f"j{i}") for i in (3, 1, 4, 0, 2)]
         await synced(store, specs)

@@ -6,7 +6,7 @@ kept as the oracle, and every test compares against it on a real SQLite store.""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ def build_campaign(folder: Path) -> Path:
 
 
 @pytest.fixture
-def built(tmp_path: Path) -> tuple[Path, SqliteDb]:
+def built(tmp_path: Path) -> Iterator[tuple[Path, SqliteDb]]:
     manifest = build_campaign(tmp_path)
     store = SqliteDb(paths_for(load_manifest(manifest)).state)
     sync(store, manifest)
