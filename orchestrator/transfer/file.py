@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,12 +40,13 @@ from ..config import (
     Timeouts,
 )
 from ..crashpoints import crash_point
-from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired
+from ..errors import DownloadError, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired
 from ..models import Artifact
 from ..store.parts import PartLog, PartRecord
+from . import storage
 from .ranges import fetch_ranges, part_size
 from .urls import expires_at, redact
-from .verify import CONTENT_RANGE, DISK_FULL, Fetched, Hashes, PartWriter, place, storage_md5
+from .verify import DISK_FULL, Fetched, Hashes, PartWriter, place
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,9 +157,11 @@ def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str |
     return place(part, final, hashes, size_bytes=size, md5=md5)
 
 
-def _xml_code(body: str) -> str:
-    match = re.search(r"<Code>([^<]+)</Code>", body)
-    return match.group(1) if match else "no error code"
+@dataclass(frozen=True, slots=True)
+class _Resume:
+    have: int  # proven bytes one stream resumes after
+    recorded: bool  # does this file keep a record of its proven bytes?
+    known_etag: str | None  # the object those bytes came from
 
 
 class Downloader:
@@ -302,6 +304,35 @@ class Downloader:
         assert self._session is not None, "use Downloader in `async with`"
         artifact = source.artifact
         size = artifact.size_bytes
+        resume = await self._resume_point(folder, part, size, part_log)
+        if resume.have and resume.have == size:
+            # Every byte is proven (killed before its rename): check it and place it, no request.
+            writer = await self._thread(partial(PartWriter, part, resume.have, md5=False))
+            await self._thread(writer.close)
+            return await self._thread(_place, part, final, writer.hashes, size, None)
+        headers = {"Range": f"bytes={resume.have}-"} if resume.have else {}
+        try:
+            async with self._session.get(artifact.url, headers=headers) as resp:
+                if resp.status == 416:
+                    # Proves nothing about the part: forget it and fetch the file again.
+                    if resume.recorded:
+                        await part_log.start_over(size)
+                    await self._thread(partial(part.unlink, missing_ok=True))
+                    raise DownloadError(
+                        f"{artifact.name}: storage refused to resume at byte {resume.have}; fetching it again"
+                    )
+                await storage.raise_for_status(resp, artifact.name)
+                start = await self._body_start(resp, resume, artifact, part_log)
+                md5 = storage.storage_md5(resp)
+                prove = part_log.prove if resume.recorded else None
+                writer = await self._stream(resp, part, start, transfer, md5=md5 is not None, prove=prove)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            where = redact(artifact.url)
+            raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
+        return await self._thread(_place, part, final, writer.hashes, size, md5)
+
+    async def _resume_point(self, folder: Path, part: Path, size: int | None, part_log: PartLog) -> _Resume:
+        """Where one stream starts: the end of the proven prefix, if the part still holds it."""
         # Worth a record only where a resume is worth it. Files of unknown size are images,
         # which come whole or not at all, and storage's md5 guards them.
         record = await part_log.record() if size is not None else None
@@ -318,57 +349,29 @@ class Downloader:
             else:
                 await part_log.start_over(size)
         known_etag = record.etag if have and record is not None else None
-        where = redact(artifact.url)
-        if have and have == size:
-            # Every byte is proven (killed before its rename): check it and place it, no request.
-            writer = await self._thread(partial(PartWriter, part, have, md5=False))
-            await self._thread(writer.close)
-            return await self._thread(_place, part, final, writer.hashes, size, None)
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            async with self._session.get(artifact.url, headers=headers) as resp:
-                if resp.status == 416:
-                    # Proves nothing about the part: forget it and fetch the file again.
-                    if recorded:
-                        await part_log.start_over(size)
-                    await self._thread(partial(part.unlink, missing_ok=True))
-                    raise DownloadError(f"{artifact.name}: storage refused to resume at byte {have}; fetching it again")
-                if resp.status in (400, 401, 403):
-                    raise UrlExpired(
-                        f"{artifact.name}: storage answered {resp.status} ({_xml_code(await resp.text())})"
-                    )
-                if resp.status in (404, 410):
-                    raise FileGone(f"{artifact.name}: storage no longer has it ({where})")
-                if resp.status not in (200, 206):
-                    raise DownloadError(f"{artifact.name}: storage answered HTTP {resp.status}")
-                etag = resp.headers.get("ETag")
-                if resp.status == 206 and known_etag and etag != known_etag:
-                    raise ObjectChanged(f"the stored object changed under the part (ETag {known_etag} -> {etag})")
-                start = self._start_of(resp, have, artifact)
-                if recorded and start == 0:
-                    if have:
-                        await part_log.start_over(size)  # a 200: the whole file comes again
-                    await part_log.set_etag(etag)
-                md5 = storage_md5(resp.headers.getall("x-goog-hash", []))
-                prove = part_log.prove if recorded else None
-                writer = await self._stream(resp, part, start, transfer, md5=md5 is not None, prove=prove)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
-        return await self._thread(_place, part, final, writer.hashes, size, md5)
+        return _Resume(have=have, recorded=recorded, known_etag=known_etag)
 
-    @staticmethod
-    def _start_of(resp: aiohttp.ClientResponse, have: int, artifact: Artifact) -> int:
-        """Where this body starts in the file: `have` on a good 206, else 0 (start over)."""
-        if resp.status == 200:
-            return 0
-        match = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-        if not match or int(match.group(1)) != have:
-            got = resp.headers.get("Content-Range")
-            raise DownloadError(f"{artifact.name}: Content-Range {got!r} does not resume at {have}")
-        total = match.group(3)
-        if artifact.size_bytes is not None and total != "*" and int(total) != artifact.size_bytes:
-            raise ObjectChanged(f"storage now has {total} bytes, the job says {artifact.size_bytes}")
-        return have
+    async def _body_start(
+        self, resp: aiohttp.ClientResponse, resume: _Resume, artifact: Artifact, part_log: PartLog
+    ) -> int:
+        """Where this body starts in the file: the proven prefix on a good 206, else 0 (start over)."""
+        etag = resp.headers.get("ETag")
+        if resp.status == 206 and resume.known_etag and etag != resume.known_etag:
+            raise ObjectChanged(f"the stored object changed under the part (ETag {resume.known_etag} -> {etag})")
+        start = 0
+        if resp.status == 206:
+            got = storage.content_range(resp)
+            if got is None or got.first != resume.have:
+                shown = resp.headers.get("Content-Range")
+                raise DownloadError(f"{artifact.name}: Content-Range {shown!r} does not resume at {resume.have}")
+            if artifact.size_bytes is not None and got.total is not None and got.total != artifact.size_bytes:
+                raise ObjectChanged(f"storage now has {got.total} bytes, the job says {artifact.size_bytes}")
+            start = resume.have
+        if resume.recorded and start == 0:
+            if resume.have:
+                await part_log.start_over(artifact.size_bytes)  # a 200: the whole file comes again
+            await part_log.set_etag(etag)
+        return start
 
     async def _stream(
         self,

@@ -23,7 +23,8 @@ from ..config import RetryPolicy
 from ..crashpoints import crash_point
 from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, UrlExpired
 from ..store.parts import PartLog, gaps, split
-from .verify import CONTENT_RANGE, READ_BYTES, Hashes, storage_md5, write_at
+from . import storage
+from .verify import READ_BYTES, Hashes, write_at
 
 WRITE_BYTES = 1024 * 1024
 
@@ -69,74 +70,151 @@ async def fetch_ranges(
     io: anyio.CapacityLimiter | None = None,
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
-    on_disk = await anyio.to_thread.run_sync(part_size, part, limiter=io)
-    record = await log.record()  # the store is used from this (the event loop's) thread only
-    covered = record.covered() if record is not None and record.size == size else []
-    if not covered or on_disk is None or on_disk > size or covered[-1][1] > min(on_disk, size):
-        # Nothing proven, or proven bytes the file cannot hold: forget them first, then the file.
-        await log.start_over(size)
-        covered = []
-        etag: list[str | None] = [None]
-        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=True), limiter=io)
-    else:
-        etag = [record.etag if record is not None else None]
-        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=False), limiter=io)
+    covered, etag = await _proven_spans(part, size, log, io)
     todo = split(gaps(covered, size), range_bytes)
-    pieces = sorted([*covered, *todo])  # the whole file in order, for the hasher
-    fetching = set(todo)
-    done = {i for i, piece in enumerate(pieces) if piece not in fetching}
-    md5: list[str | None] = [None]
-    headers_seen = anyio.Event()  # set by the first answer: we then know if an md5 is coming
-    result: list[Hashes] = []
-    progress = {"event": anyio.Event()}
-    fd = os.open(part, os.O_RDWR)
-
-    async def fetch_one(i: int) -> None:
-        start, end = pieces[i]
-
-        async def attempt() -> None:
-            url = source.url
-            try:
-                await _get_range(session, url, fd, (start, end, size), log, etag, md5, headers_seen, counter, io)
-            except UrlExpired:
-                await source.renew_after(url)
-                raise
-
-        await retry.range_attempts(attempt, policy, f"{part.name} bytes {start}-{end - 1}")
-        await anyio.to_thread.run_sync(os.fdatasync, fd, limiter=io)
-        await log.prove(start, end - start)  # only after the bytes are synced
-        crash_point("span-proven")
-        done.add(i)
-        progress["event"].set()
-
-    async def worker(queue: list[int]) -> None:
-        while queue:
-            await fetch_one(queue.pop(0))
-
-    async def hasher() -> None:
-        if todo:
-            await headers_seen.wait()
-        hashes = Hashes(md5=md5[0] is not None)
-        for i, (start, end) in enumerate(pieces):
-            while i not in done:
-                progress["event"] = anyio.Event()
-                if i in done:
-                    break
-                await progress["event"].wait()
-            await anyio.to_thread.run_sync(_hash_range, fd, start, end, hashes, limiter=io)
-        result.append(hashes)
-
+    fd = await anyio.to_thread.run_sync(os.open, part, os.O_RDWR)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hasher)
-            queue = [i for i in range(len(pieces)) if i not in done]
-            for _ in range(min(connections, len(queue))):
-                tg.start_soon(worker, queue)
-    except BaseExceptionGroup as group:
-        raise _decisive(group) from None
+        fill = _RangeFill(session, source, fd, size, log, policy, counter, io, covered=covered, todo=todo, etag=etag)
+        hashes = await fill.run(connections)
     finally:
         os.close(fd)
-    return result[0], md5[0]
+    return hashes, fill.md5
+
+
+async def _proven_spans(
+    part: Path, size: int, log: PartLog, io: anyio.CapacityLimiter | None
+) -> tuple[list[tuple[int, int]], str | None]:
+    """The spans proven of `part` that it still holds, and their object's ETag; with none, a
+    fresh sparse part (the record forgotten first, then the file)."""
+    on_disk = await anyio.to_thread.run_sync(part_size, part, limiter=io)
+    record = await log.record()
+    covered = record.covered() if record is not None and record.size == size else []
+    if not covered or on_disk is None or on_disk > size or covered[-1][1] > min(on_disk, size):
+        await log.start_over(size)
+        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=True), limiter=io)
+        return [], None
+    await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=False), limiter=io)
+    return covered, record.etag if record is not None else None
+
+
+class _RangeFill:
+    """One ranged fill of a part: workers fetch the gaps (each range under `range_attempts`),
+    a hasher follows the whole file in order as ranges are proven."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        source: Renewable,
+        fd: int,
+        size: int,
+        log: PartLog,
+        policy: RetryPolicy,
+        counter: list[int] | None,
+        io: anyio.CapacityLimiter | None,
+        *,
+        covered: list[tuple[int, int]],
+        todo: list[tuple[int, int]],
+        etag: str | None,
+    ) -> None:
+        self.session, self.source, self.fd, self.size, self.log = session, source, fd, size, log
+        self.policy, self.counter, self.io = policy, counter, io
+        self.pieces = sorted([*covered, *todo])  # the whole file in order, for the hasher
+        fetching = set(todo)
+        self.done = {i for i, piece in enumerate(self.pieces) if piece not in fetching}
+        self.etag = etag
+        self.md5: str | None = None
+        self.headers_seen = anyio.Event()  # set by the first answer: we then know if an md5 is coming
+        self.progress = anyio.Event()
+        self._hashes: Hashes | None = None
+
+    async def run(self, connections: int) -> Hashes:
+        queue = [i for i in range(len(self.pieces)) if i not in self.done]
+        if not queue:
+            self.headers_seen.set()  # nothing to ask: no md5 is coming
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._hash_all)
+                for _ in range(min(connections, len(queue))):
+                    tg.start_soon(self._worker, queue)
+        except BaseExceptionGroup as group:
+            raise _decisive(group) from None
+        assert self._hashes is not None
+        return self._hashes
+
+    async def _worker(self, queue: list[int]) -> None:
+        while queue:
+            await self._fetch(queue.pop(0))
+
+    async def _fetch(self, i: int) -> None:
+        start, end = self.pieces[i]
+
+        async def attempt() -> None:
+            url = self.source.url
+            try:
+                await self._get(url, start, end)
+            except UrlExpired:
+                await self.source.renew_after(url)
+                raise
+
+        await retry.range_attempts(attempt, self.policy, f"bytes {start}-{end - 1}")
+        await anyio.to_thread.run_sync(os.fdatasync, self.fd, limiter=self.io)
+        await self.log.prove(start, end - start)  # only after the bytes are synced
+        crash_point("span-proven")
+        self.done.add(i)
+        self.progress.set()
+
+    async def _hash_all(self) -> None:
+        await self.headers_seen.wait()
+        hashes = Hashes(md5=self.md5 is not None)
+        for i, (start, end) in enumerate(self.pieces):
+            while i not in self.done:
+                self.progress = anyio.Event()
+                if i in self.done:
+                    break
+                await self.progress.wait()
+            await anyio.to_thread.run_sync(_hash_range, self.fd, start, end, hashes, limiter=self.io)
+        self._hashes = hashes
+
+    async def _get(self, url: str, start: int, end: int) -> None:
+        """One range into the part; the part's object (size, ETag) checked on every answer."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                await storage.raise_for_status(resp, f"bytes {start}-{end - 1}")
+                if resp.status == 200:
+                    raise RangesIgnored("storage ignored the Range header")
+                got_range = storage.content_range(resp)
+                if got_range is None or (got_range.first, got_range.end) != (start, end):
+                    raise DownloadError(f"Content-Range {resp.headers.get('Content-Range')!r} is not {start}-{end - 1}")
+                if got_range.total is not None and got_range.total != self.size:
+                    raise ObjectChanged(f"storage now has {got_range.total} bytes, not {self.size}")
+                got = resp.headers.get("ETag")
+                if self.etag is None and got:
+                    self.etag = got
+                    await self.log.set_etag(got)
+                elif got and got != self.etag:
+                    raise ObjectChanged(f"the stored object changed (ETag {self.etag} -> {got})")
+                self.md5 = self.md5 or storage.storage_md5(resp)
+                self.headers_seen.set()
+                offset = start
+                buffer = bytearray()
+                async for piece in resp.content.iter_chunked(WRITE_BYTES):
+                    buffer += piece
+                    if len(buffer) >= WRITE_BYTES:
+                        full, buffer = buffer, bytearray()  # hand the block over: no copy
+                        await anyio.to_thread.run_sync(write_at, self.fd, offset, full, limiter=self.io)
+                        offset += len(full)
+                        if self.counter is not None:
+                            self.counter[0] += len(full)
+                if buffer:
+                    await anyio.to_thread.run_sync(write_at, self.fd, offset, buffer, limiter=self.io)
+                    offset += len(buffer)
+                    if self.counter is not None:
+                        self.counter[0] += len(buffer)
+                if offset != end:
+                    raise DownloadError(f"range {start}-{end - 1} ended at {offset}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DownloadError(f"range {start}-{end - 1} broke ({type(exc).__name__})") from exc
 
 
 # When several connections fail at once, the caller acts on the most decisive reason.
@@ -159,61 +237,3 @@ def _decisive(group: BaseExceptionGroup) -> BaseException:
                 first = first.exceptions[0]
             return first
     return group
-
-
-async def _get_range(
-    session: aiohttp.ClientSession,
-    url: str,
-    fd: int,
-    span: tuple[int, int, int],
-    log: PartLog,
-    etag: list[str | None],
-    md5: list[str | None],
-    headers_seen: anyio.Event,
-    counter: list[int] | None,
-    io: anyio.CapacityLimiter | None,
-) -> None:
-    start, end, size = span
-    headers = {"Range": f"bytes={start}-{end - 1}"}
-    try:
-        async with session.get(url, headers=headers) as resp:
-            if resp.status in (400, 401, 403):
-                raise UrlExpired(f"storage answered {resp.status}")
-            if resp.status in (404, 410):
-                raise FileGone("storage no longer has it")
-            if resp.status == 200:
-                raise RangesIgnored("storage ignored the Range header")
-            if resp.status != 206:
-                raise DownloadError(f"storage answered HTTP {resp.status}")
-            match = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
-                raise DownloadError(f"Content-Range {resp.headers.get('Content-Range')!r} is not {start}-{end - 1}")
-            if match.group(3) != "*" and int(match.group(3)) != size:
-                raise ObjectChanged(f"storage now has {match.group(3)} bytes, not {size}")
-            got = resp.headers.get("ETag")
-            if etag[0] is None and got:
-                etag[0] = got
-                await log.set_etag(got)
-            elif got and got != etag[0]:
-                raise ObjectChanged(f"the stored object changed (ETag {etag[0]} -> {got})")
-            md5[0] = md5[0] or storage_md5(resp.headers.getall("x-goog-hash", []))
-            headers_seen.set()
-            offset = start
-            buffer = bytearray()
-            async for piece in resp.content.iter_chunked(WRITE_BYTES):
-                buffer += piece
-                if len(buffer) >= WRITE_BYTES:
-                    full, buffer = buffer, bytearray()  # hand the block over: no copy
-                    await anyio.to_thread.run_sync(write_at, fd, offset, full, limiter=io)
-                    offset += len(full)
-                    if counter is not None:
-                        counter[0] += len(full)
-            if buffer:
-                await anyio.to_thread.run_sync(write_at, fd, offset, buffer, limiter=io)
-                offset += len(buffer)
-                if counter is not None:
-                    counter[0] += len(buffer)
-            if offset != end:
-                raise DownloadError(f"range {start}-{end - 1} ended at {offset}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise DownloadError(f"range {start}-{end - 1} broke ({type(exc).__name__})") from exc

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +21,7 @@ from ..crashpoints import crash_point
 from ..errors import DownloadError, NoSpace, VerificationFailed
 
 READ_BYTES = 1024 * 1024
-CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def storage_md5(headers: list[str]) -> str | None:
-    """Storage's md5 of the whole object, from its `x-goog-hash` headers (`crc32c=...,md5=...`)."""
-    for header in headers:
-        for item in header.split(","):
-            name, _, value = item.strip().partition("=")
-            if name == "md5" and value:
-                return value
-    return None
 
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
