@@ -77,6 +77,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="drive the campaign until every job is finished and every file on disk")
     _common(p)
     _campaign_opts(p)
+    _run_options(p)
+
+    p = sub.add_parser("status", help="the campaign as the state store has it; no API call")
+    _common(p)
+    _campaign_opts(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="write OUT/report.html: the campaign to review, with its pictures")
+    _common(p)
+    _campaign_opts(p)
+
+    p = sub.add_parser("settle", help="decide an `unknown` job: it is REMOTE_ID, or --resubmit, or --give-up")
+    _common(p)
+    _campaign_opts(p)
+    _settle_options(p)
+
+    _jobs_command(sub)
+
+    p = sub.add_parser("sim", help="serve the simulator of the API")
+    _common(p)
+    _sim_options(p)
+    return parser
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """`run`: pacing, limits, downloads, callbacks, timeouts."""
     p.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
     p.add_argument("--simulate", action="store_true", help="start the simulator in-process and run against it")
     p.add_argument("--dry-run", action="store_true", help="send dry_run: true; nothing is charged, polled or saved")
@@ -153,24 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide every wait by this, to rehearse against `dreamlook-batch sim --time-scale` of the same value",
     )
 
-    p = sub.add_parser("status", help="the campaign as the state store has it; no API call")
-    _common(p)
-    _campaign_opts(p)
-    p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("report", help="write OUT/report.html: the campaign to review, with its pictures")
-    _common(p)
-    _campaign_opts(p)
-
-    p = sub.add_parser("settle", help="decide an `unknown` job: it is REMOTE_ID, or --resubmit, or --give-up")
-    _common(p)
-    _campaign_opts(p)
+def _settle_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_id")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--remote-id", help="the dreamlook.ai job id it turned out to be")
     group.add_argument("--resubmit", action="store_true", help="it does not exist: send it again")
     group.add_argument("--give-up", action="store_true", help="do not send it again; mark it failed")
 
+
+def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`jobs list TYPE`, `jobs get TYPE ID`: thin views of the API."""
     p = sub.add_parser("jobs", help="thin views of the API: jobs list TYPE, jobs get TYPE ID")
     _common(p)
     jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get")
@@ -184,11 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--json", action="store_true")
     for q in (pl, pg):
         _common(q)
-
-    p = sub.add_parser("sim", help="serve the simulator of the API")
-    _common(p)
-    _sim_options(p)
-    return parser
 
 
 def _sim_options(p: argparse.ArgumentParser) -> None:

@@ -155,6 +155,24 @@ async def reconcile(
     listed, covered = listing.items, listing.covered
     if seen is not None:
         await seen(listed)
+    verdicts, taken = _by_tag(lost, listed, claimed)
+    # Where the list shows tags, a job without ours is not ours: config matching could only
+    # claim somebody else's job with the same settings.
+    tags_listed = shows_tags(listed)
+    for job in lost:
+        if job.job_id in verdicts:
+            continue
+        if tags_listed:
+            verdicts[job.job_id] = _absent(len(listed)) if covered else _not_reached(len(listed))
+            continue
+        verdicts[job.job_id] = _by_config(job, listed, taken, covered)
+    return verdicts
+
+
+def _by_tag(
+    lost: Sequence[Lost], listed: Sequence[Mapping[str, Any]], claimed: Set[str]
+) -> tuple[dict[str, Reconciled], set[str]]:
+    """The lost jobs whose tag is listed, and every remote id now taken."""
     by_tag = tags_in(listed)
     verdicts: dict[str, Reconciled] = {}
     taken = set(claimed)
@@ -164,31 +182,25 @@ async def reconcile(
             remote = tagged[-1]  # the list is newest first: the oldest is ours, later ones duplicates
             verdicts[job.job_id] = Reconciled(Verdict.FOUND, remote, "found by its tag in the job list")
             taken.add(remote)
-    # Where the list shows tags, a job without ours is not ours: config matching could only
-    # claim somebody else's job with the same settings.
-    tags_listed = shows_tags(listed)
-    for job in lost:
-        if job.job_id in verdicts:
-            continue
-        sent = json.loads(job.sent_payload)
-        if tags_listed:
-            verdicts[job.job_id] = _absent(len(listed)) if covered else _not_reached(len(listed))
-            continue
-        matches = [
-            str(i.get("job_id", ""))
-            for i in listed
-            if str(i.get("job_id", "")) not in taken and _tag_of(i) is None and _config_matches(sent, i.get("config"))
-        ]
-        if len(matches) == 1:
-            verdicts[job.job_id] = Reconciled(Verdict.FOUND, matches[0], "found by its config (the list shows no tags)")
-            taken.add(matches[0])
-        elif matches:
-            ids = ", ".join(matches[:5])
-            why = f"several listed jobs match its config ({ids}); which one is ours is unclear"
-            verdicts[job.job_id] = Reconciled(Verdict.UNKNOWN, None, why)
-        else:
-            verdicts[job.job_id] = _absent(len(listed)) if covered else _not_reached(len(listed))
-    return verdicts
+    return verdicts, taken
+
+
+def _by_config(job: Lost, listed: Sequence[Mapping[str, Any]], taken: set[str], covered: bool) -> Reconciled:
+    """A list without tags: one untaken untagged job with the sent config is ours (and now taken)."""
+    sent = json.loads(job.sent_payload)
+    matches = [
+        str(i.get("job_id", ""))
+        for i in listed
+        if str(i.get("job_id", "")) not in taken and _tag_of(i) is None and _config_matches(sent, i.get("config"))
+    ]
+    if len(matches) == 1:
+        taken.add(matches[0])
+        return Reconciled(Verdict.FOUND, matches[0], "found by its config (the list shows no tags)")
+    if matches:
+        ids = ", ".join(matches[:5])
+        why = f"several listed jobs match its config ({ids}); which one is ours is unclear"
+        return Reconciled(Verdict.UNKNOWN, None, why)
+    return _absent(len(listed)) if covered else _not_reached(len(listed))
 
 
 def _absent(listed: int) -> Reconciled:
