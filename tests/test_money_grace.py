@@ -21,7 +21,7 @@ from orchestrator.cli import main
 from orchestrator.config import Timeouts
 from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
 from orchestrator.store import SqliteDb
-from orchestrator.store.sqlite import _SCHEMA
+from orchestrator.store.schema import SCHEMA_V1
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import cli_process, fast_run, fast_sim, write
@@ -242,7 +242,7 @@ def test_a_list_without_tags_cannot_adopt_and_says_so(tmp_path: Path, threaded_s
 def test_a_version_1_state_file_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
-        for statement in filter(str.strip, _SCHEMA.split(";")):
+        for statement in filter(str.strip, SCHEMA_V1.split(";")):
             db.execute(statement)
         db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         db.execute(

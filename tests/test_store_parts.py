@@ -6,13 +6,13 @@ import sqlite3
 from pathlib import Path
 
 from orchestrator.store import SqliteDb
-from orchestrator.store.sqlite import _SCHEMA, SCHEMA_VERSION
+from orchestrator.store.schema import SCHEMA_V1, SCHEMA_VERSION
 
 
 def version_1_state(path: Path) -> None:
     """A state file as version 1 wrote it: a job downloading, its file's ETag and finished ranges."""
     with sqlite3.connect(path) as db:
-        db.executescript(_SCHEMA)
+        db.executescript(SCHEMA_V1)
         db.execute("INSERT INTO meta VALUES ('schema_version', '1'), ('campaign', 'c')")
         db.execute(
             "INSERT INTO jobs (id, type, state, fingerprint, updated_at, position)"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .base import FileRow, JobRow, Store, SyncReport
 from .lock import CampaignLock
-from .sqlite import SCHEMA_VERSION, SqliteDb
+from .schema import SCHEMA_VERSION
+from .sqlite import SqliteDb
 from .threaded import SqliteStore
 
 

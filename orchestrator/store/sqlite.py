@@ -18,100 +18,9 @@ from ..errors import StoreError
 from ..models import PARENT_ENDED, ArtifactKind, JobSpec, JobState, can_move
 from .base import FileRow, JobRow, SyncReport
 from .parts import PartRecord
+from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 
-SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5_000
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE jobs (
-    id TEXT PRIMARY KEY,
-    type TEXT NOT NULL,
-    state TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    sent_fingerprint TEXT,
-    sent_payload TEXT,
-    checkpoint_from TEXT,
-    remote_id TEXT,
-    remote_state TEXT,
-    percentage REAL,
-    checkpoint_id TEXT,
-    intent_at REAL,
-    submitted_at REAL,
-    finished_at REAL,
-    ended_at REAL,
-    updated_at REAL NOT NULL,
-    next_check_at REAL,
-    checks INTEGER NOT NULL DEFAULT 0,
-    reason TEXT,
-    in_manifest INTEGER NOT NULL DEFAULT 1,
-    position INTEGER NOT NULL
-);
-CREATE INDEX jobs_by_state ON jobs (state, position);
-CREATE INDEX jobs_by_submission ON jobs (type, submitted_at);
-CREATE INDEX jobs_by_end ON jobs (type, ended_at);
-CREATE TABLE files (
-    job_id TEXT NOT NULL REFERENCES jobs (id),
-    remote_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    size_bytes INTEGER,
-    sha256 TEXT,
-    done INTEGER NOT NULL DEFAULT 0,
-    lost INTEGER NOT NULL DEFAULT 0,
-    etag TEXT,
-    PRIMARY KEY (job_id, remote_id),
-    UNIQUE (job_id, name)
-);
-CREATE TABLE file_ranges (
-    job_id TEXT NOT NULL,
-    remote_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    PRIMARY KEY (job_id, remote_id, idx)
-);
-"""  # schema 1; what later versions change is in _MIGRATIONS
-
-# ---- schema 2, files: proven spans of partial downloads --------------------------------
-# Version 1 kept an index of finished ranges, read back with the current --range-mb: a
-# resume with another range size trusted the wrong bytes. It is dropped (those files start
-# over, which is safe); a partial file is now its object (size, ETag) and proven spans.
-_V2_FILES = """
-DROP TABLE file_ranges;
-ALTER TABLE files DROP COLUMN etag;
-CREATE TABLE part_objects (
-    job_id TEXT NOT NULL,
-    remote_id TEXT NOT NULL,
-    size INTEGER,
-    etag TEXT,
-    PRIMARY KEY (job_id, remote_id)
-);
-CREATE TABLE part_spans (
-    job_id TEXT NOT NULL,
-    remote_id TEXT NOT NULL,
-    start INTEGER NOT NULL,
-    length INTEGER NOT NULL,
-    PRIMARY KEY (job_id, remote_id, start)
-);
-"""
-# ---- end of schema 2, files --------------------------------------------------------------
-
-# ---- schema 2, never paying twice (issue 11 sections 1-2) -------------------------------
-# attempt_at: when the last POST of the job was sent (its grace window counts from it);
-# reconcile_at: the end of the grace window as the run that sent it computed it;
-# adoption_checked: the job list was read for this job's tag before its first submission;
-# duplicate_ids: JSON list of the other remote ids the service holds with this job's tag.
-# Applied to fresh files after _SCHEMA and to version-1 files as their migration.
-_SCHEMA_V2_MONEY = """
-ALTER TABLE jobs ADD COLUMN attempt_at REAL;
-ALTER TABLE jobs ADD COLUMN reconcile_at REAL;
-ALTER TABLE jobs ADD COLUMN adoption_checked INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN duplicate_ids TEXT;
-UPDATE jobs SET attempt_at = intent_at WHERE state = 'submitting';
-UPDATE jobs SET adoption_checked = 1 WHERE intent_at IS NOT NULL OR remote_id IS NOT NULL
-"""
-# ---- end of schema 2, never paying twice ---------------------------------------------------
-
-_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES, _SCHEMA_V2_MONEY)}  # version -> scripts that reach it
-
 _ENDED = tuple(s.value for s in PARENT_ENDED)
 _ENDED_MARKS = ",".join("?" * len(_ENDED))
 # The parent `p` can give no checkpoint: its dependents are skipped, and only then.
@@ -160,7 +69,7 @@ class SqliteDb:
         with self._tx():
             exists = self._db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
             if not exists:
-                self._run_script(_SCHEMA)
+                self._run_script(SCHEMA_V1)
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
             version = int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
             if version > SCHEMA_VERSION:
@@ -170,7 +79,7 @@ class SqliteDb:
                 )
             # Upgrades run in the same transaction as the check: two processes never both migrate.
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for script in _MIGRATIONS.get(target, ()):
+                for script in MIGRATIONS.get(target, ()):
                     self._run_script(script)
                 self._db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(target),))
 
