@@ -91,6 +91,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.resume:
         shutil.rmtree(WORK, ignore_errors=True)
+    # On PYTHONPATH below: it must exist before mutmut starts, or Python caches it as missing.
+    WORK.mkdir(exist_ok=True)
     started = time.monotonic()
     command = ["run", "--max-children", str(args.children), *(args.patterns or GUARDED)]
     # mutmut runs `type_check_command` (mypy) by name: the environment's own first on PATH.
