@@ -44,6 +44,7 @@ class CheckStage:
         self.busy: set[str] = set()
         self.callbacks_accepted = 0
         self._hints_seen: set[tuple[str, str]] = set()
+        self.hinted: set[str] = set()  # jobs a callback named while they were being checked
         self._typical: dict[str, tuple[float, float | None]] = {}
 
     # -- scheduling -----------------------------------------------------------------
@@ -98,6 +99,7 @@ class CheckStage:
         try:
             async with self.limiter:
                 await self._check_one(row)
+            await self._look_again_if_hinted([row.id])
         finally:
             self.busy.discard(row.id)
             self.notify()
@@ -108,9 +110,18 @@ class CheckStage:
             for row in missed:
                 async with self.limiter:
                     await self._check_one(row)
+            await self._look_again_if_hinted([r.id for r in rows])
         finally:
             self.busy.difference_update(r.id for r in rows)
             self.notify()
+
+    async def _look_again_if_hinted(self, job_ids: list[str]) -> None:
+        """A callback that came while these jobs were being read may be newer than what was read
+        (whose next look may now be far off): look at those jobs again now."""
+        for job_id in [j for j in job_ids if j in self.hinted]:
+            self.hinted.discard(job_id)
+            if (await self.store.job(job_id)).state in AT_SERVICE:
+                await self.store.check_at(job_id, self.now())
 
     async def _read_list(self, job_type: str, rows: list[JobRow], due: list[JobRow]) -> list[JobRow]:
         """Apply what the job list says of `rows`; the due rows it did not settle."""
@@ -240,6 +251,8 @@ class CheckStage:
         self._hints_seen.add((remote_id, marker))
         self.callbacks_accepted += 1
         if row.state in AT_SERVICE:
+            if row.id in self.busy:
+                self.hinted.add(row.id)  # the look in flight may have read the job before the change
             await self.store.check_at(row.id, self.now())
             self.notify()
         return "accepted"
