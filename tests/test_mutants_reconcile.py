@@ -31,6 +31,7 @@ from orchestrator.store import SqliteStore
 from orchestrator.ui import clock
 
 from .conftest import fast_sim, write
+from .test_mutants_retry_store import fails_once
 
 QUICK = RetryPolicy(attempts=2, total_s=5.0, backoff_min_s=0.01, backoff_max_s=0.02)
 OURS = {"prompt": "a lighthouse at dusk", "base_model": "stable-diffusion-v1-5", "seed": 7}
@@ -195,14 +196,7 @@ async def test_a_lost_job_left_unknown_keeps_why_for_the_person_who_settles_it(t
 
 @pytest.mark.anyio
 async def test_a_retried_range_is_logged_as_a_range_retry(caplog: pytest.LogCaptureFixture) -> None:
-    tries: list[int] = []
-
-    async def fetch() -> bytes:
-        tries.append(1)
-        if len(tries) == 1:
-            raise DownloadError("connection reset")
-        return b"bytes"
-
+    fetch = fails_once(DownloadError("connection reset"), b"bytes")
     policy = RetryPolicy(attempts=3, total_s=5.0, backoff_min_s=0.001, backoff_max_s=0.001)
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await range_attempts(fetch, policy, "j0/a.png bytes 0-99") == b"bytes"

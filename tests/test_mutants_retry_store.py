@@ -4,8 +4,9 @@ move and revival verbs against a real SQLite file (what they commit, and how).""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -16,9 +17,24 @@ from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobSpec, JobState, JobType
 from orchestrator.store import SqliteDb
 
-from .test_mutants_store import SPECS, T0, assert_committed_synced, statements_of
+from .test_mutants_store import SPECS, T0, assert_committed_synced, db, statements_of  # noqa: F401 (db is a fixture)
+
+T = TypeVar("T")
 
 # -- retry ------------------------------------------------------------------------------
+
+
+def fails_once(error: Exception, answer: T) -> Callable[[], Awaitable[T]]:
+    """A call that raises `error` the first time and answers `answer` after."""
+    tries: list[int] = []
+
+    async def call() -> T:
+        tries.append(1)
+        if len(tries) == 1:
+            raise error
+        return answer
+
+    return call
 
 
 def retry_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -66,14 +82,7 @@ async def test_the_first_retries_of_an_api_read_wait_about_the_policy_minimum_no
 
 @pytest.mark.anyio
 async def test_a_range_whose_url_was_renewed_is_asked_again_at_once(caplog: pytest.LogCaptureFixture) -> None:
-    tries: list[int] = []
-
-    async def fetch_range() -> bytes:
-        tries.append(1)
-        if len(tries) == 1:
-            raise UrlExpired("signed URL expired; renewed")
-        return b"bytes"
-
+    fetch_range = fails_once(UrlExpired("signed URL expired; renewed"), b"bytes")
     policy = RetryPolicy(attempts=3, total_s=60.0, backoff_min_s=5.0, backoff_max_s=5.0)
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await range_attempts(fetch_range, policy, "j0/a.png 0-99") == b"bytes"
@@ -82,16 +91,6 @@ async def test_a_range_whose_url_was_renewed_is_asked_again_at_once(caplog: pyte
 
 
 # -- store ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[SqliteDb]:
-    store = SqliteDb(tmp_path / "state.db")
-    store.sync_manifest("c", SPECS, [spec_fingerprint(s) for s in SPECS], T0)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def test_intents_and_remote_ids_of_submitted_jobs_are_committed_synced(db: SqliteDb) -> None:

@@ -16,6 +16,7 @@ from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
 from orchestrator.store import SqliteDb
 
+from .test_mutants_retry_store import fails_once
 from .test_mutants_store import SPECS, T0, assert_committed_synced, statements_of
 
 
@@ -42,14 +43,7 @@ def test_an_adopted_job_is_queued_under_the_remote_id_and_committed_synced(state
 
 @pytest.mark.anyio
 async def test_a_retried_file_download_is_logged_as_a_download_retry(caplog: pytest.LogCaptureFixture) -> None:
-    tries: list[int] = []
-
-    async def fetch() -> bytes:
-        tries.append(1)
-        if len(tries) == 1:
-            raise DownloadError("connection reset")
-        return b"bytes"
-
+    fetch = fails_once(DownloadError("connection reset"), b"bytes")
     policy = RetryPolicy(attempts=3, total_s=5.0, backoff_min_s=0.001, backoff_max_s=0.001)
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await file_attempts(fetch, policy, "j0/a.png") == b"bytes"
