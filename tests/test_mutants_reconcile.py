@@ -98,9 +98,10 @@ MANIFEST = "campaign: camp\njobs:\n- {id: j0, type: image_gen, base_model: stabl
 
 @asynccontextmanager
 async def resolve_stage(
-    tmp_path: Path, sim: Simulator, now: Callable[[], float], settings: RunSettings
+    tmp_path: Path, sim: Simulator, now: Callable[[], float], settings: RunSettings, manifest_text: str = MANIFEST
 ) -> AsyncIterator[ResolveStage]:
-    manifest = load_manifest(write(tmp_path / "camp.yaml", MANIFEST))
+    """The resolve stage as the engine builds it, over a fresh store of `manifest_text`, on a clock the test sets."""
+    manifest = load_manifest(write(tmp_path / "camp.yaml", manifest_text))
     store = await SqliteStore.open(tmp_path / "camp.db")
     try:
         await store.sync_manifest("camp", manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], now())

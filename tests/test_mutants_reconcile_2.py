@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,16 @@ from aiohttp import web
 
 from orchestrator.api.client import LIST_PAGE, ApiClient
 from orchestrator.config import RunSettings
-from orchestrator.manifest.load import CAMPAIGN_TAG_KEY, load_manifest, spec_fingerprint
+from orchestrator.manifest.load import CAMPAIGN_TAG_KEY
 from orchestrator.models import JobState, JobType
-from orchestrator.run.context import JobObjects, RunContext
 from orchestrator.run.reconcile import CLOCK_SKEW_S, Lost, Reconciled, Verdict, reconcile
 from orchestrator.run.resolve import ResolveStage
 from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
 from orchestrator.sim.service import JobKind, iso
-from orchestrator.store import SqliteStore
 from orchestrator.ui import clock
 
-from .conftest import fast_sim, write
-from .test_mutants_reconcile import OUR_TAG, OURS, QUICK, sent, submit, verdict_of
+from .conftest import fast_sim
+from .test_mutants_reconcile import OUR_TAG, OURS, QUICK, resolve_stage, sent, submit, verdict_of
 
 KEY = "dl-" + "1" * 32
 THEIR_TAG = {"key": CAMPAIGN_TAG_KEY, "value": "other-campaign/x"}
@@ -155,26 +153,10 @@ TWO_JOBS = (
 )
 
 
-@asynccontextmanager
-async def stage_for(
+def stage_for(
     tmp_path: Path, sim: Simulator, now: Callable[[], float], settings: RunSettings
-) -> AsyncIterator[ResolveStage]:
-    manifest = load_manifest(write(tmp_path / "camp.yaml", TWO_JOBS))
-    store = await SqliteStore.open(tmp_path / "camp.db")
-    try:
-        await store.sync_manifest("camp", manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], now())
-        async with ApiClient(sim.url, sim.api_key) as api:
-            ctx = RunContext(
-                manifest=manifest,
-                store=store,
-                api=api,
-                settings=settings,
-                now=now,
-                jobs=JobObjects(store, api, settings),
-            )
-            yield ResolveStage(ctx)
-    finally:
-        await store.close()
+) -> AbstractAsyncContextManager[ResolveStage]:
+    return resolve_stage(tmp_path, sim, now, settings, TWO_JOBS)
 
 
 def first_lists_fail(times: int) -> FaultPlan:
