@@ -8,7 +8,6 @@ Mounting needs root: elsewhere these tests are skipped, saying why.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from orchestrator.store import SqliteDb
 from orchestrator.transfer.file import free_space_margin
 
 from .campaigns import assert_campaign_on_disk
-from .conftest import fast_run, fast_sim, write
+from .conftest import fast_run, fast_sim, tmpfs_at, write
 from .test_downloads import manifest
 
 pytestmark = pytest.mark.anyio
@@ -37,17 +36,8 @@ LEFT_FREE = 512 * 1024  # what the other writer leaves: the download runs out of
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """The job's folder `out/t0` on a disk of its own (the campaign's summary.json stays off it)."""
-    disk = tmp_path / "out" / "t0"
-    disk.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs_at(tmp_path / "out" / "t0", DISK_MB) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 async def run(sim: Simulator, path: Path, out: Path, settings: RunSettings) -> RunResult:

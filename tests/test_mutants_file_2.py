@@ -6,7 +6,6 @@ several files, and errors that are not a full disk. Each test states what a user
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,7 +19,7 @@ from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulat
 from orchestrator.store.parts import MemoryPartLog
 from orchestrator.transfer.file import IO_THREADS, Downloader, free_space_margin
 
-from .conftest import fast_sim
+from .conftest import fast_sim, tmpfs_at
 from .test_mutants_file import QUICK, SIZE, expected_sha, fetch, one_stream, parts_in, served, sha, stored
 
 pytestmark = pytest.mark.anyio
@@ -31,17 +30,8 @@ DISK_MB = 8
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A folder on a disk of its own: a real 8 MiB tmpfs (mounting needs root: skipped elsewhere)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs_at(tmp_path / "disk", DISK_MB) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def free_bytes(folder: Path) -> int:
