@@ -22,6 +22,8 @@ import pytest
 from orchestrator.config import Limits, RunSettings
 from orchestrator.sim import SimSettings, Simulator
 
+from .postgres_server import pg_empty_url, pg_template, pg_url  # noqa: F401  (fixtures: a fresh PostgreSQL database)
+
 # Training of 1200 steps: ~1000 service seconds / 20000 = 0.05 s.
 FAST_SCALE = 20_000.0
 

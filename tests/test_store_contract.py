@@ -1,7 +1,7 @@
 """The `Store` contract, written once and run against every backend.
 
-Each test speaks only the `Store` Protocol's awaitable verbs, so a new backend (PostgreSQL,
-for several machines) is added by adding it to `BACKENDS` and passing this file. The
+Each test speaks only the `Store` Protocol's awaitable verbs: every backend in `BACKENDS`
+(SQLite in a file and in memory, PostgreSQL in a fresh database) passes this file. The
 guarantees are those docs/architecture.md states: no second intent, ids recorded only
 for the jobs that expect them, the state machine, `unknown` left only by a person,
 dependents skipped exactly while their parent can give no checkpoint, proven spans
@@ -20,6 +20,7 @@ from orchestrator.errors import StoreError
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import ArtifactKind, JobSpec, JobState, JobType
 from orchestrator.store import FileRow, SqliteStore, Store
+from orchestrator.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
 T0 = 1_000.0
@@ -45,13 +46,26 @@ async def sqlite_memory(folder: Path) -> AsyncIterator[Store]:
         await store.close()
 
 
-BACKENDS = [pytest.param(sqlite_file, id="sqlite-file"), pytest.param(sqlite_memory, id="sqlite-memory")]
+def postgres(url: str) -> Opener:
+    @asynccontextmanager
+    async def opened(folder: Path) -> AsyncIterator[Store]:
+        store = await PostgresStore.open(url, "c")
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    return opened
+
+
+BACKENDS = ["sqlite-file", "sqlite-memory", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)
 def opener(request: pytest.FixtureRequest) -> Opener:
-    backend: Opener = request.param
-    return backend
+    if request.param == "postgres":
+        return postgres(request.getfixturevalue("pg_url"))  # skipped (or failed, in CI) without a server
+    return sqlite_file if request.param == "sqlite-file" else sqlite_memory
 
 
 def spec(job_id: str, *, parent: str | None = None, prompt: str = "p") -> JobSpec:

@@ -3,9 +3,13 @@
 `Store` (base.py) is the protocol everything above the store is typed against: domain
 verbs, all awaitable, no SQL. `SqliteStore` (threaded.py) implements it over `SqliteDb`
 (sqlite.py: the SQL) for one process per campaign; `CampaignLock` keeps it that way.
+`PostgresStore` (postgres.py, pg_write.py on pg_base.py) implements it over a database
+that several hosts share (the optional extra `postgres`: import it from its module).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .base import FileRow, JobRow, Store, SyncReport
 from .lock import CampaignLock
@@ -16,6 +20,13 @@ from .threaded import SqliteStore
 
 def _conforms(store: SqliteStore) -> Store:
     return store  # mypy checks here that SqliteStore is a Store, verb for verb
+
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
+    def _conforms_too(store: PostgresStore) -> Store:
+        return store  # and PostgresStore
 
 
 __all__ = ["SCHEMA_VERSION", "CampaignLock", "FileRow", "JobRow", "SqliteDb", "SqliteStore", "Store", "SyncReport"]

@@ -3,12 +3,18 @@ the rows it answers with."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ..models import ArtifactKind, JobSpec, JobState
 from .parts import PartRecord
+
+if TYPE_CHECKING:
+    import sqlite3
+
+Row: TypeAlias = "Mapping[str, Any] | sqlite3.Row"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +56,32 @@ class FileRow:
     sha256: str | None
     done: bool
     lost: bool
+
+
+# The columns of a JobRow, in every backend's `jobs` table.
+JOB_COLUMNS = (
+    "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
+    "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
+    "next_check_at, checks, reason, in_manifest, attempt_at, reconcile_at, adoption_checked, duplicate_ids"
+)
+FILE_COLUMNS = "job_id, remote_id, name, kind, size_bytes, sha256, done, lost"
+
+
+def job_row(row: Row) -> JobRow:
+    """A JobRow from a row of JOB_COLUMNS (SQLite's integers or PostgreSQL's booleans)."""
+    values = dict(row)
+    values["state"] = JobState(values["state"])
+    values["in_manifest"] = bool(values["in_manifest"])
+    values["adoption_checked"] = bool(values["adoption_checked"])
+    values["duplicate_ids"] = tuple(json.loads(values["duplicate_ids"])) if values["duplicate_ids"] else ()
+    return JobRow(**values)
+
+
+def file_row(row: Row) -> FileRow:
+    values = dict(row)
+    values["kind"] = ArtifactKind(values["kind"])
+    values["done"], values["lost"] = bool(values["done"]), bool(values["lost"])
+    return FileRow(**values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import PARENT_ENDED, ArtifactKind, JobSpec, JobState, can_move
-from .base import FileRow, JobRow, SyncReport
+from ..models import PARENT_ENDED, JobSpec, JobState, can_move
+from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 
@@ -25,27 +25,6 @@ _ENDED = tuple(s.value for s in PARENT_ENDED)
 _ENDED_MARKS = ",".join("?" * len(_ENDED))
 # The parent `p` can give no checkpoint: its dependents are skipped, and only then.
 _DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
-_JOB_COLUMNS = (
-    "id, type, state, fingerprint, sent_fingerprint, sent_payload, checkpoint_from, remote_id, "
-    "remote_state, percentage, checkpoint_id, intent_at, submitted_at, finished_at, ended_at, updated_at, "
-    "next_check_at, checks, reason, in_manifest, attempt_at, reconcile_at, adoption_checked, duplicate_ids"
-)
-
-
-def _job(row: sqlite3.Row | dict[str, Any]) -> JobRow:
-    values = dict(row)
-    values["state"] = JobState(values["state"])
-    values["in_manifest"] = bool(values["in_manifest"])
-    values["adoption_checked"] = bool(values["adoption_checked"])
-    values["duplicate_ids"] = tuple(json.loads(values["duplicate_ids"])) if values["duplicate_ids"] else ()
-    return JobRow(**values)
-
-
-def _file(row: sqlite3.Row) -> FileRow:
-    values = dict(row)
-    values["kind"] = ArtifactKind(values["kind"])
-    values["done"], values["lost"] = bool(values["done"]), bool(values["lost"])
-    return FileRow(**values)
 
 
 class SqliteDb:
@@ -165,19 +144,19 @@ class SqliteDb:
     # -- reading --------------------------------------------------------------------
 
     def job(self, job_id: str) -> JobRow:
-        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        rows = self._query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
         if not rows:
             raise StoreError(f"no job {job_id!r} in {self.path}")
-        return _job(rows[0])
+        return job_row(rows[0])
 
     def jobs(self, states: Iterable[JobState] | None = None) -> list[JobRow]:
         if states is None:
-            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY position")
+            rows = self._query(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY position")
         else:
             wanted = [s.value for s in states]
             marks = ",".join("?" * len(wanted))
-            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY position", wanted)
-        return [_job(r) for r in rows]
+            rows = self._query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY position", wanted)
+        return [job_row(r) for r in rows]
 
     def newest_submitted(self, job_type: str, limit: int) -> set[str]:
         """Our most recently submitted jobs of a type: those a first page of the job list shows."""
@@ -190,7 +169,7 @@ class SqliteDb:
     def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]:
         """Pending jobs that may go now or must be skipped, in manifest order, with their
         parent's state and checkpoint: no parent, or a parent that has ended."""
-        columns = ", ".join(f"j.{c.strip()}" for c in _JOB_COLUMNS.split(","))
+        columns = ", ".join(f"j.{c.strip()}" for c in JOB_COLUMNS.split(","))
         rows = self._query(
             f"SELECT {columns}, p.state AS parent_state, p.checkpoint_id AS parent_checkpoint FROM jobs j"
             " LEFT JOIN jobs p ON p.id = j.checkpoint_from"
@@ -202,7 +181,7 @@ class SqliteDb:
         for r in rows:
             values = dict(r)
             parent_state, parent_checkpoint = values.pop("parent_state"), values.pop("parent_checkpoint")
-            row = _job(values)
+            row = job_row(values)
             out.append((row, JobState(parent_state) if parent_state else None, parent_checkpoint))
         return out
 
@@ -222,16 +201,16 @@ class SqliteDb:
         if not wanted:
             return []
         marks = ",".join("?" * len(wanted))
-        return [_job(r) for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", wanted)]
+        return [job_row(r) for r in self._query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ({marks})", wanted)]
 
     def due_for_check(self, now: float) -> list[JobRow]:
         """Jobs in flight whose next look is due."""
         rows = self._query(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) AND remote_id IS NOT NULL"
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) AND remote_id IS NOT NULL"
             " AND (next_check_at IS NULL OR next_check_at <= ?) ORDER BY position",
             (JobState.QUEUED.value, JobState.RUNNING.value, now),
         )
-        return [_job(r) for r in rows]
+        return [job_row(r) for r in rows]
 
     def next_check_due(self, after: float) -> float | None:
         """The soonest look due after `after` (those due before it are being taken)."""
@@ -315,10 +294,10 @@ class SqliteDb:
     def adoption_candidates(self) -> list[JobRow]:
         """Pending jobs whose tag was never looked for in the job list (this state never sent them)."""
         rows = self._query(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state=? AND adoption_checked=0 AND in_manifest=1 ORDER BY position",
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state=? AND adoption_checked=0 AND in_manifest=1 ORDER BY position",
             (JobState.PENDING.value,),
         )
-        return [_job(r) for r in rows]
+        return [job_row(r) for r in rows]
 
     def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
         """(job id, remote id, first look) found under our tag: PENDING -> QUEUED; every id in
@@ -444,17 +423,14 @@ class SqliteDb:
 
     def files(self, job_id: str) -> list[FileRow]:
         rows = self._query(
-            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files"
-            " WHERE job_id=? ORDER BY name",
+            f"SELECT {FILE_COLUMNS} FROM files WHERE job_id=? ORDER BY name",
             (job_id,),
         )
-        return [_file(r) for r in rows]
+        return [file_row(r) for r in rows]
 
     def all_files(self) -> list[FileRow]:
-        rows = self._query(
-            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files ORDER BY job_id, name"
-        )
-        return [_file(r) for r in rows]
+        rows = self._query(f"SELECT {FILE_COLUMNS} FROM files ORDER BY job_id, name")
+        return [file_row(r) for r in rows]
 
     def files_done_total(self) -> tuple[int, int]:
         """How many files are done, and their bytes (a tally, not the rows)."""
@@ -469,10 +445,10 @@ class SqliteDb:
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         try:
-            cursor = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE in_manifest=1 ORDER BY position, id")
+            cursor = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE in_manifest=1 ORDER BY position, id")
             try:
                 while rows := cursor.fetchmany(page_size):
-                    jobs = [_job(r) for r in rows]
+                    jobs = [job_row(r) for r in rows]
                     files: dict[str, list[FileRow]] = {}
                     for f in self._files_of([j.id for j in jobs]):
                         files.setdefault(f.job_id, []).append(f)
@@ -485,11 +461,10 @@ class SqliteDb:
     def _files_of(self, job_ids: Sequence[str]) -> list[FileRow]:
         marks = ",".join("?" * len(job_ids))
         rows = self._db.execute(
-            "SELECT job_id, remote_id, name, kind, size_bytes, sha256, done, lost FROM files"
-            f" WHERE job_id IN ({marks}) ORDER BY job_id, name",
+            f"SELECT {FILE_COLUMNS} FROM files WHERE job_id IN ({marks}) ORDER BY job_id, name",
             job_ids,
         ).fetchall()
-        return [_file(r) for r in rows]
+        return [file_row(r) for r in rows]
 
     def files_by_job(self) -> dict[str, list[FileRow]]:
         grouped: dict[str, list[FileRow]] = {}

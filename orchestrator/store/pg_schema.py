@@ -1,0 +1,87 @@
+"""The PostgreSQL schema of the shared state: one set of tables for every campaign of a
+database (rows carry their campaign), created and upgraded by the tool itself.
+
+The version lives in `dlb_meta`. Creating and upgrading run in one transaction under a
+transaction-level advisory lock, so hosts that start together wait for one another and
+exactly one of them creates or upgrades; the others then find the version current.
+"""
+
+from __future__ import annotations
+
+PG_SCHEMA_VERSION = 1
+# A fixed key for pg_advisory_xact_lock: "dlb-schema" folded into a bigint.
+SCHEMA_LOCK_KEY = 0x646C_622D_7363_6865
+
+PG_SCHEMA_V1 = """
+CREATE TABLE dlb_campaigns (
+    name TEXT PRIMARY KEY,
+    created_at DOUBLE PRECISION NOT NULL,
+    write_checked_at DOUBLE PRECISION
+);
+CREATE TABLE dlb_jobs (
+    campaign TEXT NOT NULL REFERENCES dlb_campaigns (name),
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    state TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    sent_fingerprint TEXT,
+    sent_payload TEXT,
+    checkpoint_from TEXT,
+    remote_id TEXT,
+    remote_state TEXT,
+    percentage DOUBLE PRECISION,
+    checkpoint_id TEXT,
+    intent_at DOUBLE PRECISION,
+    submitted_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    ended_at DOUBLE PRECISION,
+    updated_at DOUBLE PRECISION NOT NULL,
+    next_check_at DOUBLE PRECISION,
+    checks INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    in_manifest BOOLEAN NOT NULL DEFAULT TRUE,
+    position INTEGER NOT NULL,
+    attempt_at DOUBLE PRECISION,
+    reconcile_at DOUBLE PRECISION,
+    adoption_checked BOOLEAN NOT NULL DEFAULT FALSE,
+    duplicate_ids TEXT,
+    spec TEXT NOT NULL,
+    PRIMARY KEY (campaign, id)
+);
+CREATE INDEX dlb_jobs_by_state ON dlb_jobs (campaign, state, position);
+CREATE INDEX dlb_jobs_by_position ON dlb_jobs (campaign, position, id);
+CREATE INDEX dlb_jobs_by_submission ON dlb_jobs (campaign, type, submitted_at);
+CREATE INDEX dlb_jobs_by_end ON dlb_jobs (campaign, type, ended_at);
+CREATE TABLE dlb_files (
+    campaign TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    size_bytes BIGINT,
+    sha256 TEXT,
+    done BOOLEAN NOT NULL DEFAULT FALSE,
+    lost BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (campaign, job_id, remote_id),
+    UNIQUE (campaign, job_id, name),
+    FOREIGN KEY (campaign, job_id) REFERENCES dlb_jobs (campaign, id)
+);
+CREATE TABLE dlb_part_objects (
+    campaign TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    size BIGINT,
+    etag TEXT,
+    PRIMARY KEY (campaign, job_id, remote_id)
+);
+CREATE TABLE dlb_part_spans (
+    campaign TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    start BIGINT NOT NULL,
+    length BIGINT NOT NULL,
+    PRIMARY KEY (campaign, job_id, remote_id, start)
+)
+"""
+
+PG_MIGRATIONS: dict[int, tuple[str, ...]] = {}  # version -> scripts that reach it from the one before

@@ -1,0 +1,323 @@
+"""The PostgreSQL store's verbs that write: the same guards as SQLite's (store/sqlite.py),
+each one transaction, with the job's row locked (`FOR UPDATE`) where a verb reads it
+before it writes, so two processes never both move one job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow
+
+from ..errors import StoreError
+from ..models import JobState, can_move
+from .base import FileRow
+from .pg_base import DEAD_END, PgBase
+
+_PART = "campaign=%(c)s AND job_id=%(j)s AND remote_id=%(r)s"
+
+
+class PgWrites(PgBase):
+    # -- submissions (rule 1) -----------------------------------------------------------
+
+    async def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
+        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, committed."""
+        async with self._tx() as db:
+            for job_id, payload, fingerprint in intents:
+                cur = await db.execute(
+                    "UPDATE dlb_jobs SET state='submitting', intent_at=%(now)s, sent_payload=%(p)s,"
+                    " sent_fingerprint=%(fp)s, updated_at=%(now)s, attempt_at=NULL, reconcile_at=NULL,"
+                    " adoption_checked=TRUE WHERE campaign=%(c)s AND id=%(id)s AND state='pending'",
+                    self._args({"now": now, "p": payload, "fp": fingerprint, "id": job_id}),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
+
+    async def mark_submitted(
+        self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
+    ) -> None:
+        await self.mark_submitted_many([(job_id, remote_id, next_check_at)], now)
+
+    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
+        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one transaction."""
+        async with self._tx() as db:
+            for job_id, remote_id, next_check_at in items:
+                cur = await db.execute(
+                    "UPDATE dlb_jobs SET state='queued', remote_id=%(r)s, submitted_at=%(now)s, updated_at=%(now)s,"
+                    " remote_state='queued', next_check_at=%(next)s"
+                    " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'",
+                    self._args({"r": remote_id, "now": now, "next": next_check_at, "id": job_id}),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+
+    async def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
+        await self._write(
+            "UPDATE dlb_jobs SET attempt_at=%(now)s, reconcile_at=GREATEST(COALESCE(reconcile_at, 0), %(end)s)"
+            " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'",
+            {"now": now, "end": window_end, "id": job_id},
+        )
+
+    async def answer_lost(self, job_id: str, window_end: float) -> None:
+        await self._write(
+            "UPDATE dlb_jobs SET reconcile_at=GREATEST(COALESCE(reconcile_at, 0), %(end)s)"
+            " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'",
+            {"end": window_end, "id": job_id},
+        )
+
+    async def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
+        async with self._tx() as db:
+            for job_id, remote_id, next_check_at in found:
+                cur = await db.execute(
+                    "UPDATE dlb_jobs SET state='queued', remote_id=%(r)s, submitted_at=%(now)s, updated_at=%(now)s,"
+                    " remote_state='queued', next_check_at=%(next)s, adoption_checked=TRUE, reason=%(why)s"
+                    " WHERE campaign=%(c)s AND id=%(id)s AND state='pending'",
+                    self._args(
+                        {
+                            "r": remote_id,
+                            "now": now,
+                            "next": next_check_at,
+                            "id": job_id,
+                            "why": f"adopted: the service already held {remote_id} with this job's tag",
+                        }
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise StoreError(f"job {job_id!r} is not pending: cannot adopt {remote_id}")
+            await db.execute(
+                "UPDATE dlb_jobs SET adoption_checked=TRUE WHERE campaign=%(c)s AND id = ANY(%(ids)s)",
+                self._args({"ids": list(checked)}),
+            )
+
+    async def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "SELECT duplicate_ids FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE",
+                self._args({"id": job_id}),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return False
+            known: list[str] = json.loads(row["duplicate_ids"]) if row["duplicate_ids"] else []
+            new = [r for r in remote_ids if r not in known]
+            if new:
+                await db.execute(
+                    "UPDATE dlb_jobs SET duplicate_ids=%(d)s WHERE campaign=%(c)s AND id=%(id)s",
+                    self._args({"d": json.dumps(known + new), "id": job_id}),
+                )
+            return bool(new)
+
+    # -- state changes ----------------------------------------------------------------
+
+    async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "SELECT state FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE", self._args({"id": job_id})
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id!r}")
+            current = JobState(row["state"])
+            if not can_move(current, state):
+                raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
+            if JobState.SKIPPED in (current, state) and current is not state:
+                dead_end = await self._parent_is_dead_end(db, job_id)
+                if dead_end is not (state is JobState.SKIPPED):
+                    raise StoreError(
+                        f"job {job_id!r} cannot move from {current} to {state}: its checkpoint_from job "
+                        + ("can give no checkpoint" if dead_end else "may still give a checkpoint")
+                    )
+            finished = now if state.terminal else None
+            ended = now if state in (JobState.SUCCEEDED, JobState.FAILED) and current.in_flight else None
+            forget = state is JobState.PENDING  # provably never created: forget the intent
+            await db.execute(
+                "UPDATE dlb_jobs SET state=%(s)s, updated_at=%(now)s, reason=COALESCE(%(why)s, reason),"
+                " finished_at=COALESCE(%(fin)s, finished_at), ended_at=COALESCE(%(end)s, ended_at),"
+                " intent_at=CASE WHEN %(forget)s THEN NULL ELSE intent_at END,"
+                " sent_payload=CASE WHEN %(forget)s THEN NULL ELSE sent_payload END,"
+                " sent_fingerprint=CASE WHEN %(forget)s THEN NULL ELSE sent_fingerprint END"
+                " WHERE campaign=%(c)s AND id=%(id)s",
+                self._args(
+                    {
+                        "s": state.value,
+                        "now": now,
+                        "why": reason,
+                        "fin": finished,
+                        "end": ended,
+                        "forget": forget,
+                        "id": job_id,
+                    }
+                ),
+            )
+
+    async def settle(
+        self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
+    ) -> tuple[str, ...]:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE dlb_jobs SET state=%(s)s, remote_id=COALESCE(%(r)s, remote_id), reason=%(why)s,"
+                " updated_at=%(now)s, finished_at=%(fin)s,"
+                " submitted_at=CASE WHEN %(r)s::text IS NULL THEN submitted_at ELSE %(now)s END"
+                " WHERE campaign=%(c)s AND id=%(id)s AND state='unknown'",
+                self._args(
+                    {
+                        "s": state.value,
+                        "r": remote_id,
+                        "why": reason,
+                        "now": now,
+                        "fin": now if state.terminal else None,
+                        "id": job_id,
+                    }
+                ),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"job {job_id!r} is not unknown: nothing to settle")
+            return await self._revive_skipped(db, now)
+
+    async def check_writable(self) -> None:
+        """A committed write, as an intent would be: before the first paid POST, not after it."""
+        await self._write(
+            "INSERT INTO dlb_campaigns (name, created_at, write_checked_at) VALUES (%(c)s, %(now)s, %(now)s)"
+            " ON CONFLICT (name) DO UPDATE SET write_checked_at=excluded.write_checked_at",
+            {"now": 0.0},
+        )
+
+    async def update_remote(
+        self,
+        job_id: str,
+        *,
+        remote_state: str,
+        percentage: float | None,
+        next_check_at: float | None,
+        now: float,
+    ) -> None:
+        await self._write(
+            "UPDATE dlb_jobs SET remote_state=%(rs)s, percentage=%(pct)s, next_check_at=%(next)s, checks=checks+1,"
+            " updated_at=%(now)s WHERE campaign=%(c)s AND id=%(id)s",
+            {"rs": remote_state, "pct": percentage, "next": next_check_at, "now": now, "id": job_id},
+        )
+
+    async def check_at(self, job_id: str, when: float) -> None:
+        await self._write(
+            "UPDATE dlb_jobs SET next_check_at=%(t)s WHERE campaign=%(c)s AND id=%(id)s", {"t": when, "id": job_id}
+        )
+
+    async def record_success(
+        self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
+    ) -> None:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "SELECT state FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE", self._args({"id": job_id})
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise StoreError(f"no job {job_id!r}")
+            current = JobState(row["state"])
+            if not can_move(current, JobState.SUCCEEDED):
+                raise StoreError(f"job {job_id!r} cannot move from {current} to succeeded")
+            if files:
+                async with db.cursor() as c:
+                    await c.executemany(
+                        "INSERT INTO dlb_files (campaign, job_id, remote_id, name, kind, size_bytes)"
+                        " VALUES (%(c)s, %(j)s, %(r)s, %(n)s, %(k)s, %(size)s) ON CONFLICT DO NOTHING",
+                        [
+                            self._args(
+                                {"j": job_id, "r": f.remote_id, "n": f.name, "k": f.kind.value, "size": f.size_bytes}
+                            )
+                            for f in files
+                        ],
+                    )
+            await db.execute(
+                "UPDATE dlb_jobs SET state='succeeded', checkpoint_id=COALESCE(%(ck)s, checkpoint_id),"
+                " remote_state=%(rs)s, percentage=100, next_check_at=NULL, checks=checks+1, updated_at=%(now)s,"
+                " ended_at=COALESCE(ended_at, %(now)s) WHERE campaign=%(c)s AND id=%(id)s",
+                self._args({"ck": checkpoint_id, "rs": remote_state, "now": now, "id": job_id}),
+            )
+            await self._revive_skipped(db, now)
+
+    # -- files and partial downloads ------------------------------------------------------
+
+    async def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
+        async with self._tx() as db:
+            key = self._args({"j": job_id, "r": remote_id, "sha": sha256, "size": size})
+            await db.execute(f"UPDATE dlb_files SET done=TRUE, sha256=%(sha)s, size_bytes=%(size)s WHERE {_PART}", key)
+            await _forget_part(db, key)
+
+    async def file_lost(self, job_id: str, remote_id: str) -> None:
+        await self._write(f"UPDATE dlb_files SET lost=TRUE WHERE {_PART}", {"j": job_id, "r": remote_id})
+
+    async def file_missing(self, job_id: str, remote_id: str) -> None:
+        await self._write(f"UPDATE dlb_files SET done=FALSE, sha256=NULL WHERE {_PART}", {"j": job_id, "r": remote_id})
+
+    async def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None:
+        async with self._tx() as db:
+            key = self._args({"j": job_id, "r": remote_id, "size": size})
+            await _forget_part(db, key)
+            await db.execute(
+                "INSERT INTO dlb_part_objects (campaign, job_id, remote_id, size)"
+                " VALUES (%(c)s, %(j)s, %(r)s, %(size)s)",
+                key,
+            )
+
+    async def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
+        await self._write(
+            f"UPDATE dlb_part_objects SET etag=%(e)s WHERE {_PART}", {"j": job_id, "r": remote_id, "e": etag}
+        )
+
+    async def part_prove(self, job_id: str, remote_id: str, start: int, length: int) -> None:
+        await self._write(
+            "INSERT INTO dlb_part_spans VALUES (%(c)s, %(j)s, %(r)s, %(s)s, %(n)s)"
+            " ON CONFLICT (campaign, job_id, remote_id, start)"
+            " DO UPDATE SET length=GREATEST(dlb_part_spans.length, excluded.length)",
+            {"j": job_id, "r": remote_id, "s": start, "n": length},
+        )
+
+    async def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
+        async with self._tx() as db:
+            key = self._args({"j": job_id, "r": remote_id})
+            await db.execute(f"DELETE FROM dlb_part_spans WHERE {_PART}", key)
+            if spans:
+                async with db.cursor() as c:
+                    await c.executemany(
+                        "INSERT INTO dlb_part_spans VALUES (%(c)s, %(j)s, %(r)s, %(s)s, %(n)s)",
+                        [{**key, "s": s, "n": n} for s, n in spans],
+                    )
+
+    # -- dependents ------------------------------------------------------------------------
+
+    async def _parent_is_dead_end(self, db: AsyncConnection[DictRow], job_id: str) -> bool:
+        cur = await db.execute(
+            f"SELECT {DEAD_END} AS dead FROM dlb_jobs j JOIN dlb_jobs p ON p.campaign = j.campaign"
+            " AND p.id = j.checkpoint_from WHERE j.campaign=%(c)s AND j.id=%(id)s",
+            self._args({"id": job_id}),
+        )
+        row = await cur.fetchone()
+        return bool(row and row["dead"])
+
+    async def _revive_skipped(self, db: AsyncConnection[DictRow], now: float | None) -> tuple[str, ...]:
+        """Skipped jobs whose parent may still give a checkpoint go back to PENDING (store/sqlite.py
+        says why), and their own skipped dependents after them."""
+        revived: list[str] = []
+        while True:
+            cur = await db.execute(
+                "SELECT c.id FROM dlb_jobs c LEFT JOIN dlb_jobs p ON p.campaign = c.campaign"
+                f" AND p.id = c.checkpoint_from WHERE c.campaign=%(c)s AND c.state='skipped'"
+                f" AND (p.id IS NULL OR NOT {DEAD_END})",
+                self._args(),
+            )
+            ids = [r["id"] for r in await cur.fetchall()]
+            if not ids:
+                return tuple(revived)
+            await db.execute(
+                "UPDATE dlb_jobs SET state='pending', reason=NULL, finished_at=NULL,"
+                " updated_at=COALESCE(%(now)s, updated_at) WHERE campaign=%(c)s AND id = ANY(%(ids)s)",
+                self._args({"now": now, "ids": ids}),
+            )
+            revived += ids
+
+
+async def _forget_part(db: AsyncConnection[DictRow], key: dict[str, Any]) -> None:
+    await db.execute(f"DELETE FROM dlb_part_spans WHERE {_PART}", key)
+    await db.execute(f"DELETE FROM dlb_part_objects WHERE {_PART}", key)
