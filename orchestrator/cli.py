@@ -31,11 +31,12 @@ from .errors import (
     UsageError,
     first_error,
 )
-from .manifest.load import load_manifest
+from .manifest.load import Manifest, load_manifest
 from .models import JobType
 from .report import write_report
 from .run import preflight
 from .run.outcome import ExitCode
+from .state import given_state, joined_manifest
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -56,9 +57,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _campaign_opts(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", type=Path, help="the campaign manifest (YAML, JSON or JSON Lines)")
+    parser.add_argument(
+        "manifest",
+        type=Path,
+        nargs="?",
+        help="the campaign manifest (YAML, JSON or JSON Lines); leave it out to join with --campaign",
+    )
+    parser.add_argument(
+        "--campaign",
+        metavar="NAME",
+        help="join a campaign that a `run MANIFEST` loaded into a postgresql:// --state (no manifest needed)",
+    )
     # Kept as typed (not Path) until checked: Path would fold `s3://b` into a local `s3:/b`.
-    parser.add_argument("--state", help="state store (default: <manifest dir>/.dreamlook-batch/<campaign>.db)")
+    parser.add_argument(
+        "--state",
+        help="state store: a SQLite file (default: <manifest dir>/.dreamlook-batch/<campaign>.db) or "
+        "postgresql://user@host/db, shared by several hosts (default: $DREAMLOOK_BATCH_STATE)",
+    )
     parser.add_argument("--out", help="output folder (default: <manifest dir>/outputs/<campaign>/)")
 
 
@@ -315,7 +330,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve_sim(args)
     if command == "jobs":
         return _jobs(args)
-    manifest = load_manifest(args.manifest)
+    manifest = _manifest(args)
     if manifest.warnings:
         _print_problems(manifest.warnings)
     if command == "validate":
@@ -343,6 +358,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         out.print(message)
         return ExitCode.OK
     return _run(args, manifest, paths)
+
+
+def _manifest(args: argparse.Namespace) -> Manifest:
+    """The manifest file, or (`--campaign NAME`, no file) the campaign as a database holds it."""
+    campaign = getattr(args, "campaign", None)
+    if args.manifest is not None:
+        manifest = load_manifest(args.manifest)
+        if campaign is not None and campaign != manifest.campaign:
+            raise UsageError(f"--campaign {campaign!r}: {args.manifest} is campaign {manifest.campaign!r}")
+        return manifest
+    if campaign is None:
+        raise UsageError("give the MANIFEST, or --campaign NAME to join a campaign kept in a postgresql:// --state")
+    return anyio.run(joined_manifest, campaign, given_state(args.state))
 
 
 def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
@@ -415,9 +443,10 @@ def _default_listen(public_url: str) -> str:
 def _plan(manifest: Any, paths: commands.Paths) -> int:
     # What a run would refuse before its first POST, as far as can be told without creating anything.
     preflight.check_output(paths.out, create=False)
-    preflight.check_state(paths.state, create=False)
+    if paths.database is None:
+        preflight.check_state(paths.state, create=False)
     plan = anyio.run(commands.make_plan, manifest, paths)
-    out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.state}")
+    out.print(f"campaign {manifest.campaign!r}: {len(manifest.jobs)} jobs; state {paths.at}")
     out.print(f"  submit now:           {len(plan.to_submit)}")
     out.print(f"  wait for a checkpoint: {len(plan.waiting_for_parent)}")
     out.print(f"  check (in flight):    {len(plan.to_check)}")

@@ -28,7 +28,8 @@ from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
 from .run import preflight
 from .run.engine import Engine
 from .run.outcome import RunOutcome, StopReason
-from .store import CampaignLock, FileRow, JobRow, SqliteStore, Store
+from .state import StateAt, given_state, held, is_database, open_existing, open_store
+from .store import FileRow, JobRow, Store
 from .transfer.file import Downloader
 
 STATE_DIR = ".dreamlook-batch"
@@ -38,8 +39,14 @@ KEY_ENV = "DREAMLOOK_API_KEY"
 
 @dataclass(frozen=True, slots=True)
 class Paths:
-    state: Path
+    state: Path  # the SQLite file (unused when `database` is set)
     out: Path
+    campaign: str = ""
+    database: str | None = None  # a postgresql:// URL: the state several hosts share
+
+    @property
+    def at(self) -> StateAt:
+        return StateAt(self.campaign, self.state, self.database)
 
 
 def paths_for(
@@ -48,20 +55,33 @@ def paths_for(
     """Defaults relative to the manifest's folder, so cron runs from anywhere agree.
 
     Given as text (as typed), a `scheme://` location the tool does not handle is refused
-    here, before `Path` would fold `s3://bucket` into a local `s3:/bucket`.
+    here, before `Path` would fold `s3://bucket` into a local `s3:/bucket`. `--state`
+    falls back to DREAMLOOK_BATCH_STATE.
     A simulated run keeps its own state: its jobs exist only in a simulator that is
     gone when the run ends, so a real run must never see them.
     """
-    base = manifest.path.resolve().parent
+    # A campaign joined from the database has no manifest file: defaults are under the current folder.
+    base = Path.cwd() if manifest.origin else manifest.path.resolve().parent
     name = f"{manifest.campaign}.simulated.db" if simulated else f"{manifest.campaign}.db"
+    if isinstance(state, str) or state is None:
+        state = given_state(state)
     for option, value in (("--state", state), ("--out", out)):
         if isinstance(value, str):
             preflight.check_scheme(option, value)
+    database = state if isinstance(state, str) and is_database(state) else None
+    if database is not None and simulated:
+        raise UsageError(
+            "--simulate keeps its rehearsal in a file of its own (its jobs die with the simulator): "
+            "drop --state postgresql://... (and DREAMLOOK_BATCH_STATE) for a rehearsal"
+        )
     paths = Paths(
-        state=(Path(state) if state else base / STATE_DIR / name).resolve(),
+        state=(Path(state) if state and database is None else base / STATE_DIR / name).resolve(),
         out=(Path(out) if out else base / OUTPUT_DIR / manifest.campaign).resolve(),
+        campaign=manifest.campaign,
+        database=database,
     )
-    preflight.check_state_path(paths.state, name)
+    if database is None:
+        preflight.check_state_path(paths.state, name)
     return paths
 
 
@@ -133,14 +153,14 @@ async def run_campaign(request: RunRequest) -> RunResult:
         preflight.check_api_url(request.api_url)
     # A dry run writes no files: its checks of the folders create nothing.
     preflight.check_output(request.paths.out, create=not settings.dry_run)
-    if not settings.dry_run:
+    if not settings.dry_run and request.paths.database is None:
         preflight.check_state(request.paths.state)
-    lock: contextlib.AbstractContextManager[Any] = (
-        contextlib.nullcontext() if settings.dry_run else CampaignLock(request.paths.state)
+    lock: contextlib.AbstractAsyncContextManager[Any] = (
+        contextlib.nullcontext() if settings.dry_run else held(request.paths.at)
     )
-    with lock:
+    async with lock:
         # A dry run charges nothing and must leave no state a real run would trust.
-        store = await SqliteStore.open(Path(":memory:") if settings.dry_run else request.paths.state)
+        store = await open_store(request.paths.at, memory=settings.dry_run)
         try:
             await preflight.check_store(store)
             async with contextlib.AsyncExitStack() as stack:
@@ -250,7 +270,7 @@ async def _run_with_signals(engine: Engine, *, once: bool, grace_s: float) -> Ru
 
 
 async def open_existing_store(paths: Paths) -> Store | None:
-    return await SqliteStore.open(paths.state) if paths.state.exists() else None
+    return await open_existing(paths.at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,16 +358,16 @@ async def status_json(campaign: str, paths: Paths, *, page_size: int = output.SU
 async def _store_for_status(paths: Paths) -> Store:
     store = await open_existing_store(paths)
     if store is None:
-        raise StoreError(f"no state yet at {paths.state}: nothing has run for this campaign")
+        raise StoreError(f"no state yet at {paths.at}: nothing has run for this campaign")
     return store
 
 
 async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: str | None, resubmit: bool) -> str:
     """A person's word on an `unknown` job: it is `remote_id`, or send it again, or neither (failed)."""
-    with CampaignLock(paths.state):
+    async with held(paths.at):
         store = await open_existing_store(paths)
         if store is None:
-            raise StoreError(f"no state at {paths.state}")
+            raise StoreError(f"no state at {paths.at}")
         try:
             if remote_id:
                 revived = await store.settle(

@@ -32,6 +32,7 @@ class Manifest:
     campaign: str
     jobs: tuple[JobSpec, ...]
     warnings: tuple[Problem, ...]
+    origin: str | None = None  # where a campaign joined without its file was read from (a database)
 
     @property
     def by_id(self) -> dict[str, JobSpec]:

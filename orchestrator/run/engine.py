@@ -114,7 +114,9 @@ class Engine:
         await self.resolve.report()
         if not self.settings.dry_run:
             summary = self.out_dir / "summary.json"
-            await output.write_summary(summary, self.manifest.campaign, self.store, manifest=str(self.manifest.path))
+            await output.write_summary(
+                summary, self.manifest.campaign, self.store, manifest=self.manifest.origin or str(self.manifest.path)
+            )
         await self._publish(now=True)
         return RunOutcome(
             await self.store.counts(),

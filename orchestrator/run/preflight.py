@@ -1,9 +1,9 @@
 """Checks before the first paid POST: whatever would stop a run after it has spent money
 is tried first, and a failure exits 2 with nothing sent (a refused key: 3).
 
-- `check_scheme`: `--out` and `--state` name local paths; a `scheme://` location the
-  tool does not handle is refused (`HANDLED_SCHEMES` is where S3 output or PostgreSQL
-  state will be added).
+- `check_scheme`: `--out` and `--state` name local paths, or for `--state` a
+  postgresql:// database; a `scheme://` location the tool does not handle is refused
+  (`HANDLED_SCHEMES` is where S3 output will be added).
 - `check_api_url`: `--api-url` is http(s) with a host.
 - `check_output`, `check_state`: the folders can be made and written (a probe file is
   written, synced and removed); `--out` naming a file, or `--state` a folder, is refused.
@@ -33,7 +33,7 @@ from ..store import Store
 from ..transfer.urls import redact
 
 # Location schemes each option handles; anything else written `scheme://` is refused.
-HANDLED_SCHEMES: Mapping[str, frozenset[str]] = {"--out": frozenset(), "--state": frozenset()}
+HANDLED_SCHEMES: Mapping[str, frozenset[str]] = {"--out": frozenset(), "--state": frozenset({"postgresql", "postgres"})}
 API_SCHEMES = frozenset({"http", "https"})
 PROBE_PREFIX = ".dreamlook-batch-probe-"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import StoreError
-from ..models import JobSpec, JobState
+from ..models import JobSpec, JobState, JobType, Location
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .pg_base import open_pool
@@ -130,6 +130,16 @@ class PostgresStore(PgWrites):
         return SyncReport(tuple(added), tuple(changed), tuple(removed))
 
     # -- reading --------------------------------------------------------------------
+
+    async def known(self) -> bool:
+        """Has this campaign been loaded into the database?"""
+        return bool(await self._query("SELECT 1 FROM dlb_jobs WHERE campaign=%(c)s LIMIT 1"))
+
+    async def specs(self) -> list[JobSpec]:
+        """The campaign's jobs as the manifest last synced gave them, in its order: what a host
+        that joins with `run --campaign NAME` runs, without the manifest file."""
+        rows = await self._query("SELECT id, spec FROM dlb_jobs WHERE campaign=%(c)s AND in_manifest ORDER BY position")
+        return [spec_from_json(r["id"], r["spec"]) for r in rows]
 
     async def job(self, job_id: str) -> JobRow:
         rows = await self._query(
@@ -298,6 +308,18 @@ class PostgresStore(PgWrites):
         return PartRecord(size=obj["size"], etag=obj["etag"], spans=spans)
 
 
+def spec_from_json(job_id: str, text: str) -> JobSpec:
+    data = json.loads(text)
+    return JobSpec(
+        id=job_id,
+        type=JobType(data["type"]),
+        payload=data["payload"],
+        download=frozenset(data["download"]) if data["download"] is not None else None,
+        checkpoint_from=data["checkpoint_from"],
+        location=Location(data["file"], data["line"]),
+    )
+
+
 def spec_json(spec: JobSpec) -> str:
     """What a host needs to run the job without the manifest file (`run --campaign NAME`)."""
     return json.dumps(
@@ -306,7 +328,8 @@ def spec_json(spec: JobSpec) -> str:
             "payload": spec.payload,
             "download": sorted(spec.download) if spec.download is not None else None,
             "checkpoint_from": spec.checkpoint_from,
-            "location": str(spec.location),
+            "file": spec.location.file,
+            "line": spec.location.line,
         },
         sort_keys=True,
     )

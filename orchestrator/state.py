@@ -1,0 +1,118 @@
+"""Where a campaign's state lives, and how the commands open and hold it: a SQLite file
+(the embedded default, held with `CampaignLock`) or a PostgreSQL database that several
+hosts share (`--state postgresql://...` or `DREAMLOOK_BATCH_STATE`, held with
+`PostgresLock`). The PostgreSQL store is an optional extra; asking for it without
+psycopg installed says how to install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import CampaignLocked, StoreError, UsageError
+from .manifest.load import Manifest
+from .store import CampaignLock, SqliteStore, Store
+
+if TYPE_CHECKING:
+    from .store.postgres import PostgresStore
+
+STATE_ENV = "DREAMLOOK_BATCH_STATE"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_database(value: str | None) -> bool:
+    return value is not None and value.lower().startswith(POSTGRES_SCHEMES)
+
+
+def given_state(value: str | None) -> str | None:
+    """`--state` as typed, else `DREAMLOOK_BATCH_STATE`, else None (the default file)."""
+    return value or os.environ.get(STATE_ENV) or None
+
+
+@dataclass(frozen=True, slots=True)
+class StateAt:
+    """A campaign's state: `database` (a postgresql:// URL) if set, else the SQLite `file`."""
+
+    campaign: str
+    file: Path
+    database: str | None = None
+
+    def __str__(self) -> str:
+        if self.database is None:
+            return str(self.file)
+        from .store.pg_base import safe_url  # only with the extra installed
+
+        return f"{safe_url(self.database)} (campaign {self.campaign})"
+
+
+def _postgres() -> type[PostgresStore]:
+    try:
+        from .store.postgres import PostgresStore
+    except ImportError as exc:
+        raise UsageError(
+            "a postgresql:// state needs the PostgreSQL extra: pip install 'dreamlook-batch[postgres]'"
+        ) from exc
+    return PostgresStore
+
+
+async def open_store(at: StateAt, *, memory: bool = False) -> Store:
+    """Open (or create) the state; `memory`: a throwaway SQLite store (a dry run)."""
+    if memory:
+        return await SqliteStore.open(Path(":memory:"))
+    if at.database is not None:
+        return await _postgres().open(at.database, at.campaign)
+    return await SqliteStore.open(at.file)
+
+
+async def open_existing(at: StateAt) -> Store | None:
+    """The state if this campaign has one already, else None (nothing is created)."""
+    if at.database is None:
+        return await SqliteStore.open(at.file) if at.file.exists() else None
+    store = await _postgres().open(at.database, at.campaign)
+    if await store.known():
+        return store
+    await store.close()
+    return None
+
+
+async def joined_manifest(campaign: str, state: str | None) -> Manifest:
+    """`--campaign NAME` without a manifest: the jobs an earlier `run MANIFEST` loaded into the
+    database, as that manifest last gave them."""
+    if state is None or not is_database(state):
+        raise UsageError(
+            f"--campaign {campaign!r} without a manifest joins a campaign kept in PostgreSQL: "
+            f"give --state postgresql://... (or set {STATE_ENV}), or the MANIFEST"
+        )
+    at = StateAt(campaign, Path(), state)
+    store = await _postgres().open(state, campaign)
+    try:
+        specs = await store.specs()
+    finally:
+        await store.close()
+    if not specs:
+        raise StoreError(
+            f"no campaign {campaign!r} in {at}: load it first with `dreamlook-batch run MANIFEST --state ...`"
+        )
+    return Manifest(Path.cwd(), campaign, tuple(specs), (), origin=str(at))
+
+
+@contextlib.asynccontextmanager
+async def held(at: StateAt) -> AsyncIterator[None]:
+    """One process at a time drives a campaign (CampaignLocked otherwise, exit 4)."""
+    if at.database is None:
+        with CampaignLock(at.file):
+            yield
+        return
+    from .store.pg_lock import PostgresLock
+
+    async with PostgresLock(at.database, at.campaign, f"pid {os.getpid()} on {socket.gethostname()}"):
+        yield
+
+
+__all__ = ["STATE_ENV", "CampaignLocked", "StateAt", "given_state", "held", "joined_manifest", "open_existing"]

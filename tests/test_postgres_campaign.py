@@ -1,0 +1,91 @@
+"""A campaign kept in PostgreSQL, as a user drives it: `run MANIFEST --state postgresql://...`
+loads and runs it; another process joins with `--campaign NAME` and no manifest;
+`DREAMLOOK_BATCH_STATE` stands for `--state`; a second runner of one campaign is refused
+while the first holds it (exit 4, naming it); the mistakes are said plainly (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from orchestrator.cli import main
+
+from .campaigns import assert_campaign_on_disk, mixed_manifest
+from .conftest import FAST_CLI, cli_process, fast_sim, until
+
+pytestmark = pytest.mark.anyio
+
+
+def test_a_campaign_runs_in_postgresql_and_a_host_without_the_manifest_joins_it(
+    tmp_path: Path, pg_url: str, threaded_sim: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = mixed_manifest(tmp_path, trainings=6, combined=4, plain_images=6)
+    job_ids = [*(f"t{i:03d}" for i in range(6)), *(f"t{i:03d}-img" for i in range(6))]
+    job_ids += [*(f"c{i:03d}" for i in range(4)), *(f"g{i:03d}" for i in range(6))]
+    out = tmp_path / "out"
+    with threaded_sim(fast_sim(seed=5)) as sim:
+        first = cli_process(manifest, sim, "--state", pg_url, "--out", str(out))
+        said = first.communicate(timeout=120)[0]
+        assert first.returncode == 0, said
+        assert_campaign_on_disk(sim, out, "mixed", job_ids)
+        assert not (tmp_path / ".dreamlook-batch").exists()  # no SQLite file beside the manifest
+        # Another host: no manifest, the state from the environment; nothing is paid again.
+        args = [sys.executable, "-m", "orchestrator", "run", "--campaign", "mixed", "--out", str(out)]
+        env = {**os.environ, "DREAMLOOK_API_KEY": sim.api_key, "DREAMLOOK_BATCH_STATE": pg_url}
+        joined = subprocess.run(
+            [*args, "--api-url", sim.url, *FAST_CLI], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert joined.returncode == 0, joined.stdout + joined.stderr
+        assert len(sim.ledger.jobs) == len(job_ids)
+    monkeypatch.setenv("DREAMLOOK_BATCH_STATE", pg_url)
+    capsys.readouterr()
+    assert main(["status", "--campaign", "mixed", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {j["id"] for j in record["jobs"]} == set(job_ids)
+    assert {j["state"] for j in record["jobs"]} == {"done"}
+    with psycopg.connect(pg_url) as db:
+        spec = db.execute("SELECT spec FROM dlb_jobs WHERE campaign='mixed' AND id='t000-img'").fetchone()
+    assert spec is not None and json.loads(spec[0])["checkpoint_from"] == "t000"
+
+
+async def test_a_second_runner_of_a_campaign_is_refused_and_told_who_holds_it(
+    tmp_path: Path, pg_url: str, threaded_sim: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = mixed_manifest(tmp_path, trainings=4, combined=0, plain_images=0)
+    with threaded_sim(fast_sim(time_scale=200.0)) as sim:
+        first = cli_process(manifest, sim, "--state", pg_url, "--out", str(tmp_path / "a"))
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            holding = "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'dreamlook-batch pid %%'"
+            await until(lambda: db.execute(holding).fetchone() is not None, 30)
+        second = cli_process(manifest, sim, "--state", pg_url, "--out", str(tmp_path / "b"))
+        said = second.communicate(timeout=60)[0]
+        first.kill()
+        first.wait(30)
+    assert second.returncode == 4, said
+    assert f"pid {first.pid} on " in said and "another dreamlook-batch process holds this campaign" in said
+
+
+def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = mixed_manifest(tmp_path, trainings=1, combined=0, plain_images=0)
+    assert main(["status", "--campaign", "mixed", "--state", str(tmp_path / "x.db")]) == 2
+    assert "joins a campaign kept in PostgreSQL" in capsys.readouterr().err
+    assert main(["status"]) == 2
+    assert "give the MANIFEST, or --campaign NAME" in capsys.readouterr().err
+    assert main(["status", str(manifest), "--campaign", "other"]) == 2
+    assert "is campaign 'mixed'" in capsys.readouterr().err
+    down = "postgresql://someone:hunter2@127.0.0.1:1/nothing"
+    assert main(["status", str(manifest), "--state", down]) == 1
+    said = capsys.readouterr().err
+    assert "hunter2" not in said and "127.0.0.1:1/nothing" in said
+
+
+def test_a_campaign_never_loaded_is_said_so(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--campaign", "nothing-here", "--state", pg_url]) == 1
+    assert "no campaign 'nothing-here'" in capsys.readouterr().err
