@@ -181,6 +181,13 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for one API answer (default %(default)g)",
     )
     p.add_argument(
+        "--lease-s",
+        type=float,
+        help="with a postgresql:// --state: how long this worker holds a job without renewing; a worker that "
+        "stops renewing (killed, frozen, cut off) loses its jobs to the others this long after "
+        "(default: 60, or twice the API timeout plus 15 s if longer)",
+    )
+    p.add_argument(
         "--reconcile-grace",
         type=float,
         metavar="S",
@@ -381,6 +388,12 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
         raise UsageError("--submit-rate, --requests-per-s, --time-scale and --api-timeout must be positive")
     if args.reconcile_grace is not None and args.reconcile_grace < 0:
         raise UsageError("--reconcile-grace must be 0 or more seconds")
+    needs = RunSettings(timeouts=Timeouts(api_read_s=args.api_timeout)).post_needs_s
+    if args.lease_s is not None and args.lease_s <= needs:
+        raise UsageError(
+            f"--lease-s {args.lease_s:g}: a lease must outlast a POST's whole timeout plus a margin "
+            f"({needs:g} s with --api-timeout {args.api_timeout:g}); give more than that"
+        )
     limits = Limits(
         max_active=args.max_active,
         submit_rate_per_s=args.submit_rate,
@@ -412,6 +425,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
             parallel_min_bytes=int(args.parallel_min_mb * 2**20),
             range_bytes=max(64 * 1024, int(args.range_mb * 2**20)),
             connections_per_file=args.connections_per_file,
+            lease_s=args.lease_s,
         ).time_scaled(args.time_scale),
         api_url=args.api_url,
         api_key_file=args.api_key_file,

@@ -160,7 +160,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
     )
     async with lock:
         # A dry run charges nothing and must leave no state a real run would trust.
-        store = await open_store(request.paths.at, memory=settings.dry_run)
+        store = await open_store(request.paths.at, memory=settings.dry_run, lease_s=settings.worker_lease_s)
         try:
             await preflight.check_store(store)
             async with contextlib.AsyncExitStack() as stack:

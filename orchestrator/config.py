@@ -13,6 +13,8 @@ API_REQUESTS_PER_S = 10.0  # one budget for every API call
 
 CONNECT_TIMEOUT_S = 10.0
 API_READ_TIMEOUT_S = 60.0  # one API answer
+LEASE_MIN_S = 60.0  # a worker of a shared campaign holds a job this long at least without renewing
+POST_LEASE_MARGIN_S = 5.0  # a POST goes out only with its whole timeout and this much more of lease left
 DOWNLOAD_READ_TIMEOUT_S = 60.0  # between two chunks of a file; there is no total timeout
 
 RETRY_ATTEMPTS = 6
@@ -154,6 +156,7 @@ class RunSettings:
     dry_run: bool = False
     listen: str | None = None  # HOST:PORT of the callback receiver; None: no callbacks
     callback_url: str | None = None  # the public URL that reaches it (default: its own address)
+    lease_s: float | None = None  # a shared campaign's leases (None: `worker_lease_s` picks)
 
     @property
     def grace_s(self) -> float:
@@ -163,6 +166,16 @@ class RunSettings:
     def reconcile_after(self, attempt_at: float) -> float:
         """The end of the grace window of a POST sent at `attempt_at`."""
         return attempt_at + self.timeouts.api_read_s + self.grace_s
+
+    @property
+    def post_needs_s(self) -> float:
+        """The lease a POST needs left before it goes: its whole timeout, and a margin."""
+        return self.timeouts.connect_s + self.timeouts.api_read_s + POST_LEASE_MARGIN_S
+
+    @property
+    def worker_lease_s(self) -> float:
+        """How long a worker of a shared campaign holds a job without renewing it."""
+        return self.lease_s if self.lease_s is not None else max(LEASE_MIN_S, 2 * self.post_needs_s)
 
     def time_scaled(self, factor: float) -> RunSettings:
         """Every wait divided by `factor`: for a simulator that runs `factor` times faster."""

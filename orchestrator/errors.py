@@ -6,6 +6,7 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
     ├── UsageError             bad command line or settings (exit 2)
     │   └── PreflightFailed    a check before the first paid POST failed: nothing was sent (exit 2)
     ├── StoreError             the state store cannot be read or written
+    │   └── LeaseLost          another worker has taken this job over (several hosts): drop it
     ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
     │   └── CampaignLocked     another process holds this campaign (exit 4)
     ├── ApiError               the API answered with an error status
@@ -84,6 +85,15 @@ class CampaignLocked(StoreError):
             f"another dreamlook-batch process holds this campaign ({holder}); lock file {lock_path}. "
             "Wait for it to finish, or stop it first."
         )
+
+
+class LeaseLost(StoreError):
+    """This worker's lease on a job moved on (it expired and another worker claimed it): every
+    write it would still make is refused, and the job is left to the one that holds it now."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} is held by another worker now (this worker's lease on it ran out)")
 
 
 class ApiError(DreamlookBatchError):

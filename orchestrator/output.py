@@ -68,7 +68,8 @@ async def write_atomic_stream(path: Path, chunks: AsyncIterable[str], *, sync_fo
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    # Of this process: workers of one campaign sharing the folder never write one temporary file.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _put_in_place(tmp: Path, path: Path, *, sync_folder: bool) -> None:

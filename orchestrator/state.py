@@ -1,15 +1,15 @@
 """Where a campaign's state lives, and how the commands open and hold it: a SQLite file
-(the embedded default, held with `CampaignLock`) or a PostgreSQL database that several
-hosts share (`--state postgresql://...` or `DREAMLOOK_BATCH_STATE`, held with
-`PostgresLock`). The PostgreSQL store is an optional extra; asking for it without
-psycopg installed says how to install it.
+(the embedded default: one process at a time, held with `CampaignLock`) or a PostgreSQL
+database that several processes on several hosts share (`--state postgresql://...` or
+`DREAMLOOK_BATCH_STATE`): there each `run` is a worker that leases the jobs it works on
+(store/pg_lease.py), and no lock is taken. The PostgreSQL store is an optional extra;
+asking for it without psycopg installed says how to install it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +61,17 @@ def _postgres() -> type[PostgresStore]:
     return PostgresStore
 
 
-async def open_store(at: StateAt, *, memory: bool = False) -> Store:
-    """Open (or create) the state; `memory`: a throwaway SQLite store (a dry run)."""
+async def open_store(at: StateAt, *, memory: bool = False, lease_s: float | None = None) -> Store:
+    """Open (or create) the state for a run; `memory`: a throwaway SQLite store (a dry run).
+    In a database, this process is a worker whose leases last `lease_s`."""
     if memory:
         return await SqliteStore.open(Path(":memory:"))
     if at.database is not None:
-        return await _postgres().open(at.database, at.campaign)
+        from .store.pg_lease import LEASE_S, Worker
+
+        return await _postgres().open(
+            at.database, at.campaign, worker=Worker.this_process(), lease_s=lease_s or LEASE_S
+        )
     return await SqliteStore.open(at.file)
 
 
@@ -104,15 +109,13 @@ async def joined_manifest(campaign: str, state: str | None) -> Manifest:
 
 @contextlib.asynccontextmanager
 async def held(at: StateAt) -> AsyncIterator[None]:
-    """One process at a time drives a campaign (CampaignLocked otherwise, exit 4)."""
+    """One process at a time drives a SQLite campaign (CampaignLocked otherwise, exit 4). A
+    campaign in a database takes every worker that comes: leases share its jobs out."""
     if at.database is None:
         with CampaignLock(at.file):
             yield
         return
-    from .store.pg_lock import PostgresLock
-
-    async with PostgresLock(at.database, at.campaign, f"pid {os.getpid()} on {socket.gethostname()}"):
-        yield
+    yield
 
 
 __all__ = ["STATE_ENV", "CampaignLocked", "StateAt", "given_state", "held", "joined_manifest", "open_existing"]

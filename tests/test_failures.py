@@ -160,7 +160,7 @@ def test_a_key_file_ending_in_a_newline_works_and_a_run_with_a_broken_key_sends_
 def full_disk_at(path: Path) -> Path:
     """The atomic writer's temporary name for `path`, pointed at /dev/full: every write
     there fails with ENOSPC, as on a full disk."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.symlink_to("/dev/full")
     return tmp

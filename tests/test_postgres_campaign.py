@@ -18,7 +18,7 @@ import pytest
 from orchestrator.cli import main
 
 from .campaigns import assert_campaign_on_disk, mixed_manifest
-from .conftest import FAST_CLI, cli_process, fast_sim, until
+from .conftest import FAST_CLI, cli_process, fast_sim
 
 pytestmark = pytest.mark.anyio
 
@@ -55,21 +55,27 @@ def test_a_campaign_runs_in_postgresql_and_a_host_without_the_manifest_joins_it(
     assert spec is not None and json.loads(spec[0])["checkpoint_from"] == "t000"
 
 
-async def test_a_second_runner_of_a_campaign_is_refused_and_told_who_holds_it(
-    tmp_path: Path, pg_url: str, threaded_sim: Any, capsys: pytest.CaptureFixture[str]
+def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
+    tmp_path: Path, pg_url: str, threaded_sim: Any
 ) -> None:
-    manifest = mixed_manifest(tmp_path, trainings=4, combined=0, plain_images=0)
-    with threaded_sim(fast_sim(time_scale=200.0)) as sim:
-        first = cli_process(manifest, sim, "--state", pg_url, "--out", str(tmp_path / "a"))
-        with psycopg.connect(pg_url, autocommit=True) as db:
-            holding = "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'dreamlook-batch pid %%'"
-            await until(lambda: db.execute(holding).fetchone() is not None, 30)
-        second = cli_process(manifest, sim, "--state", pg_url, "--out", str(tmp_path / "b"))
-        said = second.communicate(timeout=60)[0]
-        first.kill()
-        first.wait(30)
-    assert second.returncode == 4, said
-    assert f"pid {first.pid} on " in said and "another dreamlook-batch process holds this campaign" in said
+    """Three `run` processes at once on one campaign: each takes a share of the jobs, none is
+    paid twice, and every file is on disk (one folder: the workers of one host)."""
+    manifest = mixed_manifest(tmp_path, trainings=8, combined=4, plain_images=8)
+    job_ids = [*(f"t{i:03d}" for i in range(8)), *(f"t{i:03d}-img" for i in range(8))]
+    job_ids += [*(f"c{i:03d}" for i in range(4)), *(f"g{i:03d}" for i in range(8))]
+    out = tmp_path / "out"
+    with threaded_sim(fast_sim(seed=9, time_scale=2000.0)) as sim:
+        workers = [
+            cli_process(manifest, sim, "--state", pg_url, "--out", str(out), "--max-active", "6") for _ in range(3)
+        ]
+        said = [w.communicate(timeout=180)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0], said
+        assert_campaign_on_disk(sim, out, "mixed", job_ids)
+    with psycopg.connect(pg_url) as db:
+        owners = db.execute("SELECT count(DISTINCT id) FROM dlb_workers WHERE campaign='mixed'").fetchone()
+        leftover = db.execute("SELECT count(*) FROM dlb_jobs WHERE lease_owner IS NOT NULL").fetchone()
+    assert owners == (3,) and leftover == (0,)  # each registered; all handed back at the end
+    assert not list(out.rglob("*.part"))
 
 
 def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

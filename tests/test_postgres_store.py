@@ -4,6 +4,7 @@ another, a URL whose password never shows, and a server that is down said plainl
 
 from __future__ import annotations
 
+import random
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -12,10 +13,11 @@ import pytest
 
 from orchestrator.errors import StoreError
 from orchestrator.models import JobState
+from orchestrator.store.pg_lease import Worker
 from orchestrator.store.pg_schema import PG_SCHEMA_VERSION
 from orchestrator.store.postgres import PostgresStore
 
-from .test_store_contract import SPECS, T0, synced
+from .test_store_contract import SPECS, T0, spec, synced
 
 pytestmark = pytest.mark.anyio
 
@@ -79,22 +81,48 @@ async def test_a_server_that_does_not_answer_is_said_plainly_without_the_passwor
     assert "hunter2" not in message and "127.0.0.1:1/nothing" in message and "refused" in message
 
 
-async def test_two_hosts_recording_one_intent_at_once_record_it_once(pg_url: str) -> None:
-    async with await PostgresStore.open(pg_url, "c") as one, await PostgresStore.open(pg_url, "c") as two:
-        await synced(one)
-        outcomes: list[str] = []
+async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -> None:
+    """Six workers race for 40 pending jobs (each asking for all of them, in its own order)
+    and then for the 40 jobs at the service once their leases are gone: every job is claimed
+    by exactly one worker each time, and the campaign's max_active holds across them."""
+    specs = [spec(f"j{i:02d}") for i in range(40)]
+    workers = [await PostgresStore.open(pg_url, "c", worker=Worker(f"w{n}", "host", n)) for n in range(6)]
+    try:
+        await synced(workers[0], specs)
+        got: dict[str, list[str]] = {}
 
-        async def intend(store: PostgresStore, who: str) -> None:
-            try:
-                await store.record_intents([("a", "{}", who)], T0)
-                outcomes.append(who)
-            except StoreError as exc:
-                outcomes.append(f"refused: {exc}")
+        async def intend(store: PostgresStore, order: list[str]) -> None:
+            for at in range(0, len(order), 7):
+                claimed = await store.record_intents([(j, "{}", "fp") for j in order[at : at + 7]], T0, max_active=30)
+                got.setdefault(store.worker.id if store.worker else "", []).extend(claimed)
 
         async with anyio.create_task_group() as tg:
+            for n, store in enumerate(workers):
+                order = [s.id for s in specs]
+                random.Random(n).shuffle(order)
+                tg.start_soon(intend, store, order)
+        claimed = [j for ids in got.values() for j in ids]
+        assert len(claimed) == len(set(claimed)) == 30  # once each, and never more than max_active
+        assert (await workers[0].count([JobState.SUBMITTING])) == 30
+        for store in workers:  # each records the ids of the jobs it holds; the others are fenced out
+            mine = got.get(store.worker.id if store.worker else "", [])
+            others = [j for j in claimed if j not in mine][:3]
+            assert await store.mark_submitted_many([(j, f"r-{j}", None) for j in mine + others], T0) == others
+        for store in workers:
+            await store.release_all()
+        gained: list[str] = []
+
+        async def claim(store: PostgresStore) -> None:
             for _ in range(5):
-                tg.start_soon(intend, one, "one")
-                tg.start_soon(intend, two, "two")
-        winners = [o for o in outcomes if not o.startswith("refused")]
-        assert len(winners) == 1 and len(outcomes) == 10
-        assert (await two.job("a")).sent_fingerprint == winners[0]
+                gained.extend((await store.claim_work(window_end=T0, downloads=0, checks=5)).gained)
+
+        async with anyio.create_task_group() as tg:
+            for store in workers:
+                tg.start_soon(claim, store)
+        assert sorted(gained) == sorted(claimed)  # the 30 at the service, once each, 5 per worker at most
+        for store in workers:
+            held = await store.held([JobState.QUEUED])
+            assert len(held) <= 5 and {r.id for r in held} <= set(gained)
+    finally:
+        for store in workers:
+            await store.close()

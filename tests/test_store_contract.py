@@ -115,8 +115,10 @@ async def test_an_intent_is_recorded_once_and_an_id_only_for_a_job_being_submitt
         await store.record_intents([("a", '{"prompt": "p"}', "fp")], T0 + 1)
         row = await store.job("a")
         assert row.state is JobState.SUBMITTING and row.intent_at == T0 + 1 and row.sent_payload == '{"prompt": "p"}'
-        with pytest.raises(StoreError, match="second intent"):
-            await store.record_intents([("a", "{}", "fp")], T0 + 2)
+        assert await store.record_intents([("a", "{}", "other")], T0 + 2) == []  # not pending: not recorded
+        assert (await store.job("a")).sent_fingerprint == "fp"
+        two_in_flight = await store.record_intents([("a-pics", "{}", "fp"), ("b", "{}", "fp")], T0 + 2, max_active=2)
+        assert two_in_flight == ["a-pics"]
         with pytest.raises(StoreError, match="not recorded"):
             await store.mark_submitted("b", "remote-b", T0 + 2)  # never sent: no id may land on it
         await store.mark_submitted("a", "remote-a", T0 + 3, next_check_at=T0 + 60)

@@ -6,6 +6,7 @@ kept as the oracle, and every test compares against it on a real SQLite store.""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -267,11 +268,11 @@ def test_a_failure_halfway_through_leaves_the_previous_summary_whole(
     with pytest.raises(ValueError, match="page_size"):
         summarize(path, store, manifest="other.yaml", page_size=0)
     assert path.read_bytes() == before
-    assert not (tmp_path / ".summary.json.tmp").exists()
+    assert not (tmp_path / f".summary.json.{os.getpid()}.tmp").exists()
     store.close()
     with pytest.raises(StoreError):  # a closed store: an error the CLI reports, not a traceback
         summarize(path, store, manifest="other.yaml")
-    assert path.read_bytes() == before and not (tmp_path / ".summary.json.tmp").exists()
+    assert path.read_bytes() == before and not (tmp_path / f".summary.json.{os.getpid()}.tmp").exists()
 
 
 @pytest.mark.anyio

@@ -24,7 +24,7 @@ from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
 from ..models import AT_SERVICE, JobState, JobType, RemoteJob, RemoteState
 from ..store import FileRow, JobRow
 from .adopt import TagWatch
-from .context import RunContext
+from .context import RunContext, unless_taken_over
 from .schedule import next_check_in, typical
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class CheckStage:
         covers, due or not; only due jobs it misses get a GET of their own.
         """
         due_by_type: dict[str, list[JobRow]] = {}
-        rows = await self.store.jobs(AT_SERVICE) if everything else await self.store.due_for_check(self.now())
+        rows = await self.store.held(AT_SERVICE) if everything else await self.store.due_for_check(self.now())
         for row in rows:
             if row.id not in self.busy and row.remote_id is not None:
                 due_by_type.setdefault(row.type, []).append(row)
@@ -81,6 +81,9 @@ class CheckStage:
                     for r in await self.store.jobs_by_id(on_first_page - self.busy)
                     if r.state in AT_SERVICE and r.remote_id is not None
                 ]
+                if self.store.shared:  # only the jobs this worker holds: the others are other workers' to write
+                    held = {r.id for r in await self.store.held(AT_SERVICE)}
+                    in_flight = [r for r in in_flight if r.id in held]
                 if len(in_flight) >= BATCH_MIN_JOBS:
                     batch = {r.id: r for r in [*in_flight, *due]}
                     self.busy.update(batch)
@@ -97,20 +100,22 @@ class CheckStage:
 
     async def _check(self, row: JobRow) -> None:
         try:
-            async with self.limiter:
-                await self._check_one(row)
-            await self._look_again_if_hinted([row.id])
+            with unless_taken_over(row.id):
+                async with self.limiter:
+                    await self._check_one(row)
+                await self._look_again_if_hinted([row.id])
         finally:
             self.busy.discard(row.id)
             self.notify()
 
     async def _check_batch(self, job_type: str, rows: list[JobRow], due: list[JobRow]) -> None:
         try:
-            missed = await self._read_list(job_type, rows, due)
-            for row in missed:
-                async with self.limiter:
-                    await self._check_one(row)
-            await self._look_again_if_hinted([r.id for r in rows])
+            with unless_taken_over(f"one of {len(rows)} {job_type} jobs"):  # the rest: the next pass
+                missed = await self._read_list(job_type, rows, due)
+                for row in missed:
+                    async with self.limiter:
+                        await self._check_one(row)
+                await self._look_again_if_hinted([r.id for r in rows])
         finally:
             self.busy.difference_update(r.id for r in rows)
             self.notify()

@@ -9,13 +9,15 @@ passed around. The engine builds the context, the stages, and drives them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..api import retry
 from ..api.client import ApiClient
 from ..api.jobs import parse_job
 from ..config import PollPolicy, RunSettings
+from ..errors import LeaseLost
 from ..manifest.load import Manifest
 from ..models import JobType, RemoteJob
 from ..store import Store
@@ -91,6 +93,18 @@ class JobObjects:
         remote = parse_job(raw)
         self._by_id[job_id] = remote
         return remote
+
+
+@contextmanager
+def unless_taken_over(job_id: str, dropped: Callable[[], object] | None = None) -> Iterator[None]:
+    """Work on a job of a shared campaign ends quietly where another worker has taken the job
+    over (this worker's lease ran out): the job is that worker's now; `dropped` forgets it here."""
+    try:
+        yield
+    except LeaseLost:
+        log.warning("job.taken_over job_id=%s: another worker holds it now; this one lets it go", job_id)
+        if dropped is not None:
+            dropped()
 
 
 @dataclass(kw_only=True)

@@ -35,7 +35,7 @@ from ..store import Store
 from ..store.parts import PartRecord, Span
 from ..transfer.file import Downloader
 from ..transfer.urls import expires_at
-from .context import RunContext
+from .context import RunContext, unless_taken_over
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class StorePartLog:
 
     def __init__(self, store: Store, job_id: str, remote_id: str) -> None:
         self.store, self.job_id, self.remote_id = store, job_id, remote_id
+        self.suffix = store.part_suffix(job_id)
 
     async def record(self) -> PartRecord | None:
         return await self.store.part_record(self.job_id, self.remote_id)
@@ -93,7 +94,7 @@ class FetchStage:
         """Anything this stage could still move on in this run?"""
         if self.queue or self.active or self.preparing or not self._swept:
             return True
-        return await self.store.count([JobState.SUCCEEDED]) > 0
+        return bool(await self.store.held([JobState.SUCCEEDED]))
 
     def next_due(self) -> float | None:
         if not self._delayed:
@@ -104,10 +105,11 @@ class FetchStage:
 
     async def start_due(self, tg: TaskGroup) -> int:
         started = 0
-        # Jobs left `downloading` by an earlier run are swept once; after that only new successes.
-        states = [JobState.SUCCEEDED] if self._swept else TO_DOWNLOAD
+        # Jobs left `downloading` by an earlier run are swept once; after that only new successes
+        # (in a shared campaign, downloads taken over from another worker come `downloading`).
+        states = [JobState.SUCCEEDED] if self._swept and not self.store.shared else TO_DOWNLOAD
         self._swept = True
-        for job_id in await self.store.ids(states):
+        for job_id in [r.id for r in await self.store.held(states)]:
             if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:
                 self.preparing.add(job_id)
                 tg.start_soon(self._prepare, job_id)
@@ -144,34 +146,8 @@ class FetchStage:
     async def _prepare(self, job_id: str) -> None:
         """Queue the job's pending files, with deadlines from a job object with live URLs."""
         try:
-            row = await self.store.job(job_id)
-            if row.state is JobState.SUCCEEDED:
-                await self.store.move(job_id, JobState.DOWNLOADING, self.now())
-            folder = self.out_dir / job_id
-            files = await self.store.files(job_id)
-            # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
-            done = [f for f in files if f.done]
-            present = (
-                await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
-                if done
-                else set()
-            )
-            for f in done:
-                if f.name not in present:
-                    await self.store.file_missing(job_id, f.remote_id)
-                    log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
-            pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
-            remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
-            by_id = {a.remote_id: a for a in remote.artifacts}
-            for file in pending:
-                artifact = by_id.get(file.remote_id)
-                if artifact is None or not artifact.available:
-                    await self.store.file_lost(job_id, file.remote_id)
-                    self.problem(job_id, f"lost {file.name}: the service no longer offers it")
-                else:
-                    self._enqueue(job_id, artifact, remote)
-            self.prepared.add(job_id)
-            await self._finish_if_complete(job_id)
+            with unless_taken_over(job_id, lambda: self._forget(job_id)):
+                await self._queue_files(job_id)
         except (StoreError, AuthError, QuotaError):
             raise
         except (ApiError, TransportError) as exc:
@@ -181,13 +157,45 @@ class FetchStage:
             self.preparing.discard(job_id)
             self.notify()
 
+    async def _queue_files(self, job_id: str) -> None:
+        """Queue the job's pending files, with deadlines from a job object with live URLs."""
+        row = await self.store.job(job_id)
+        if row.state is JobState.SUCCEEDED:
+            await self.store.move(job_id, JobState.DOWNLOADING, self.now())
+        folder = self.out_dir / job_id
+        files = await self.store.files(job_id)
+        # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
+        done = [f for f in files if f.done]
+        present = (
+            await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
+            if done
+            else set()
+        )
+        for f in done:
+            if f.name not in present:
+                await self.store.file_missing(job_id, f.remote_id)
+                log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
+        pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
+        remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
+        by_id = {a.remote_id: a for a in remote.artifacts}
+        for file in pending:
+            artifact = by_id.get(file.remote_id)
+            if artifact is None or not artifact.available:
+                await self.store.file_lost(job_id, file.remote_id)
+                self.problem(job_id, f"lost {file.name}: the service no longer offers it")
+            else:
+                self._enqueue(job_id, artifact, remote)
+        self.prepared.add(job_id)
+        await self._finish_if_complete(job_id)
+
     async def _fetch(self, job_id: str, remote_id: str) -> None:
         key = (job_id, remote_id)
         try:
-            await self._fetch_file(job_id, remote_id)
+            with unless_taken_over(job_id, lambda: self._forget(job_id)):
+                await self._fetch_file(job_id, remote_id)
         finally:
             self.active.discard(key)
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), unless_taken_over(job_id, lambda: self._forget(job_id)):
                 await self._finish_if_complete(job_id)
             self.notify()
 

@@ -23,7 +23,7 @@ from ..api.client import ApiClient
 from ..config import RunSettings
 from ..errors import AuthError, NotSent, describe_detail
 from ..manifest.load import Manifest, spec_fingerprint
-from ..models import AT_SERVICE, JobState
+from ..models import AT_SERVICE, TO_DOWNLOAD, JobState
 from ..store import Store
 from ..transfer.file import Downloader
 from .check import CheckStage
@@ -35,6 +35,9 @@ from .submit import SubmitStage
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
+CHECKS_HELD = 500  # jobs at the service one worker of a shared campaign holds (and checks) at once
+RENEW_EVERY_S = 10.0  # a shared campaign's worker renews its leases (and claims work) this often
+CLAIM_AGAIN_S = 0.5  # downloads with room claim more work this soon, not sooner
 SNAPSHOT_EVERY_S = 0.25  # the most often the live view's numbers are read from the store
 
 
@@ -71,6 +74,7 @@ class Engine:
         self._published_at = float("-inf")
         self._stopping = False
         self._tg: TaskGroup | None = None
+        self._room = anyio.Event()  # set when downloads have room: claim more work now
 
     @property
     def stopped_by(self) -> StopReason | None:
@@ -98,6 +102,10 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                keeper = anyio.CancelScope()
+                if self.store.shared:  # other workers share the campaign: hold jobs before working on them
+                    await self._claim_work()
+                    tg.start_soon(self._keep_leases, keeper)
                 await self.resolve.resolve_due()
                 if not self.settings.dry_run and isinstance(await self.resolve.adopt(), NotSent):
                     self.events.stop(StopReason.UNREACHABLE)
@@ -106,6 +114,7 @@ class Engine:
                 else:
                     await self._loop()
                 await self.resolve.scan_for_duplicates()
+                keeper.cancel()
         except* AuthError as group:
             exc = group.exceptions[0]
             detail = describe_detail(exc.detail) if isinstance(exc, AuthError) else str(exc)
@@ -127,6 +136,29 @@ class Engine:
             once,
             len(await self.store.duplicates()),
         )
+
+    async def _claim_work(self) -> None:
+        claims = await self.store.claim_work(
+            window_end=self.settings.reconcile_after(self.now()),  # a lost answer taken over: a window anew
+            downloads=self.settings.limits.max_downloads,
+            checks=CHECKS_HELD,
+        )
+        if claims.gained:
+            log.info("worker.claimed jobs=%d taken_over=%d", len(claims.gained), len(claims.taken))
+            self.events.notify()
+        if claims.lost:
+            log.warning("worker.lost jobs=%d: another worker holds them now", len(claims.lost))
+
+    async def _keep_leases(self, scope: anyio.CancelScope) -> None:
+        """Renew this worker's leases and claim more work: every RENEW_EVERY_S, and soon after
+        downloads have room (so a worker with free connections never waits long for work)."""
+        with scope:
+            while True:
+                with anyio.move_on_after(min(RENEW_EVERY_S, self.settings.worker_lease_s / 3)):
+                    await self._room.wait()
+                    await anyio.sleep(CLAIM_AGAIN_S)
+                self._room = anyio.Event()
+                await self._claim_work()
 
     async def _publish(self, *, now: bool = False) -> None:
         """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
@@ -169,10 +201,14 @@ class Engine:
         return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
 
     async def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
-        """Is anything left that this run could still move on?"""
+        """Is anything left that this run could still move on? (In a shared campaign, a worker
+        that runs until the end waits for the other workers' jobs too: it takes them over if
+        their worker dies.)"""
         if check and await self.store.count(AT_SERVICE):
             return True
         if await self.fetch.has_work():
+            return True
+        if self.store.shared and check and await self.store.count(TO_DOWNLOAD):
             return True
         if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
@@ -186,4 +222,7 @@ class Engine:
         if submit:
             started += await self.resolve.start_due(self._tg)
             started += await self.submit.start_due(self._tg, stopping=self._stopping)
-        return started + await self.fetch.start_due(self._tg)
+        started += await self.fetch.start_due(self._tg)
+        if self.store.shared and not self.fetch.queue and len(self.fetch.active) < self.settings.limits.max_downloads:
+            self._room.set()
+        return started

@@ -20,7 +20,7 @@ from ..store import JobRow
 from ..ui import clock
 from . import reconcile
 from .adopt import TagWatch, adopt
-from .context import RunContext
+from .context import RunContext, unless_taken_over
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ResolveStage:
     async def waiting(self) -> list[JobRow]:
         """SUBMITTING jobs with no POST in flight here: their answer was lost (now or by an earlier run)."""
         skip = self.ctx.posting | self.busy | self.unread
-        return [r for r in await self.store.jobs([JobState.SUBMITTING]) if r.id not in skip]
+        return [r for r in await self.store.held([JobState.SUBMITTING]) if r.id not in skip]
 
     async def next_due(self) -> float | None:
         return min((self.window_end(r) for r in await self.waiting()), default=None)
@@ -95,28 +95,32 @@ class ResolveStage:
             self.api, self.settings.retry, JobType(rows[0].type), lost, claimed, self.tags.seen
         )
         for row in rows:
-            found = verdicts[row.id]
-            log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
-            if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
-                await self.store.mark_submitted(
-                    row.id, found.remote_id, self.now(), next_check_at=self.ctx.first_check(row.type)
-                )
-            elif found.verdict is reconcile.Verdict.UNREAD:
-                # Not knowing is not `unknown`: nothing was learned, so the job stays submitting
-                # (never sent again) and the next run reads the list once more.
-                self.unread.add(row.id)
-                self.note(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
-            elif found.verdict is reconcile.Verdict.ABSENT:
-                await self.store.move(row.id, JobState.PENDING, self.now())
-                since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
-                self.resent_since[row.type] = since
-            else:
-                await self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
-                self.problem(
-                    row.id,
-                    f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
-                    f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
-                )
+            with unless_taken_over(row.id):
+                await self._settle(row, verdicts[row.id])
+
+    async def _settle(self, row: JobRow, found: reconcile.Reconciled) -> None:
+        """What the job list told of one lost answer, into the store."""
+        log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
+        if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
+            await self.store.mark_submitted(
+                row.id, found.remote_id, self.now(), next_check_at=self.ctx.first_check(row.type)
+            )
+        elif found.verdict is reconcile.Verdict.UNREAD:
+            # Not knowing is not `unknown`: nothing was learned, so the job stays submitting
+            # (never sent again) and the next run reads the list once more.
+            self.unread.add(row.id)
+            self.note(f"{row.id}: {found.why}; it stays submitting and the next run looks again")
+        elif found.verdict is reconcile.Verdict.ABSENT:
+            await self.store.move(row.id, JobState.PENDING, self.now())
+            since = min(self.resent_since.get(row.type, row.intent_at or 0.0), row.intent_at or 0.0)
+            self.resent_since[row.type] = since
+        else:
+            await self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
+            self.problem(
+                row.id,
+                f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
+                f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
+            )
 
     # -- a lost state, duplicates ------------------------------------------------------
 

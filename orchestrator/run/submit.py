@@ -23,11 +23,20 @@ from ..api import retry
 from ..api.budget import RequestBudget
 from ..api.callbacks import callback_url
 from ..crashpoints import crash_point
-from ..errors import AuthError, InvalidJob, NotSent, QuotaError, RateLimited, Throttled, describe_detail
+from ..errors import (
+    AuthError,
+    InvalidJob,
+    LeaseLost,
+    NotSent,
+    QuotaError,
+    RateLimited,
+    Throttled,
+    describe_detail,
+)
 from ..manifest.load import CAMPAIGN_TAG_KEY
 from ..models import IN_FLIGHT, JobSpec, JobState
 from ..store import JobRow, Store
-from .context import RunContext
+from .context import RunContext, unless_taken_over
 from .outcome import StopReason
 from .resolve import ResolveStage
 
@@ -63,9 +72,10 @@ class SubmitStage:
     async def start_due(self, tg: TaskGroup, *, stopping: bool) -> int:
         if not self.allowed() or stopping:
             return 0
+        limits = self.ctx.settings.limits
         active = await self.ctx.store.count(IN_FLIGHT)
-        room = self.ctx.settings.limits.max_active - active
-        cap = self.ctx.settings.limits.max_new_jobs
+        room = limits.max_active - active
+        cap = limits.max_new_jobs
         if cap is not None:
             room = min(room, cap - self.submitted_this_run)
         if room <= 0:
@@ -99,7 +109,14 @@ class SubmitStage:
             intents = [
                 (row.id, json.dumps(_storable(bodies[row.id]), sort_keys=True), row.fingerprint) for row, _, _ in batch
             ]
-            await self.ctx.store.record_intents(intents, self.ctx.now())  # rule 1: durable before any POST
+            # Rule 1: durable before any POST. Only the jobs recorded go: other workers of a shared
+            # campaign may have taken some, or filled the campaign's limits.
+            recorded = set(
+                await self.ctx.store.record_intents(
+                    intents, self.ctx.now(), max_active=limits.max_active, rate_per_s=limits.submit_rate_per_s
+                )
+            )
+            batch = [item for item in batch if item[0].id in recorded]
             crash_point("after-intent")
         for row, spec, _ in batch:
             self.ctx.posting.add(row.id)
@@ -109,17 +126,21 @@ class SubmitStage:
 
     async def _submit(self, spec: JobSpec, body: dict[str, Any]) -> None:
         try:
-            async with self.submit_limiter:
-                try:
-                    await self.submit_budget.acquire()
-                except Throttled as exc:
-                    log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
-                    await self._back_to_pending(spec.id)  # not sent: the next pass takes it again
-                    return
-                await self._submit_once(spec, body)
+            with unless_taken_over(spec.id):
+                await self._submit_limited(spec, body)
         finally:
             self.ctx.posting.discard(spec.id)
             self.ctx.events.notify()
+
+    async def _submit_limited(self, spec: JobSpec, body: dict[str, Any]) -> None:
+        async with self.submit_limiter:
+            try:
+                await self.submit_budget.acquire()
+            except Throttled as exc:
+                log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
+                await self._back_to_pending(spec.id)  # not sent: the next pass takes it again
+                return
+            await self._submit_once(spec, body)
 
     async def _submit_once(self, spec: JobSpec, body: dict[str, Any]) -> None:
         job_id = spec.id
@@ -127,11 +148,20 @@ class SubmitStage:
         async def post() -> str:
             if not self.ctx.settings.dry_run:  # each attempt starts a grace window of its own
                 sent_at = self.ctx.now()
-                await self.ctx.store.record_attempt(job_id, sent_at, self.ctx.settings.reconcile_after(sent_at))
+                window_end = self.ctx.settings.reconcile_after(sent_at)
+                # Sent only while this worker holds the job for the POST's whole timeout and more.
+                if not await self.ctx.store.record_attempt(
+                    job_id, sent_at, window_end, need_s=self.ctx.settings.post_needs_s
+                ):
+                    raise LeaseLost(job_id)
             return await self.ctx.api.submit(spec.type, body)
 
         try:
             remote_id = await retry.submission(post, self.ctx.settings.retry, f"submit {job_id}")
+        except LeaseLost:
+            # Not sent by this worker now: whoever holds the job finds it by tag after its window.
+            log.warning("job.not_sent job_id=%s: this worker's lease on it ran out before the POST", job_id)
+            return
         except InvalidJob as exc:
             await self.ctx.store.move(
                 job_id,
@@ -227,7 +257,12 @@ class IdCommitter:
                 batch, self._pending = self._pending, []
                 self._committed, self._flushing = anyio.Event(), False
                 try:
-                    await self.store.mark_submitted_many(batch, self.now())
+                    for job_id in await self.store.mark_submitted_many(batch, self.now()):
+                        log.warning(
+                            "job.answer_after_takeover job_id=%s: another worker holds it now and finds "
+                            "the job by its tag after its grace window",
+                            job_id,
+                        )
                     self._error = None
                 except BaseException as exc:
                     self._error = exc

@@ -91,6 +91,31 @@ class SyncReport:
     removed: tuple[str, ...]  # in the store, no longer in the manifest
 
 
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a worker's periodic claim changed: jobs it holds now and did not before (`taken`:
+    those of them another worker held), and jobs it held that it no longer does."""
+
+    gained: tuple[str, ...] = ()
+    taken: tuple[str, ...] = ()
+    lost: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRow:
+    """A process working on a shared campaign, as `status` shows it."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    seen_s_ago: float  # since its last heartbeat (the database's clock)
+    stopped: bool
+    submitting: int
+    checking: int
+    downloading: int
+
+
 class Store(Protocol):
     """Every verb is awaitable: a store on the network (PostgreSQL) is async, and SQLite's
     synced commits run off the event loop. One store serves one campaign."""
@@ -112,14 +137,25 @@ class Store(Protocol):
     async def durations(self, job_type: str, limit: int = 50) -> list[float]: ...
     async def newest_submitted(self, job_type: str, limit: int) -> set[str]: ...
     async def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]: ...
-    async def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None: ...
+    async def record_intents(
+        self,
+        intents: Sequence[tuple[str, str, str]],
+        now: float,
+        *,
+        max_active: int | None = None,
+        rate_per_s: float | None = None,
+    ) -> list[str]: ...  # the ids recorded, in order: only those may be sent
     async def mark_submitted(
         self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
     ) -> None: ...
-    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None: ...
+    async def mark_submitted_many(
+        self, items: Sequence[tuple[str, str, float | None]], now: float
+    ) -> list[str]: ...  # the ids another worker holds now: not recorded
     async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None: ...
     # never paying twice (schema 2)
-    async def record_attempt(self, job_id: str, now: float, window_end: float) -> None: ...
+    async def record_attempt(
+        self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0
+    ) -> bool: ...  # False: send nothing (the job is not ours to send, or not for `need_s` more)
     async def answer_lost(self, job_id: str, window_end: float) -> None: ...
     async def adoption_candidates(self) -> list[JobRow]: ...
     async def adopt(
@@ -159,4 +195,11 @@ class Store(Protocol):
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
     ) -> tuple[str, ...]: ...
     async def check_writable(self) -> None: ...
+    # several workers (store/pg_lease.py): who works on which job; one process holds them all otherwise
+    @property
+    def shared(self) -> bool: ...  # True: other workers share the campaign (claim_work must run)
+    async def held(self, states: Iterable[JobState]) -> list[JobRow]: ...  # the jobs this worker holds
+    async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims: ...
+    def part_suffix(self, job_id: str) -> str: ...  # a partial file's suffix: of this worker's lease
+    async def workers(self) -> list[WorkerRow]: ...
     async def close(self) -> None: ...

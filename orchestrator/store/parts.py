@@ -40,6 +40,8 @@ class PartRecord:
 class PartLog(Protocol):
     """A partial download's memory across restarts (the state store keeps it)."""
 
+    suffix: str  # of the partial file's name: `.part`, or `.<lease epoch>.part` in a shared campaign
+
     async def record(self) -> PartRecord | None: ...
     async def start_over(self, size: int | None) -> None: ...  # forget every span and the ETag
     async def set_etag(self, etag: str | None) -> None: ...
@@ -51,6 +53,7 @@ class MemoryPartLog:
     """A `PartLog` that lives as long as the process: for one-off downloads (benchmarks)."""
 
     def __init__(self) -> None:
+        self.suffix = ".part"
         self._size: int | None = None
         self._etag: str | None = None
         self._spans: dict[int, int] = {}

@@ -8,7 +8,7 @@ exactly one of them creates or upgrades; the others then find the version curren
 
 from __future__ import annotations
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 # A fixed key for pg_advisory_xact_lock: "dlb-schema" folded into a bigint.
 SCHEMA_LOCK_KEY = 0x646C_622D_7363_6865
 
@@ -84,4 +84,29 @@ CREATE TABLE dlb_part_spans (
 )
 """
 
-PG_MIGRATIONS: dict[int, tuple[str, ...]] = {}  # version -> scripts that reach it from the one before
+# ---- schema 2: several workers (leases, fencing, the shared submission limits) ----------
+# lease_owner / lease_until (the database's clock, epoch seconds) / lease_epoch: who works on
+# a job in flight now, until when, and a counter raised on every claim or takeover that
+# every write after a claim names (a write by a lease that moved on changes nothing).
+# dlb_campaigns.submit_tokens / tokens_at: the campaign's submission rate as one bucket.
+# dlb_workers: who runs, from where, last seen when (for `status`).
+_V2_LEASES = """
+ALTER TABLE dlb_jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE dlb_jobs ADD COLUMN lease_until DOUBLE PRECISION;
+ALTER TABLE dlb_jobs ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX dlb_jobs_by_lease ON dlb_jobs (campaign, lease_owner);
+ALTER TABLE dlb_campaigns ADD COLUMN submit_tokens DOUBLE PRECISION;
+ALTER TABLE dlb_campaigns ADD COLUMN tokens_at DOUBLE PRECISION;
+CREATE TABLE dlb_workers (
+    id TEXT PRIMARY KEY,
+    campaign TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL,
+    stopped_at DOUBLE PRECISION
+);
+CREATE INDEX dlb_workers_by_campaign ON dlb_workers (campaign, heartbeat_at)
+"""
+
+PG_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_LEASES,)}  # version -> scripts that reach it

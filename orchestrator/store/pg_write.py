@@ -11,39 +11,91 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 
-from ..errors import StoreError
-from ..models import JobState, can_move
+from ..errors import LeaseLost, StoreError
+from ..models import IN_FLIGHT, JobState, can_move
 from .base import FileRow
-from .pg_base import DEAD_END, PgBase
+from .pg_base import DEAD_END
+from .pg_lease import NOW, WORK, PgLeases
 
 _PART = "campaign=%(c)s AND job_id=%(j)s AND remote_id=%(r)s"
 
 
-class PgWrites(PgBase):
+class PgWrites(PgLeases):
     # -- submissions (rule 1) -----------------------------------------------------------
 
-    async def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
-        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, committed."""
+    async def record_intents(
+        self,
+        intents: Sequence[tuple[str, str, str]],
+        now: float,
+        *,
+        max_active: int | None = None,
+        rate_per_s: float | None = None,
+    ) -> list[str]:
+        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, in order, for the
+        jobs still pending, within the campaign's limits: fewer than `max_active` in flight, and
+        `rate_per_s` as one token bucket for every worker. One transaction, serialized on the
+        campaign's row: the claim, the limits and the intent. Returns the ids recorded (each
+        now leased to this worker): only those may be sent."""
+        recorded: list[str] = []
         async with self._tx() as db:
-            for job_id, payload, fingerprint in intents:
+            cur = await db.execute(
+                f"SELECT submit_tokens, tokens_at, {NOW} AS now FROM dlb_campaigns WHERE name=%(c)s FOR UPDATE",
+                self._args(),
+            )
+            campaign = await cur.fetchone()
+            room = len(intents)
+            if max_active is not None:
+                cur = await db.execute(
+                    "SELECT COUNT(*) AS n FROM dlb_jobs WHERE campaign=%(c)s AND state = ANY(%(s)s)",
+                    self._args({"s": [s.value for s in IN_FLIGHT]}),
+                )
+                row = await cur.fetchone()
+                room = min(room, max_active - int(row["n"] if row else 0))
+            tokens = None
+            if rate_per_s is not None and campaign is not None:
+                burst = max(1.0, rate_per_s)
+                have = campaign["submit_tokens"]
+                since = campaign["now"] - (campaign["tokens_at"] or campaign["now"])
+                tokens = burst if have is None else min(burst, have + since * rate_per_s)
+                room = min(room, int(tokens))
+            for job_id, payload, fingerprint in intents[: max(0, room)]:
                 cur = await db.execute(
                     "UPDATE dlb_jobs SET state='submitting', intent_at=%(now)s, sent_payload=%(p)s,"
                     " sent_fingerprint=%(fp)s, updated_at=%(now)s, attempt_at=NULL, reconcile_at=NULL,"
-                    " adoption_checked=TRUE WHERE campaign=%(c)s AND id=%(id)s AND state='pending'",
-                    self._args({"now": now, "p": payload, "fp": fingerprint, "id": job_id}),
+                    " adoption_checked=TRUE, lease_owner=%(me)s, lease_epoch=lease_epoch + 1,"
+                    f" lease_until={NOW} + %(lease)s WHERE campaign=%(c)s AND id=%(id)s AND state='pending'"
+                    " RETURNING lease_epoch",
+                    self._args({"now": now, "p": payload, "fp": fingerprint, "id": job_id, **self._lease_args(job_id)}),
                 )
-                if cur.rowcount != 1:
-                    raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
+                row = await cur.fetchone()
+                if row is not None:
+                    recorded.append(job_id)
+                    if self.worker is not None:
+                        self._held[job_id] = int(row["lease_epoch"])
+            if tokens is not None:
+                await db.execute(
+                    "UPDATE dlb_campaigns SET submit_tokens=%(t)s, tokens_at=%(at)s WHERE name=%(c)s",
+                    self._args({"t": tokens - len(recorded), "at": campaign["now"] if campaign else None}),
+                )
+        return recorded
 
     async def mark_submitted(
         self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
     ) -> None:
         await self.mark_submitted_many([(job_id, remote_id, next_check_at)], now)
 
-    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
-        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one transaction."""
+    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> list[str]:
+        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one transaction. Returns the
+        ids another worker holds now (its lease ran out and was taken over: that worker finds the
+        job by its tag after its own grace window); nothing is recorded for them."""
+        taken: list[str] = []
         async with self._tx() as db:
             for job_id, remote_id, next_check_at in items:
+                try:
+                    await self._hold(db, job_id)
+                except LeaseLost:
+                    taken.append(job_id)
+                    continue
                 cur = await db.execute(
                     "UPDATE dlb_jobs SET state='queued', remote_id=%(r)s, submitted_at=%(now)s, updated_at=%(now)s,"
                     " remote_state='queued', next_check_at=%(next)s"
@@ -52,19 +104,30 @@ class PgWrites(PgBase):
                 )
                 if cur.rowcount != 1:
                     raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+        return taken
 
-    async def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
-        await self._write(
-            "UPDATE dlb_jobs SET attempt_at=%(now)s, reconcile_at=GREATEST(COALESCE(reconcile_at, 0), %(end)s)"
-            " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'",
-            {"now": now, "end": window_end, "id": job_id},
+    async def record_attempt(self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0) -> bool:
+        """A POST of this job goes out now, if this worker holds its lease with at least `need_s`
+        left (renewed here): False means send nothing. Its answer, if lost, is looked for after
+        `window_end`."""
+        fence = ""
+        if self.worker is not None:
+            fence = f" AND lease_owner=%(me)s AND lease_epoch=%(epoch)s AND lease_until > {NOW} + %(need)s"
+        changed = await self._write(
+            "UPDATE dlb_jobs SET attempt_at=%(now)s, reconcile_at=GREATEST(COALESCE(reconcile_at, 0), %(end)s),"
+            f" lease_until = CASE WHEN lease_owner IS NULL THEN NULL ELSE {NOW} + GREATEST(%(lease)s, 2 * %(need)s) END"
+            f" WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'{fence}",
+            {"now": now, "end": window_end, "id": job_id, "need": need_s, **self._lease_args(job_id)},
         )
+        return changed == 1
 
     async def answer_lost(self, job_id: str, window_end: float) -> None:
+        # Fenced in the statement: a job another worker took over has its own window already.
         await self._write(
             "UPDATE dlb_jobs SET reconcile_at=GREATEST(COALESCE(reconcile_at, 0), %(end)s)"
-            " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'",
-            {"end": window_end, "id": job_id},
+            " WHERE campaign=%(c)s AND id=%(id)s AND state='submitting'"
+            " AND (lease_owner IS NULL OR %(me)s::text IS NULL OR (lease_owner=%(me)s AND lease_epoch=%(epoch)s))",
+            {"end": window_end, "id": job_id, **self._lease_args(job_id)},
         )
 
     async def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
@@ -119,6 +182,7 @@ class PgWrites(PgBase):
             row = await cur.fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id!r}")
+            await self._hold(db, job_id)
             current = JobState(row["state"])
             if not can_move(current, state):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
@@ -137,7 +201,9 @@ class PgWrites(PgBase):
                 " finished_at=COALESCE(%(fin)s, finished_at), ended_at=COALESCE(%(end)s, ended_at),"
                 " intent_at=CASE WHEN %(forget)s THEN NULL ELSE intent_at END,"
                 " sent_payload=CASE WHEN %(forget)s THEN NULL ELSE sent_payload END,"
-                " sent_fingerprint=CASE WHEN %(forget)s THEN NULL ELSE sent_fingerprint END"
+                " sent_fingerprint=CASE WHEN %(forget)s THEN NULL ELSE sent_fingerprint END,"
+                " lease_owner=CASE WHEN %(s)s = ANY(%(work)s) THEN lease_owner END,"
+                " lease_until=CASE WHEN %(s)s = ANY(%(work)s) THEN lease_until END"
                 " WHERE campaign=%(c)s AND id=%(id)s",
                 self._args(
                     {
@@ -148,9 +214,11 @@ class PgWrites(PgBase):
                         "end": ended,
                         "forget": forget,
                         "id": job_id,
+                        "work": WORK,
                     }
                 ),
             )
+        self._released(job_id, state)
 
     async def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
@@ -193,15 +261,18 @@ class PgWrites(PgBase):
         next_check_at: float | None,
         now: float,
     ) -> None:
-        await self._write(
+        await self._fenced(
+            job_id,
             "UPDATE dlb_jobs SET remote_state=%(rs)s, percentage=%(pct)s, next_check_at=%(next)s, checks=checks+1,"
             " updated_at=%(now)s WHERE campaign=%(c)s AND id=%(id)s",
             {"rs": remote_state, "pct": percentage, "next": next_check_at, "now": now, "id": job_id},
         )
 
     async def check_at(self, job_id: str, when: float) -> None:
-        await self._write(
-            "UPDATE dlb_jobs SET next_check_at=%(t)s WHERE campaign=%(c)s AND id=%(id)s", {"t": when, "id": job_id}
+        await self._fenced(
+            job_id,
+            "UPDATE dlb_jobs SET next_check_at=%(t)s WHERE campaign=%(c)s AND id=%(id)s",
+            {"t": when, "id": job_id},
         )
 
     async def record_success(
@@ -214,6 +285,7 @@ class PgWrites(PgBase):
             row = await cur.fetchone()
             if row is None:
                 raise StoreError(f"no job {job_id!r}")
+            await self._hold(db, job_id)
             current = JobState(row["state"])
             if not can_move(current, JobState.SUCCEEDED):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to succeeded")
@@ -241,18 +313,22 @@ class PgWrites(PgBase):
 
     async def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
         async with self._tx() as db:
+            await self._hold(db, job_id)
             key = self._args({"j": job_id, "r": remote_id, "sha": sha256, "size": size})
             await db.execute(f"UPDATE dlb_files SET done=TRUE, sha256=%(sha)s, size_bytes=%(size)s WHERE {_PART}", key)
             await _forget_part(db, key)
 
     async def file_lost(self, job_id: str, remote_id: str) -> None:
-        await self._write(f"UPDATE dlb_files SET lost=TRUE WHERE {_PART}", {"j": job_id, "r": remote_id})
+        await self._fenced(job_id, f"UPDATE dlb_files SET lost=TRUE WHERE {_PART}", {"j": job_id, "r": remote_id})
 
     async def file_missing(self, job_id: str, remote_id: str) -> None:
-        await self._write(f"UPDATE dlb_files SET done=FALSE, sha256=NULL WHERE {_PART}", {"j": job_id, "r": remote_id})
+        await self._fenced(
+            job_id, f"UPDATE dlb_files SET done=FALSE, sha256=NULL WHERE {_PART}", {"j": job_id, "r": remote_id}
+        )
 
     async def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None:
         async with self._tx() as db:
+            await self._hold(db, job_id)
             key = self._args({"j": job_id, "r": remote_id, "size": size})
             await _forget_part(db, key)
             await db.execute(
@@ -262,12 +338,13 @@ class PgWrites(PgBase):
             )
 
     async def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
-        await self._write(
-            f"UPDATE dlb_part_objects SET etag=%(e)s WHERE {_PART}", {"j": job_id, "r": remote_id, "e": etag}
+        await self._fenced(
+            job_id, f"UPDATE dlb_part_objects SET etag=%(e)s WHERE {_PART}", {"j": job_id, "r": remote_id, "e": etag}
         )
 
     async def part_prove(self, job_id: str, remote_id: str, start: int, length: int) -> None:
-        await self._write(
+        await self._fenced(
+            job_id,
             "INSERT INTO dlb_part_spans VALUES (%(c)s, %(j)s, %(r)s, %(s)s, %(n)s)"
             " ON CONFLICT (campaign, job_id, remote_id, start)"
             " DO UPDATE SET length=GREATEST(dlb_part_spans.length, excluded.length)",
@@ -276,6 +353,7 @@ class PgWrites(PgBase):
 
     async def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
         async with self._tx() as db:
+            await self._hold(db, job_id)
             key = self._args({"j": job_id, "r": remote_id})
             await db.execute(f"DELETE FROM dlb_part_spans WHERE {_PART}", key)
             if spans:

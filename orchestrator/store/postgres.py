@@ -24,6 +24,7 @@ from ..models import JobSpec, JobState, JobType, Location
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .pg_base import open_pool
+from .pg_lease import LEASE_S, Worker
 from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_V1, PG_SCHEMA_VERSION, SCHEMA_LOCK_KEY
 from .pg_write import PgWrites
 
@@ -32,16 +33,26 @@ class PostgresStore(PgWrites):
     """One campaign's rows in a shared database. Open with `await PostgresStore.open(url, campaign)`."""
 
     @classmethod
-    async def open(cls, url: str, campaign: str) -> PostgresStore:
-        """Connect, and create or upgrade the schema (once, whichever host comes first)."""
+    async def open(
+        cls, url: str, campaign: str, *, worker: Worker | None = None, lease_s: float = LEASE_S
+    ) -> PostgresStore:
+        """Connect, and create or upgrade the schema (once, whichever host comes first). With a
+        `worker`, this process takes part in running the campaign (leases, fencing: pg_lease.py);
+        without, it only reads (and a person settles)."""
         pool = await open_pool(url)
-        store = cls(pool, url, campaign)
+        store = cls(pool, url, campaign, worker=worker, lease_s=lease_s)
         try:
             await store._migrate()
         except BaseException:
             await pool.close()
             raise
         return store
+
+    async def close(self) -> None:
+        try:
+            await self.release_all()
+        finally:
+            await super().close()
 
     async def __aenter__(self) -> PostgresStore:
         return self
@@ -206,16 +217,17 @@ class PostgresStore(PgWrites):
     async def due_for_check(self, now: float) -> list[JobRow]:
         rows = await self._query(
             f"SELECT {JOB_COLUMNS} FROM dlb_jobs WHERE campaign=%(c)s AND state IN ('queued', 'running')"
-            " AND remote_id IS NOT NULL AND (next_check_at IS NULL OR next_check_at <= %(now)s) ORDER BY position",
-            {"now": now},
+            " AND remote_id IS NOT NULL AND (next_check_at IS NULL OR next_check_at <= %(now)s)"
+            f"{self._mine()} ORDER BY position",
+            {"now": now, **self._lease_args()},
         )
         return [job_row(r) for r in rows]
 
     async def next_check_due(self, after: float) -> float | None:
         rows = await self._query(
             "SELECT MIN(next_check_at) AS t FROM dlb_jobs WHERE campaign=%(c)s AND state IN ('queued', 'running')"
-            " AND next_check_at > %(after)s",
-            {"after": after},
+            f" AND next_check_at > %(after)s{self._mine()}",
+            {"after": after, **self._lease_args()},
         )
         return float(rows[0]["t"]) if rows and rows[0]["t"] is not None else None
 

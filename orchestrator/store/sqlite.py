@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import PARENT_ENDED, JobSpec, JobState, can_move
+from ..models import IN_FLIGHT, PARENT_ENDED, JobSpec, JobState, can_move
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
@@ -23,6 +23,7 @@ from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 BUSY_TIMEOUT_MS = 5_000
 _ENDED = tuple(s.value for s in PARENT_ENDED)
 _ENDED_MARKS = ",".join("?" * len(_ENDED))
+_IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 # The parent `p` can give no checkpoint: its dependents are skipped, and only then.
 _DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
 
@@ -235,10 +236,22 @@ class SqliteDb:
 
     # -- writing --------------------------------------------------------------------
 
-    def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
-        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, synced."""
+    def record_intents(
+        self, intents: Sequence[tuple[str, str, str]], now: float, *, max_active: int | None = None
+    ) -> list[str]:
+        """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, synced, in order,
+        for the jobs still pending and while fewer than `max_active` are in flight. The ids
+        recorded: only those may be sent."""
+        recorded: list[str] = []
         with self._tx(durable=True) as db:
+            room = None
+            if max_active is not None:
+                marks = ",".join("?" * len(_IN_FLIGHT))
+                active = db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks})", _IN_FLIGHT).fetchone()[0]
+                room = max_active - int(active)
             for job_id, payload, fingerprint in intents:
+                if room is not None and len(recorded) >= room:
+                    break
                 cur = db.execute(
                     "UPDATE jobs SET state=?, intent_at=?, sent_payload=?, sent_fingerprint=?, updated_at=?,"
                     " attempt_at=NULL, reconcile_at=NULL, adoption_checked=1 WHERE id=? AND state=?",
@@ -252,14 +265,16 @@ class SqliteDb:
                         JobState.PENDING.value,
                     ),
                 )
-                if cur.rowcount != 1:
-                    raise StoreError(f"job {job_id!r} is not pending: refusing to record a second intent")
+                if cur.rowcount == 1:
+                    recorded.append(job_id)
+        return recorded
 
     def mark_submitted(self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None) -> None:
         self.mark_submitted_many([(job_id, remote_id, next_check_at)], now)
 
-    def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
-        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one synced transaction."""
+    def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> list[str]:
+        """(job id, remote id, first look): SUBMITTING -> QUEUED, in one synced transaction. Returns
+        the ids another worker holds (none: one process owns a SQLite campaign)."""
         with self._tx(durable=True) as db:
             for job_id, remote_id, next_check_at in items:
                 cur = db.execute(
@@ -269,19 +284,22 @@ class SqliteDb:
                 )
                 if cur.rowcount != 1:
                     raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
+        return []
 
     # -- never paying twice: grace windows, adoption by tag, duplicates (schema 2) ---------
 
-    def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
+    def record_attempt(self, job_id: str, now: float, window_end: float) -> bool:
         """A POST of this job is being sent now; its answer, if lost, is checked after `window_end`.
+        False (send nothing) when the job is not being submitted.
 
         Not synced (that would be an fsync per POST, beside the batched intents): WAL keeps it through
         kill -9; only an OS crash could lose it, and then the window counts from the intent."""
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE jobs SET attempt_at=?, reconcile_at=MAX(COALESCE(reconcile_at, 0), ?) WHERE id=? AND state=?",
                 (now, window_end, job_id, JobState.SUBMITTING.value),
             )
+            return cur.rowcount == 1
 
     def answer_lost(self, job_id: str, window_end: float) -> None:
         """The client gave up on the answer: the window ends no sooner than `window_end`."""

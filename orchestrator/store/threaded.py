@@ -17,7 +17,7 @@ from typing import TypeVar
 import anyio
 
 from ..models import JobSpec, JobState
-from .base import FileRow, JobRow, SyncReport
+from .base import Claims, FileRow, JobRow, SyncReport, WorkerRow
 from .parts import PartRecord
 from .sqlite import SqliteDb
 
@@ -99,22 +99,47 @@ class SqliteStore:
     async def ready_to_submit(self, limit: int) -> list[tuple[JobRow, JobState | None, str | None]]:
         return await self._call(partial(self._db.ready_to_submit, limit))
 
-    async def record_intents(self, intents: Sequence[tuple[str, str, str]], now: float) -> None:
-        return await self._call(partial(self._db.record_intents, intents, now))
+    async def record_intents(
+        self,
+        intents: Sequence[tuple[str, str, str]],
+        now: float,
+        *,
+        max_active: int | None = None,
+        rate_per_s: float | None = None,  # paced in the process (api/budget.py): one process per campaign
+    ) -> list[str]:
+        return await self._call(partial(self._db.record_intents, intents, now, max_active=max_active))
 
     async def mark_submitted(
         self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
     ) -> None:
         return await self._call(partial(self._db.mark_submitted, job_id, remote_id, now, next_check_at=next_check_at))
 
-    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> None:
+    async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> list[str]:
         return await self._call(partial(self._db.mark_submitted_many, items, now))
 
     async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
         return await self._call(partial(self._db.move, job_id, state, now, reason=reason))
 
-    async def record_attempt(self, job_id: str, now: float, window_end: float) -> None:
+    async def record_attempt(self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0) -> bool:
         return await self._call(partial(self._db.record_attempt, job_id, now, window_end))
+
+    # -- several workers: one process owns a SQLite campaign (CampaignLock), so it holds every job
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def held(self, states: Iterable[JobState]) -> list[JobRow]:
+        return await self.jobs(states)
+
+    async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
+        return Claims()
+
+    def part_suffix(self, job_id: str) -> str:
+        return ".part"
+
+    async def workers(self) -> list[WorkerRow]:
+        return []
 
     async def answer_lost(self, job_id: str, window_end: float) -> None:
         return await self._call(partial(self._db.answer_lost, job_id, window_end))

@@ -16,6 +16,7 @@ This module talks to storage, never to the API: its session carries no API key.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import time
@@ -153,6 +154,16 @@ def _disk_full(folder: Path, part: Path, size: int | None, record: PartRecord | 
     )
 
 
+def _drop_other_parts(folder: Path, name: str, part: Path) -> None:
+    """Partial files of this file under another worker's lease (a shared campaign): that worker
+    lost the job, so they are never resumed. A worker that still writes one (it was frozen)
+    writes into a file nobody reads, and its rename fails."""
+    if folder.is_dir():
+        for other in folder.glob(f"{glob.escape(name)}.*.part"):
+            if other != part:
+                other.unlink(missing_ok=True)
+
+
 def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str | None) -> Fetched:
     return place(part, final, hashes, size_bytes=size, md5=md5)
 
@@ -244,9 +255,10 @@ class Downloader:
     ) -> Fetched:
         source = _Source(artifact, renew)
         final = folder / artifact.name
-        part = folder / (artifact.name + ".part")
+        part = folder / (artifact.name + part_log.suffix)
         size = artifact.size_bytes
         parallel = [size is not None and size >= self.parallel_min_bytes]
+        await self._thread(_drop_other_parts, folder, artifact.name, part)
 
         async def attempt() -> Fetched:
             await source.ensure_fresh(renew_margin_s)
