@@ -208,8 +208,8 @@ class Engine:
             return True
         if await self.fetch.has_work():
             return True
-        if self.store.shared and check and await self.store.count(TO_DOWNLOAD):
-            return True
+        if self.store.shared and check and await self.store.count([*TO_DOWNLOAD, JobState.SUBMITTING]):
+            return True  # another worker's: taken over here if that worker stops renewing
         if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
         return submit and self.submit.allowed() and bool(await self.store.count([JobState.PENDING]))

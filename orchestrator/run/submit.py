@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from ..api import retry
 from ..api.budget import RequestBudget
 from ..api.callbacks import callback_url
-from ..crashpoints import crash_point
+from ..crashpoints import crash_point, lease_check_off
 from ..errors import (
     AuthError,
     InvalidJob,
@@ -150,9 +150,10 @@ class SubmitStage:
                 sent_at = self.ctx.now()
                 window_end = self.ctx.settings.reconcile_after(sent_at)
                 # Sent only while this worker holds the job for the POST's whole timeout and more.
-                if not await self.ctx.store.record_attempt(
+                held = await self.ctx.store.record_attempt(
                     job_id, sent_at, window_end, need_s=self.ctx.settings.post_needs_s
-                ):
+                )
+                if not held and not lease_check_off():
                     raise LeaseLost(job_id)
             return await self.ctx.api.submit(spec.type, body)
 
