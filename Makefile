@@ -35,8 +35,8 @@ bench: $(STAMP)  ## measure speed and memory side by side with the baselines; wr
 bench-quick: $(STAMP)  ## a smaller bench run (under 2 minutes)
 	$(BIN)/python -m bench --quick
 
-chaos: $(STAMP)  ## the long kill-and-restart chaos runs; figures in bench/chaos-results.json
-	$(BIN)/pytest -q -s -m slow tests/test_chaos.py
+chaos: $(STAMP)  ## the long kill-and-restart chaos runs (one process, and six workers on PostgreSQL); figures in bench/chaos-results.json
+	$(BIN)/pytest -q -s -m slow tests/test_chaos.py tests/test_chaos_workers.py
 
 mutants: $(STAMP)  ## mutation testing of the code that guards money and files (long); survivors answered in bench/MUTANTS.md
 	$(BIN)/pip install --quiet -e '.[dev,mutants]'

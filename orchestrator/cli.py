@@ -353,7 +353,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "status":
         return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
-        rows, files = anyio.run(commands.status_rows, paths)
+        rows, files, _ = anyio.run(commands.status_rows, paths)
         page = write_report(manifest.campaign, rows, files, paths.out)
         out.print(f"report: {page}")
         return ExitCode.OK
@@ -481,8 +481,10 @@ def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
     if as_json:
         anyio.run(_print_chunks, commands.status_json(campaign_name, paths))
         return ExitCode.OK
-    rows, files = anyio.run(commands.status_rows, paths)
+    rows, files, workers = anyio.run(commands.status_rows, paths)
     out.print(ui.status_table(rows, files, time.time()))
+    if workers:
+        out.print(ui.workers_table(workers, time.time()))
     return ExitCode.OK
 
 

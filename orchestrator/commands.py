@@ -29,7 +29,7 @@ from .run import preflight
 from .run.engine import Engine
 from .run.outcome import RunOutcome, StopReason
 from .state import StateAt, given_state, held, is_database, open_existing, open_store
-from .store import FileRow, JobRow, Store
+from .store import FileRow, JobRow, Store, WorkerRow
 from .transfer.file import Downloader
 
 STATE_DIR = ".dreamlook-batch"
@@ -336,10 +336,12 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
     )
 
 
-async def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]]]:
+async def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]], list[WorkerRow]]:
+    """The jobs, their files, and (a shared campaign) its workers."""
     store = await _store_for_status(paths)
     try:
-        return [r for r in await store.jobs() if r.in_manifest], await store.files_by_job()
+        rows = [r for r in await store.jobs() if r.in_manifest]
+        return rows, await store.files_by_job(), await store.workers()
     finally:
         await store.close()
 

@@ -25,7 +25,7 @@ from rich.text import Text
 from .logs import scrub
 from .models import BAD_ENDINGS, JobState
 from .run.outcome import StopReason
-from .store import FileRow, JobRow
+from .store import FileRow, JobRow, WorkerRow
 
 if TYPE_CHECKING:
     from .commands import RunResult
@@ -248,4 +248,25 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
     table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
     if duplicates:
         table.caption += f"; {duplicates} paid twice (duplicate)"
+    return table
+
+
+def workers_table(workers: Sequence[WorkerRow], now: float) -> Table:
+    """The workers of a shared campaign (seen in the last day) and what each holds now."""
+    table = Table("worker", "host", "pid", "started", "last seen", "submitting", "checking", "downloading")
+    table.title, table.title_justify = "workers", "left"
+    for w in workers:
+        seen = "stopped" if w.stopped else f"{human_seconds(w.seen_s_ago)} ago"
+        table.add_row(
+            w.id,
+            w.host,
+            str(w.pid),
+            human_seconds(now - w.started_at) + " ago",
+            seen,
+            str(w.submitting),
+            str(w.checking),
+            str(w.downloading),
+        )
+    live = sum(1 for w in workers if not w.stopped)
+    table.caption = f"{len(workers)} workers seen in the last day, {live} not stopped"
     return table

@@ -56,7 +56,7 @@ def test_a_campaign_runs_in_postgresql_and_a_host_without_the_manifest_joins_it(
 
 
 def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
-    tmp_path: Path, pg_url: str, threaded_sim: Any
+    tmp_path: Path, pg_url: str, threaded_sim: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Three `run` processes at once on one campaign: each takes a share of the jobs, none is
     paid twice, and every file is on disk (one folder: the workers of one host)."""
@@ -76,6 +76,11 @@ def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
         leftover = db.execute("SELECT count(*) FROM dlb_jobs WHERE lease_owner IS NOT NULL").fetchone()
     assert owners == (3,) and leftover == (0,)  # each registered; all handed back at the end
     assert not list(out.rglob("*.part"))
+    capsys.readouterr()
+    assert main(["status", str(manifest), "--state", pg_url]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "3 workers seen in the last day, 0 not stopped" in said
+    assert str(workers[0].pid) in said
 
 
 def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

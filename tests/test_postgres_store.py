@@ -11,6 +11,7 @@ import anyio
 import psycopg
 import pytest
 
+from orchestrator.api.budget import RequestBudget
 from orchestrator.errors import StoreError
 from orchestrator.models import JobState
 from orchestrator.store.pg_lease import Worker
@@ -123,6 +124,13 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
         for store in workers:
             held = await store.held([JobState.QUEUED])
             assert len(held) <= 5 and {r.id for r in held} <= set(gained)
+        # Each worker counts the live ones, to take its share of the campaign's request budget.
+        assert (await workers[0].claim_work(window_end=T0, downloads=0, checks=0)).workers == 6
+        await workers[1].release_all()  # a worker that stops cleanly is no longer counted
+        assert (await workers[0].claim_work(window_end=T0, downloads=0, checks=0)).workers == 5
+        budget = RequestBudget(10.0)
+        budget.share(5)
+        assert (budget.rate, budget.burst) == (2.0, 2.0)
     finally:
         for store in workers:
             await store.close()

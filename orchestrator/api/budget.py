@@ -1,4 +1,5 @@
 """One request budget for every API call of a run: a token bucket, paused by 429s.
+A worker of a shared campaign takes its even share of it (`share`).
 
 When the API answers 429, `pause()` holds *every* caller until the pause ends, not
 only the one that was refused: the server limits the key, not the task. A pause is
@@ -31,8 +32,8 @@ class RequestBudget:
     ) -> None:
         if requests_per_s <= 0:
             raise ValueError("requests_per_s must be positive")
-        self.rate = requests_per_s
-        self.burst = burst if burst is not None else max(1.0, requests_per_s)
+        self.rate = self._whole_rate = requests_per_s
+        self.burst = self._whole_burst = burst if burst is not None else max(1.0, requests_per_s)
         self.pause_cap_s = min(pause_cap_s, max_wait_s / 2)  # one pause never uses up the deadline
         self.max_wait_s = max_wait_s
         self._tokens = self.burst
@@ -40,6 +41,14 @@ class RequestBudget:
         self._paused_until = 0.0
         self._lock = anyio.Lock()
         self.spent = 0
+
+    def share(self, parts: int) -> None:
+        """This process is one of `parts` workers of a campaign: it takes an even share, so the
+        service sees the whole budget across them, not the budget times the workers."""
+        parts = max(1, parts)
+        self.rate = self._whole_rate / parts
+        self.burst = max(1.0, self._whole_burst / parts)
+        self._tokens = min(self._tokens, self.burst)
 
     def pause(self, seconds: float) -> float:
         """Hold every caller for `seconds`, at most `pause_cap_s`; the pause used."""

@@ -143,6 +143,8 @@ class Engine:
             downloads=self.settings.limits.max_downloads,
             checks=CHECKS_HELD,
         )
+        if self.ctx.api.budget is not None:  # the campaign's request budget, shared out evenly
+            self.ctx.api.budget.share(claims.workers)
         if claims.gained:
             log.info("worker.claimed jobs=%d taken_over=%d", len(claims.gained), len(claims.taken))
             self.events.notify()

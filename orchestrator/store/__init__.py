@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import FileRow, JobRow, Store, SyncReport
+from .base import Claims, FileRow, JobRow, Store, SyncReport, WorkerRow
 from .lock import CampaignLock
 from .schema import SCHEMA_VERSION
 from .sqlite import SqliteDb
@@ -29,4 +29,15 @@ if TYPE_CHECKING:
         return store  # and PostgresStore
 
 
-__all__ = ["SCHEMA_VERSION", "CampaignLock", "FileRow", "JobRow", "SqliteDb", "SqliteStore", "Store", "SyncReport"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "CampaignLock",
+    "Claims",
+    "FileRow",
+    "JobRow",
+    "SqliteDb",
+    "SqliteStore",
+    "Store",
+    "SyncReport",
+    "WorkerRow",
+]

@@ -99,6 +99,7 @@ class Claims:
     gained: tuple[str, ...] = ()
     taken: tuple[str, ...] = ()
     lost: tuple[str, ...] = ()
+    workers: int = 1  # of the campaign, renewing now (this one included)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -157,11 +157,18 @@ class PgLeases(PgBase):
                 if room is not None and room <= 0:
                     continue
                 gained += await self._claim(db, states, room, order, args)
+            cur = await db.execute(
+                "SELECT COUNT(*) AS n FROM dlb_workers WHERE campaign=%(c)s AND stopped_at IS NULL"
+                f" AND heartbeat_at > {NOW} - %(lease)s",
+                self._args(args),
+            )
+            live = await cur.fetchone()
         self._held.update({j: e for j, e, _ in gained})
         return Claims(
             gained=tuple(j for j, _, _ in gained),
             taken=tuple(j for j, _, before in gained if before is not None),
             lost=lost,
+            workers=int(live["n"]) if live else 1,
         )
 
     async def _claim(
