@@ -149,6 +149,7 @@ async def test_forged_malformed_unknown_and_replayed_callbacks_change_nothing(tm
     }
 
 
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
 async def test_the_request_budget_holds_under_a_burst_of_1000_jobs(tmp_path: Path) -> None:
     lines = ["campaign: burst", "jobs:"]
     lines += [

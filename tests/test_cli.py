@@ -159,6 +159,7 @@ def test_jobs_list_and_get_print_json_without_signatures(
         assert code == 3 and "404" in err
 
 
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
 def test_simulate_rehearses_from_a_fresh_state_and_refuses_once(
     example: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

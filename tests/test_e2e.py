@@ -37,6 +37,7 @@ def selected_kinds(out: Path, job_id: str) -> set[str]:
     return {"image" if n.endswith(".png") else "lora" if "_lora_" in n else "checkpoint" for n in names}
 
 
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
 async def test_300_job_mixed_campaign_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = mixed_manifest(tmp_path)
     manifest = load_manifest(path)

@@ -270,6 +270,7 @@ async def test_an_api_that_does_not_answer_is_reported_within_the_deadline(examp
 # -- a dependent is never stranded ----------------------------------------------------
 
 
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
 def test_a_parent_settled_after_being_unknown_brings_its_dependents_back(
     tmp_path: Path, threaded_sim: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
@@ -311,6 +312,7 @@ def test_a_parent_settled_after_being_unknown_brings_its_dependents_back(
 # -- Retry-After beyond the request budget's own deadline ---------------------------------
 
 
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
 @pytest.mark.anyio
 @pytest.mark.parametrize("route", [Route.SUBMIT, Route.GET, Route.LIST])
 async def test_a_retry_after_of_an_hour_is_capped_and_the_run_finishes(
