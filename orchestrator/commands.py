@@ -22,7 +22,7 @@ from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .errors import StoreError, UsageError
+from .errors import PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
 from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
 from .run import preflight
@@ -160,7 +160,10 @@ async def run_campaign(request: RunRequest) -> RunResult:
     )
     async with lock:
         # A dry run charges nothing and must leave no state a real run would trust.
-        store = await open_store(request.paths.at, memory=settings.dry_run, lease_s=settings.worker_lease_s)
+        try:
+            store = await open_store(request.paths.at, memory=settings.dry_run, lease_s=settings.worker_lease_s)
+        except StoreError as exc:  # before anything is sent: a check that failed, exit 2
+            raise PreflightFailed(f"--state {request.paths.at}: {exc}. Nothing was sent.") from exc
         try:
             await preflight.check_store(store)
             async with contextlib.AsyncExitStack() as stack:

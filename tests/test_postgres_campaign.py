@@ -95,6 +95,9 @@ def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest
     assert main(["status", str(manifest), "--state", down]) == 1
     said = capsys.readouterr().err
     assert "hunter2" not in said and "127.0.0.1:1/nothing" in said
+    assert main(["run", str(manifest), "--state", down, "--api-url", "http://127.0.0.1:9"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "hunter2" not in said and "cannot open the state store" in said and "Nothing was sent" in said
 
 
 def test_a_campaign_never_loaded_is_said_so(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,7 +155,7 @@ def test_a_state_store_that_takes_no_write_exits_2_and_sends_nothing(
         ("--out", "s3://bucket/x"),
         ("--out", "gs://bucket/x"),
         ("--out", "http://example.com/x"),
-        ("--state", "postgresql://me:hunter2@db.example.com/campaigns"),
+        ("--state", "mysql://me:hunter2@db.example.com/campaigns"),
         ("--state", "s3://bucket/state.db"),
     ],
 )
