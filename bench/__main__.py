@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import downloads, memory, simceiling, throughput, waiting
+from . import downloads, memory, simceiling, throughput, waiting, workers
 from .common import machine
 
 Section = tuple[str, Callable[[bool], dict[str, object]], Callable[[dict[str, object]], list[str]]]
@@ -165,6 +165,7 @@ SECTIONS: list[Section] = [
     ("Waiting: requests and lag against fixed-interval polling", waiting.measure, _waiting_lines),
     ("Throughput and scale against the naive script", throughput.measure, _throughput_lines),
     ("Memory of a 100,000-job campaign", memory.measure, _memory_lines),
+    ("Several workers on PostgreSQL", workers.measure, workers.lines),
 ]
 
 

@@ -250,6 +250,9 @@ def _sim_options(p: argparse.ArgumentParser) -> None:
         help="a fault rate, e.g. server_error=0.05, rate_limited=0.1, ghost_submit=0.02, reset_download=0.1",
     )
     p.add_argument("--requests-per-s", dest="sim_rps", type=float, help="per-key limit; over it: 429 with Retry-After")
+    p.add_argument(
+        "--bandwidth-mb", type=float, help="each download connection sends at most this many MB/s (as a real link)"
+    )
 
 
 def _sim_settings(args: argparse.Namespace) -> Any:
@@ -279,6 +282,8 @@ def _sim_settings(args: argparse.Namespace) -> Any:
             image_base_s=args.job_seconds,
             image_s_per_sample=0.0,
         )
+    if args.bandwidth_mb is not None:
+        sizes["download_bytes_per_s"] = args.bandwidth_mb * 1e6
     return replace(
         base,
         **sizes,

@@ -15,7 +15,7 @@ from orchestrator.api.budget import RequestBudget
 from orchestrator.errors import StoreError
 from orchestrator.models import JobState
 from orchestrator.store.pg_lease import Worker
-from orchestrator.store.pg_schema import PG_SCHEMA_VERSION
+from orchestrator.store.pg_schema import PG_SCHEMA_V1, PG_SCHEMA_VERSION
 from orchestrator.store.postgres import PostgresStore
 
 from .test_store_contract import SPECS, T0, spec, synced
@@ -134,3 +134,20 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
     finally:
         for store in workers:
             await store.close()
+
+
+async def test_a_database_of_schema_1_is_upgraded_in_place(pg_empty_url: str) -> None:
+    with psycopg.connect(pg_empty_url, autocommit=True) as db:
+        db.execute("CREATE TABLE dlb_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute(PG_SCHEMA_V1)
+        db.execute("INSERT INTO dlb_meta VALUES ('schema_version', '1')")
+        db.execute("INSERT INTO dlb_campaigns VALUES ('c', 0)")
+        db.execute(
+            "INSERT INTO dlb_jobs (campaign, id, type, state, fingerprint, updated_at, position, spec)"
+            " VALUES ('c', 'a', 'dreambooth', 'queued', 'fp', 0, 0, '{}')"
+        )
+    async with await PostgresStore.open(pg_empty_url, "c", worker=Worker("w", "host", 1)) as store:
+        assert (await store.job("a")).state is JobState.QUEUED  # the rows are kept
+        assert (await store.claim_work(window_end=T0, downloads=0, checks=5)).gained == ("a",)
+    with psycopg.connect(pg_empty_url) as db:
+        assert db.execute("SELECT value FROM dlb_meta").fetchone() == (str(PG_SCHEMA_VERSION),)
