@@ -151,3 +151,15 @@ async def test_a_database_of_schema_1_is_upgraded_in_place(pg_empty_url: str) ->
         assert (await store.claim_work(window_end=T0, downloads=0, checks=5)).gained == ("a",)
     with psycopg.connect(pg_empty_url) as db:
         assert db.execute("SELECT value FROM dlb_meta").fetchone() == (str(PG_SCHEMA_VERSION),)
+
+
+async def test_two_workers_adopting_one_job_at_once_adopt_it_once(pg_url: str) -> None:
+    async with (
+        await PostgresStore.open(pg_url, "c", worker=Worker("w1", "h", 1)) as one,
+        await PostgresStore.open(pg_url, "c", worker=Worker("w2", "h", 2)) as two,
+    ):
+        await synced(one)
+        await one.adopt([("a", "remote-a", None)], ["a"], T0)
+        await two.adopt([("a", "remote-a", None)], ["a"], T0)  # it found the same tag: nothing to do
+        row = await one.job("a")
+        assert (row.state, row.remote_id, row.duplicate_ids) == (JobState.QUEUED, "remote-a", ())

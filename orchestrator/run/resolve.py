@@ -164,7 +164,7 @@ class ResolveStage:
 
     async def report(self) -> None:
         """What the end-of-run summary must say: jobs left in their window, and duplicates."""
-        for row in await self.store.jobs([JobState.SUBMITTING]):
+        for row in await self.store.held([JobState.SUBMITTING]):  # not another worker's POSTs in flight
             if row.id in self.unread:
                 continue  # already said why
             until = clock(self.window_end(row))

@@ -148,6 +148,8 @@ class PgWrites(PgLeases):
                     ),
                 )
                 if cur.rowcount != 1:
+                    if self.worker is not None:
+                        continue  # another worker adopted it, or took it to submit: its record stands
                     raise StoreError(f"job {job_id!r} is not pending: cannot adopt {remote_id}")
             await db.execute(
                 "UPDATE dlb_jobs SET adoption_checked=TRUE WHERE campaign=%(c)s AND id = ANY(%(ids)s)",
