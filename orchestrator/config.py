@@ -119,6 +119,9 @@ FILE_RETRY = RetryPolicy(
 RANGE_RETRY = RetryPolicy(
     attempts=RANGE_ATTEMPTS, total_s=RANGE_TOTAL_S, backoff_min_s=RANGE_BACKOFF_MIN_S, backoff_max_s=RANGE_BACKOFF_MAX_S
 )
+# A shared state's transaction that the database aborted because workers locked each other
+# out (a deadlock): nothing of it was written, so it goes again at once, a few times.
+STORE_CONFLICT_RETRY = RetryPolicy(attempts=5, total_s=10.0, backoff_min_s=0.01, backoff_max_s=0.2)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,7 +6,8 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
     ├── UsageError             bad command line or settings (exit 2)
     │   └── PreflightFailed    a check before the first paid POST failed: nothing was sent (exit 2)
     ├── StoreError             the state store cannot be read or written
-    │   └── LeaseLost          another worker has taken this job over (several hosts): drop it
+    │   ├── LeaseLost          another worker has taken this job over (several hosts): drop it
+    │   └── StoreConflict      workers' transactions locked each other out: nothing written, try again
     ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
     │   └── CampaignLocked     another process holds this campaign (exit 4)
     ├── ApiError               the API answered with an error status
@@ -94,6 +95,11 @@ class LeaseLost(StoreError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id!r} is held by another worker now (this worker's lease on it ran out)")
+
+
+class StoreConflict(StoreError):
+    """The database aborted a transaction that conflicted with another worker's (a deadlock,
+    a serialization failure): nothing of it was written, and it may simply go again."""
 
 
 class ApiError(DreamlookBatchError):

@@ -11,8 +11,9 @@ import anyio
 import psycopg
 import pytest
 
+from orchestrator.api import retry
 from orchestrator.api.budget import RequestBudget
-from orchestrator.errors import StoreError
+from orchestrator.errors import StoreConflict, StoreError
 from orchestrator.models import JobState
 from orchestrator.store.pg_lease import Worker
 from orchestrator.store.pg_schema import PG_SCHEMA_V1, PG_SCHEMA_VERSION
@@ -108,7 +109,7 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
         for store in workers:  # each records the ids of the jobs it holds; the others are fenced out
             mine = got.get(store.worker.id if store.worker else "", [])
             others = [j for j in claimed if j not in mine][:3]
-            assert await store.mark_submitted_many([(j, f"r-{j}", None) for j in mine + others], T0) == others
+            assert await store.mark_submitted_many([(j, f"r-{j}", None) for j in mine + others], T0) == sorted(others)
         for store in workers:
             await store.release_all()
         gained: list[str] = []
@@ -163,3 +164,44 @@ async def test_two_workers_adopting_one_job_at_once_adopt_it_once(pg_url: str) -
         await two.adopt([("a", "remote-a", None)], ["a"], T0)  # it found the same tag: nothing to do
         row = await one.job("a")
         assert (row.state, row.remote_id, row.duplicate_ids) == (JobState.QUEUED, "remote-a", ())
+
+
+async def test_workers_that_lock_each_other_out_are_told_to_go_again_and_do(pg_url: str) -> None:
+    """A real deadlock between two transactions: the database aborts one, which becomes a
+    StoreConflict (nothing written), and the retry policy runs a verb that met one again."""
+    async with await PostgresStore.open(pg_url, "c") as store:
+        await synced(store)
+        both_locked_one = [anyio.Event(), anyio.Event()]
+        errors: list[BaseException] = []
+
+        async def lock(first: str, second: str, mine: anyio.Event, theirs: anyio.Event) -> None:
+            try:
+                async with store._tx() as db:
+                    await db.execute("SELECT 1 FROM dlb_jobs WHERE id=%s FOR UPDATE", (first,))
+                    mine.set()
+                    await theirs.wait()
+                    await db.execute("SELECT 1 FROM dlb_jobs WHERE id=%s FOR UPDATE", (second,))
+            except StoreError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lock, "a", "b", both_locked_one[0], both_locked_one[1])
+            tg.start_soon(lock, "b", "a", both_locked_one[1], both_locked_one[0])
+        assert len(errors) == 1 and isinstance(errors[0], StoreConflict) and "deadlock" in str(errors[0])
+    calls: list[int] = []
+
+    async def conflicting_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise StoreConflict("state store: deadlock detected")
+        return "written"
+
+    assert await retry.store_conflicts(conflicting_twice, "a verb") == "written" and len(calls) == 3
+
+    async def broken() -> str:
+        calls.append(1)
+        raise StoreError("state store: disk full")
+
+    with pytest.raises(StoreError, match="disk full"):
+        await retry.store_conflicts(broken, "a verb")
+    assert len(calls) == 4  # any other store error is not tried again

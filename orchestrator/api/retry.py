@@ -9,6 +9,9 @@ API calls:
   few quick times, so an API that is not there is reported within a minute).
 A `Retry-After` is honoured up to the policy's `retry_after_cap_s`.
 
+The state store: `store_conflicts` (a shared database's transaction aborted because workers
+locked each other out: it wrote nothing, so it goes again, `STORE_CONFLICT_RETRY`).
+
 Downloads (storage, not the API):
 - `file_attempts`: one file within a download round (`RunSettings.file_retry`);
 - `range_attempts`: one range within a file attempt (`RunSettings.range_retry`).
@@ -36,7 +39,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..config import RetryPolicy, RunSettings
+from ..config import STORE_CONFLICT_RETRY, RetryPolicy, RunSettings
 from ..errors import (
     DownloadError,
     FileGone,
@@ -46,6 +49,7 @@ from ..errors import (
     RangesIgnored,
     RateLimited,
     ServerError,
+    StoreConflict,
     TransportError,
     UrlExpired,
     VerificationFailed,
@@ -115,6 +119,10 @@ async def _call(
 
 async def idempotent(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     return await _call(fn, policy, what, IDEMPOTENT_RETRYABLE)
+
+
+async def store_conflicts(fn: Callable[[], Awaitable[T]], what: str) -> T:
+    return await _call(fn, STORE_CONFLICT_RETRY, what, (StoreConflict,), event="store.retry")
 
 
 async def submission(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:

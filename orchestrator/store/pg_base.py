@@ -4,9 +4,11 @@ verb, psycopg's errors translated to `StoreError`, and the URL shown without its
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -14,7 +16,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import StoreError
+from ..api import retry
+from ..errors import StoreConflict, StoreError
 from ..models import PARENT_ENDED
 
 POOL_MAX = 4  # connections per process: the verbs are short, and the engine awaits most in turn
@@ -24,6 +27,9 @@ ENDED = [s.value for s in PARENT_ENDED]
 # The parent `p` can give no checkpoint: its dependents are skipped, and only then.
 DEAD_END = "(p.state = ANY(%(ended)s) AND p.checkpoint_id IS NULL)"
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
+S = TypeVar("S")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def is_postgres_url(value: str) -> bool:
@@ -103,6 +109,28 @@ class PgBase:
             return (await db.execute(sql, self._args(args))).rowcount
 
 
+def conflicts_retried(
+    verb: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """A verb whose transaction the database may abort for a conflict with another worker's
+    (StoreConflict: nothing was written) goes again, under `retry.store_conflicts`."""
+
+    @functools.wraps(verb)
+    async def retried(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await retry.store_conflicts(lambda: verb(self, *args, **kwargs), verb.__name__)
+
+    return retried
+
+
+def _error(location: str, exc: BaseException) -> StoreError:
+    kind = (
+        StoreConflict
+        if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure)
+        else StoreError
+    )
+    return kind(f"state store {location}: {describe(exc)}")
+
+
 class Transaction:
     """`async with store._tx() as db`: one pooled connection, one transaction, committed at the
     end (rolled back on an error); psycopg's errors become StoreError naming the store."""
@@ -117,7 +145,7 @@ class Transaction:
             await self._stack.enter_async_context(conn.transaction())
         except (psycopg.Error, PoolTimeout) as exc:
             await self._stack.aclose()
-            raise StoreError(f"state store {self._location}: {describe(exc)}") from exc
+            raise _error(self._location, exc) from exc
         return conn
 
     async def __aexit__(
@@ -126,6 +154,6 @@ class Transaction:
         try:
             await self._stack.__aexit__(et, e, tb)
         except psycopg.Error as exc:
-            raise StoreError(f"state store {self._location}: {describe(exc)}") from exc
+            raise _error(self._location, exc) from exc
         if isinstance(e, psycopg.Error):
-            raise StoreError(f"state store {self._location}: {describe(e)}") from e
+            raise _error(self._location, e) from e

@@ -35,7 +35,7 @@ from psycopg.rows import DictRow
 from ..errors import LeaseLost
 from ..models import AT_SERVICE, IN_FLIGHT, TO_DOWNLOAD, JobState
 from .base import JOB_COLUMNS, Claims, JobRow, WorkerRow, job_row
-from .pg_base import PgBase, Pool
+from .pg_base import PgBase, Pool, conflicts_retried
 
 LEASE_S = 60.0  # a worker that stops renewing loses its jobs this long after its last renewal
 NOW = "extract(epoch FROM clock_timestamp())::double precision"  # the database's clock: one for every host
@@ -118,6 +118,7 @@ class PgLeases(PgBase):
         )
         return [job_row(r) for r in rows]
 
+    @conflicts_retried
     async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
         """Renew this worker's leases, release the jobs that left work, and claim what nobody
         holds (or whose holder stopped renewing): every lost answer, up to `checks` jobs at the
@@ -133,13 +134,15 @@ class PgLeases(PgBase):
                 self._args(args),
             )
             await db.execute(
-                "UPDATE dlb_jobs SET lease_owner = NULL WHERE campaign=%(c)s AND lease_owner=%(me)s"
-                " AND NOT state = ANY(%(work)s)",
+                "WITH done AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s"
+                " AND NOT state = ANY(%(work)s) ORDER BY id FOR UPDATE)"
+                " UPDATE dlb_jobs j SET lease_owner = NULL FROM done WHERE j.campaign=%(c)s AND j.id = done.id",
                 self._args({**args, "work": WORK}),
             )
-            cur = await db.execute(
-                f"UPDATE dlb_jobs SET lease_until = {NOW} + %(lease)s WHERE campaign=%(c)s AND lease_owner=%(me)s"
-                " RETURNING id, lease_epoch, state",
+            cur = await db.execute(  # rows locked in id order, as every verb that locks several does
+                "WITH mine AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s ORDER BY id"
+                f" FOR UPDATE) UPDATE dlb_jobs j SET lease_until = {NOW} + %(lease)s FROM mine"
+                " WHERE j.campaign=%(c)s AND j.id = mine.id RETURNING j.id, j.lease_epoch, j.state",
                 self._args(args),
             )
             renewed = {r["id"]: (int(r["lease_epoch"]), r["state"]) for r in await cur.fetchall()}
@@ -201,14 +204,16 @@ class PgLeases(PgBase):
                 )
         return claimed
 
+    @conflicts_retried
     async def release_all(self) -> None:
         """A worker that stops cleanly hands its jobs back at once (not after its leases expire)."""
         if self.worker is None:
             return
         async with self._tx() as db:
             await db.execute(
-                "UPDATE dlb_jobs SET lease_until = NULL, lease_owner = NULL"
-                " WHERE campaign=%(c)s AND lease_owner=%(me)s",
+                "WITH mine AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s ORDER BY id"
+                " FOR UPDATE) UPDATE dlb_jobs j SET lease_until = NULL, lease_owner = NULL FROM mine"
+                " WHERE j.campaign=%(c)s AND j.id = mine.id",
                 self._args(self._lease_args()),
             )
             await db.execute(

@@ -14,7 +14,7 @@ from psycopg.rows import DictRow
 from ..errors import LeaseLost, StoreError
 from ..models import IN_FLIGHT, JobState, can_move
 from .base import FileRow
-from .pg_base import DEAD_END
+from .pg_base import DEAD_END, conflicts_retried
 from .pg_lease import NOW, WORK, PgLeases
 
 _PART = "campaign=%(c)s AND job_id=%(j)s AND remote_id=%(r)s"
@@ -23,6 +23,7 @@ _PART = "campaign=%(c)s AND job_id=%(j)s AND remote_id=%(r)s"
 class PgWrites(PgLeases):
     # -- submissions (rule 1) -----------------------------------------------------------
 
+    @conflicts_retried
     async def record_intents(
         self,
         intents: Sequence[tuple[str, str, str]],
@@ -37,6 +38,7 @@ class PgWrites(PgLeases):
         campaign's row: the claim, the limits and the intent. Returns the ids recorded (each
         now leased to this worker): only those may be sent."""
         recorded: list[str] = []
+        epochs: dict[str, int] = {}
         async with self._tx() as db:
             cur = await db.execute(
                 f"SELECT submit_tokens, tokens_at, {NOW} AS now FROM dlb_campaigns WHERE name=%(c)s FOR UPDATE",
@@ -70,13 +72,14 @@ class PgWrites(PgLeases):
                 row = await cur.fetchone()
                 if row is not None:
                     recorded.append(job_id)
-                    if self.worker is not None:
-                        self._held[job_id] = int(row["lease_epoch"])
+                    epochs[job_id] = int(row["lease_epoch"])
             if tokens is not None:
                 await db.execute(
                     "UPDATE dlb_campaigns SET submit_tokens=%(t)s, tokens_at=%(at)s WHERE name=%(c)s",
                     self._args({"t": tokens - len(recorded), "at": campaign["now"] if campaign else None}),
                 )
+        if self.worker is not None:  # held once committed
+            self._held.update(epochs)
         return recorded
 
     async def mark_submitted(
@@ -84,13 +87,14 @@ class PgWrites(PgLeases):
     ) -> None:
         await self.mark_submitted_many([(job_id, remote_id, next_check_at)], now)
 
+    @conflicts_retried
     async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> list[str]:
         """(job id, remote id, first look): SUBMITTING -> QUEUED, in one transaction. Returns the
         ids another worker holds now (its lease ran out and was taken over: that worker finds the
         job by its tag after its own grace window); nothing is recorded for them."""
         taken: list[str] = []
         async with self._tx() as db:
-            for job_id, remote_id, next_check_at in items:
+            for job_id, remote_id, next_check_at in sorted(items):  # rows locked in id order: no deadlock
                 try:
                     await self._hold(db, job_id)
                 except LeaseLost:
@@ -106,6 +110,7 @@ class PgWrites(PgLeases):
                     raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
         return taken
 
+    @conflicts_retried
     async def record_attempt(self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0) -> bool:
         """A POST of this job goes out now, if this worker holds its lease with at least `need_s`
         left (renewed here): False means send nothing. Its answer, if lost, is looked for after
@@ -121,6 +126,7 @@ class PgWrites(PgLeases):
         )
         return changed == 1
 
+    @conflicts_retried
     async def answer_lost(self, job_id: str, window_end: float) -> None:
         # Fenced in the statement: a job another worker took over has its own window already.
         await self._write(
@@ -130,6 +136,7 @@ class PgWrites(PgLeases):
             {"end": window_end, "id": job_id, **self._lease_args(job_id)},
         )
 
+    @conflicts_retried
     async def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
         async with self._tx() as db:
             for job_id, remote_id, next_check_at in found:
@@ -156,6 +163,7 @@ class PgWrites(PgLeases):
                 self._args({"ids": list(checked)}),
             )
 
+    @conflicts_retried
     async def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
         async with self._tx() as db:
             cur = await db.execute(
@@ -176,6 +184,7 @@ class PgWrites(PgLeases):
 
     # -- state changes ----------------------------------------------------------------
 
+    @conflicts_retried
     async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
         async with self._tx() as db:
             cur = await db.execute(
@@ -222,6 +231,7 @@ class PgWrites(PgLeases):
             )
         self._released(job_id, state)
 
+    @conflicts_retried
     async def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
     ) -> tuple[str, ...]:
@@ -246,6 +256,7 @@ class PgWrites(PgLeases):
                 raise StoreError(f"job {job_id!r} is not unknown: nothing to settle")
             return await self._revive_skipped(db, now)
 
+    @conflicts_retried
     async def check_writable(self) -> None:
         """A committed write, as an intent would be: before the first paid POST, not after it."""
         await self._write(
@@ -254,6 +265,7 @@ class PgWrites(PgLeases):
             {"now": 0.0},
         )
 
+    @conflicts_retried
     async def update_remote(
         self,
         job_id: str,
@@ -270,6 +282,7 @@ class PgWrites(PgLeases):
             {"rs": remote_state, "pct": percentage, "next": next_check_at, "now": now, "id": job_id},
         )
 
+    @conflicts_retried
     async def check_at(self, job_id: str, when: float) -> None:
         await self._fenced(
             job_id,
@@ -277,6 +290,7 @@ class PgWrites(PgLeases):
             {"t": when, "id": job_id},
         )
 
+    @conflicts_retried
     async def record_success(
         self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
     ) -> None:
@@ -313,6 +327,7 @@ class PgWrites(PgLeases):
 
     # -- files and partial downloads ------------------------------------------------------
 
+    @conflicts_retried
     async def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
         async with self._tx() as db:
             await self._hold(db, job_id)
@@ -320,14 +335,17 @@ class PgWrites(PgLeases):
             await db.execute(f"UPDATE dlb_files SET done=TRUE, sha256=%(sha)s, size_bytes=%(size)s WHERE {_PART}", key)
             await _forget_part(db, key)
 
+    @conflicts_retried
     async def file_lost(self, job_id: str, remote_id: str) -> None:
         await self._fenced(job_id, f"UPDATE dlb_files SET lost=TRUE WHERE {_PART}", {"j": job_id, "r": remote_id})
 
+    @conflicts_retried
     async def file_missing(self, job_id: str, remote_id: str) -> None:
         await self._fenced(
             job_id, f"UPDATE dlb_files SET done=FALSE, sha256=NULL WHERE {_PART}", {"j": job_id, "r": remote_id}
         )
 
+    @conflicts_retried
     async def part_start_over(self, job_id: str, remote_id: str, size: int | None) -> None:
         async with self._tx() as db:
             await self._hold(db, job_id)
@@ -339,11 +357,13 @@ class PgWrites(PgLeases):
                 key,
             )
 
+    @conflicts_retried
     async def part_set_etag(self, job_id: str, remote_id: str, etag: str | None) -> None:
         await self._fenced(
             job_id, f"UPDATE dlb_part_objects SET etag=%(e)s WHERE {_PART}", {"j": job_id, "r": remote_id, "e": etag}
         )
 
+    @conflicts_retried
     async def part_prove(self, job_id: str, remote_id: str, start: int, length: int) -> None:
         await self._fenced(
             job_id,
@@ -353,6 +373,7 @@ class PgWrites(PgLeases):
             {"j": job_id, "r": remote_id, "s": start, "n": length},
         )
 
+    @conflicts_retried
     async def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
         async with self._tx() as db:
             await self._hold(db, job_id)

@@ -23,7 +23,7 @@ from ..errors import StoreError
 from ..models import JobSpec, JobState, JobType, Location
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
-from .pg_base import open_pool
+from .pg_base import conflicts_retried, open_pool
 from .pg_lease import LEASE_S, Worker
 from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_V1, PG_SCHEMA_VERSION, SCHEMA_LOCK_KEY
 from .pg_write import PgWrites
@@ -85,6 +85,7 @@ class PostgresStore(PgWrites):
 
     # -- manifest -------------------------------------------------------------------
 
+    @conflicts_retried
     async def sync_manifest(
         self, campaign: str, specs: Sequence[JobSpec], fingerprints: Sequence[str], now: float
     ) -> SyncReport:
@@ -100,7 +101,9 @@ class PostgresStore(PgWrites):
             # One sync at a time per campaign: two hosts loading edited manifests take turns.
             await db.execute("SELECT 1 FROM dlb_campaigns WHERE name=%(c)s FOR UPDATE", self._args())
             cur = await db.execute(
-                "SELECT id, fingerprint, sent_fingerprint FROM dlb_jobs WHERE campaign=%(c)s", self._args()
+                "SELECT id, fingerprint, sent_fingerprint, checkpoint_from, position, in_manifest, spec FROM dlb_jobs"
+                " WHERE campaign=%(c)s",
+                self._args(),
             )
             known = {r["id"]: r for r in await cur.fetchall()}
             added: list[str] = []
@@ -115,7 +118,9 @@ class PostgresStore(PgWrites):
                     inserts.append({**values, "type": spec.type.value, "now": now})
                     added.append(spec.id)
                     continue
-                updates.append(values)
+                current = (old["fingerprint"], old["checkpoint_from"], old["position"], old["in_manifest"], old["spec"])
+                if current != (fingerprint, spec.checkpoint_from, position, True, values["spec"]):
+                    updates.append(values)  # a row is locked only if it changes: a re-sync locks nothing
                 if old["sent_fingerprint"] is not None and old["sent_fingerprint"] != fingerprint:
                     changed.append(spec.id)
             async with db.cursor() as c:
@@ -127,16 +132,20 @@ class PostgresStore(PgWrites):
                         [self._args(v) for v in inserts],
                     )
                 if updates:
+                    updates.sort(key=lambda v: str(v["id"]))  # rows locked in id order: no deadlock
                     await c.executemany(
                         "UPDATE dlb_jobs SET fingerprint=%(fp)s, checkpoint_from=%(from)s, in_manifest=TRUE,"
                         " position=%(pos)s, spec=%(spec)s WHERE campaign=%(c)s AND id=%(id)s",
                         [self._args(v) for v in updates],
                     )
-            removed = [job_id for job_id in known if job_id not in {s.id for s in specs}]
-            await db.execute(
-                "UPDATE dlb_jobs SET in_manifest=FALSE WHERE campaign=%(c)s AND id = ANY(%(ids)s)",
-                self._args({"ids": removed}),
-            )
+            listed = {s.id for s in specs}
+            removed = [job_id for job_id in known if job_id not in listed]
+            gone = sorted(j for j in removed if known[j]["in_manifest"])
+            if gone:
+                await db.execute(
+                    "UPDATE dlb_jobs SET in_manifest=FALSE WHERE campaign=%(c)s AND id = ANY(%(ids)s)",
+                    self._args({"ids": gone}),
+                )
             await self._revive_skipped(db, now)  # an edited checkpoint_from may name a live parent
         return SyncReport(tuple(added), tuple(changed), tuple(removed))
 
