@@ -35,7 +35,7 @@ from .submit import SubmitStage
 
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
-CHECKS_HELD = 500  # jobs at the service one worker of a shared campaign holds (and checks) at once
+CHECKS_HELD = 10_000  # jobs at the service a shared campaign's worker takes: checks are light
 RENEW_EVERY_S = 10.0  # a shared campaign's worker renews its leases (and claims work) this often
 CLAIM_AGAIN_S = 0.5  # downloads with room claim more work this soon, not sooner
 SNAPSHOT_EVERY_S = 0.25  # the most often the live view's numbers are read from the store

@@ -320,10 +320,13 @@ class PgWrites(PgLeases):
             await db.execute(
                 "UPDATE dlb_jobs SET state='succeeded', checkpoint_id=COALESCE(%(ck)s, checkpoint_id),"
                 " remote_state=%(rs)s, percentage=100, next_check_at=NULL, checks=checks+1, updated_at=%(now)s,"
-                " ended_at=COALESCE(ended_at, %(now)s) WHERE campaign=%(c)s AND id=%(id)s",
+                " ended_at=COALESCE(ended_at, %(now)s), lease_owner=NULL, lease_until=NULL"
+                " WHERE campaign=%(c)s AND id=%(id)s",
                 self._args({"ck": checkpoint_id, "rs": remote_state, "now": now, "id": job_id}),
             )
             await self._revive_skipped(db, now)
+        # Its files go to whichever worker has download room (it claims them, earliest ended first).
+        self._held.pop(job_id, None)
 
     # -- files and partial downloads ------------------------------------------------------
 
