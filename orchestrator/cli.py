@@ -185,7 +185,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         type=float,
         help="with a postgresql:// --state: how long this worker holds a job without renewing; a worker that "
         "stops renewing (killed, frozen, cut off) loses its jobs to the others this long after "
-        "(default: 60, or twice the API timeout plus 15 s if longer)",
+        "(default: 60 s, or twice a POST's whole timeout if longer: 2 x (10 s connect + --api-timeout + 5 s), "
+        "150 s with the defaults)",
     )
     p.add_argument(
         "--reconcile-grace",

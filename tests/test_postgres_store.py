@@ -14,7 +14,9 @@ import pytest
 from orchestrator.api import retry
 from orchestrator.api.budget import RequestBudget
 from orchestrator.errors import StoreConflict, StoreError
+from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
+from orchestrator.store.pg_base import safe_url
 from orchestrator.store.pg_lease import Worker
 from orchestrator.store.pg_schema import PG_SCHEMA_V1, PG_SCHEMA_VERSION
 from orchestrator.store.postgres import PostgresStore
@@ -88,6 +90,7 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
     and then for the 40 jobs at the service once their leases are gone: every job is claimed
     by exactly one worker each time, and the campaign's max_active holds across them."""
     specs = [spec(f"j{i:02d}") for i in range(40)]
+    fingerprints = {s.id: spec_fingerprint(s) for s in specs}
     workers = [await PostgresStore.open(pg_url, "c", worker=Worker(f"w{n}", "host", n)) for n in range(6)]
     try:
         await synced(workers[0], specs)
@@ -95,7 +98,8 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
 
         async def intend(store: PostgresStore, order: list[str]) -> None:
             for at in range(0, len(order), 7):
-                claimed = await store.record_intents([(j, "{}", "fp") for j in order[at : at + 7]], T0, max_active=30)
+                batch = [(j, "{}", fingerprints[j]) for j in order[at : at + 7]]
+                claimed = await store.record_intents(batch, T0, max_active=30)
                 got.setdefault(store.worker.id if store.worker else "", []).extend(claimed)
 
         async with anyio.create_task_group() as tg:
@@ -205,3 +209,49 @@ async def test_workers_that_lock_each_other_out_are_told_to_go_again_and_do(pg_u
     with pytest.raises(StoreError, match="disk full"):
         await retry.store_conflicts(broken, "a verb")
     assert len(calls) == 4  # any other store error is not tried again
+
+
+async def test_a_worker_with_an_older_copy_of_the_manifest_does_not_send_an_edited_job(pg_url: str) -> None:
+    async with await PostgresStore.open(pg_url, "c", worker=Worker("w1", "h", 1)) as stale:
+        await synced(stale)
+        edited = [spec("a", prompt="edited"), *SPECS[1:]]
+        await synced(stale, edited)  # another host synced an edit of `a` after this worker loaded it
+        old_a = spec_fingerprint(SPECS[0])
+        assert await stale.record_intents([("a", "{}", old_a)], T0) == []
+        assert await stale.record_intents([("a", "{}", spec_fingerprint(edited[0]))], T0) == ["a"]
+
+
+async def test_an_answer_after_a_takeover_is_recorded_never_lost(pg_url: str) -> None:
+    """A worker's POST is answered after its lease ran out and another worker took the job over:
+    if that worker found nothing and put the job back to pending, the answer is recorded as the
+    job (so nobody pays for it again); if the job has another id by then, as its duplicate."""
+    fp = {s.id: spec_fingerprint(s) for s in SPECS}
+    async with (
+        await PostgresStore.open(pg_url, "c", worker=Worker("slow", "h", 1), lease_s=0.2) as slow,
+        await PostgresStore.open(pg_url, "c", worker=Worker("next", "h", 2), lease_s=30) as other,
+    ):
+        await synced(slow)
+        assert await slow.record_intents([("a", "{}", fp["a"]), ("b", "{}", fp["b"])], T0) == ["a", "b"]
+        await anyio.sleep(0.3)  # the slow worker's leases run out
+        taken = await other.claim_work(window_end=T0, downloads=0, checks=0)
+        assert set(taken.taken) == {"a", "b"}
+        await other.move("a", JobState.PENDING, T0)  # its listing found no job: pending again
+        await other.mark_submitted("b", "remote-b-other", T0)  # found another job by its tag
+        assert await slow.mark_submitted_many([("a", "remote-a", None), ("b", "remote-b", None)], T0) == ["b"]
+        a, b = await other.job("a"), await other.job("b")
+        assert (a.state, a.remote_id) == (JobState.QUEUED, "remote-a")
+        assert (b.remote_id, b.duplicate_ids) == ("remote-b-other", ("remote-b",))
+        assert await other.record_intents([("a", "{}", fp["a"])], T0) == []  # never sent again
+
+
+def test_a_password_is_never_shown_however_the_url_holds_it() -> None:
+    for url, shown in [
+        (
+            "postgresql://u:pa/ss@db.host:5432/c?sslmode=require&password=qq",
+            "postgresql://u@db.host:5432/c?sslmode=require",
+        ),
+        ("postgres://u:p@ss@db.host/c", "postgres://u@db.host/c"),
+        ("postgresql://db.host/c?sslpassword=zz", "postgresql://db.host/c"),
+        ("postgresql://u@db.host/c", "postgresql://u@db.host/c"),
+    ]:
+        assert safe_url(url) == shown

@@ -25,7 +25,12 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 CALLBACK_PATH = "/dreamlook-batch/callback"
 MAX_BODY_BYTES = 4 * 1024 * 1024
-STATUS = {"accepted": 200, "replayed": 409, "unknown-job": 404}
+STATUS = {
+    "accepted": 200,
+    "another-worker": 200,
+    "replayed": 409,
+    "unknown-job": 404,
+}  # another-worker: it polls the job
 
 Hint = Callable[[str, str, str], Awaitable[str]]  # (our job id, remote id, what changed) -> verdict
 

@@ -92,8 +92,13 @@ class ApiClient:
         self.requests = 0
 
     async def __aenter__(self) -> ApiClient:
+        # `connect` bounds the wait for a pooled connection too: a request waits at most that
+        # long before its first byte, and one that times out there was never sent.
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.api_read_s
+            total=None,
+            connect=self._timeouts.connect_s,
+            sock_connect=self._timeouts.connect_s,
+            sock_read=self._timeouts.api_read_s,
         )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
@@ -110,9 +115,13 @@ class ApiClient:
 
     # -- endpoints ------------------------------------------------------------------
 
-    async def submit(self, job_type: JobType, body: Mapping[str, Any]) -> str:
-        """POST a job; its id. Raises NotSent only when nothing can have reached the API."""
-        answer = await self._request("POST", f"/{job_type.value}", body=body, what=f"submit {job_type}")
+    async def submit(self, job_type: JobType, body: Mapping[str, Any], *, send_by: float | None = None) -> str:
+        """POST a job; its id. Raises NotSent only when nothing can have reached the API: also when
+        the request budget held it past `send_by` (time.monotonic()), the last moment the caller
+        may still send it (a shared campaign's lease must cover the whole POST)."""
+        answer = await self._request(
+            "POST", f"/{job_type.value}", body=body, what=f"submit {job_type}", send_by=send_by
+        )
         job_id = answer.get("job_id") or answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(job_id, str) or not job_id:
             # The job may exist: the caller must reconcile, as with a lost answer.
@@ -150,11 +159,14 @@ class ApiClient:
         what: str,
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
+        send_by: float | None = None,
     ) -> Any:
         if self._session is None:
             raise RuntimeError("use ApiClient in `async with`")
         if self.budget is not None:
             await self.budget.acquire()
+        if send_by is not None and time.monotonic() > send_by:
+            raise NotSent(f"{what}: not sent: it waited for the request budget past the moment it could still go")
         url = self.base_url + path
         data = json.dumps(body).encode() if body is not None else None
         headers = {"content-type": "application/json"} if data is not None else None

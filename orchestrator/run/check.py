@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from ..api import retry
 from ..api.client import LIST_PAGE
 from ..api.jobs import parse_job, select
-from ..errors import ApiError, AuthError, NotFound, QuotaError, TransportError
+from ..errors import ApiError, AuthError, LeaseLost, NotFound, QuotaError, TransportError
 from ..models import AT_SERVICE, JobState, JobType, RemoteJob, RemoteState
 from ..store import FileRow, JobRow
 from .adopt import TagWatch
@@ -258,6 +258,9 @@ class CheckStage:
         if row.state in AT_SERVICE:
             if row.id in self.busy:
                 self.hinted.add(row.id)  # the look in flight may have read the job before the change
-            await self.store.check_at(row.id, self.now())
+            try:
+                await self.store.check_at(row.id, self.now())
+            except LeaseLost:
+                return "another-worker"  # a shared campaign: the worker holding the job polls it
             self.notify()
         return "accepted"

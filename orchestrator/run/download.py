@@ -146,7 +146,7 @@ class FetchStage:
     async def _prepare(self, job_id: str) -> None:
         """Queue the job's pending files, with deadlines from a job object with live URLs."""
         try:
-            with unless_taken_over(job_id, lambda: self._forget(job_id)):
+            with unless_taken_over(job_id, lambda: self._let_go(job_id)):
                 await self._queue_files(job_id)
         except (StoreError, AuthError, QuotaError):
             raise
@@ -191,11 +191,11 @@ class FetchStage:
     async def _fetch(self, job_id: str, remote_id: str) -> None:
         key = (job_id, remote_id)
         try:
-            with unless_taken_over(job_id, lambda: self._forget(job_id)):
+            with unless_taken_over(job_id, lambda: self._let_go(job_id)):
                 await self._fetch_file(job_id, remote_id)
         finally:
             self.active.discard(key)
-            with anyio.CancelScope(shield=True), unless_taken_over(job_id, lambda: self._forget(job_id)):
+            with anyio.CancelScope(shield=True), unless_taken_over(job_id, lambda: self._let_go(job_id)):
                 await self._finish_if_complete(job_id)
             self.notify()
 
@@ -243,6 +243,14 @@ class FetchStage:
             return
         await self.store.file_done(job_id, remote_id, got.sha256, got.size)
         log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
+
+    def _let_go(self, job_id: str) -> None:
+        """Another worker holds the job now: nothing of it stays queued here."""
+        if self.queued_per_job.get(job_id):
+            self.queue = [q for q in self.queue if q.job_id != job_id]
+            heapq.heapify(self.queue)
+            self._delayed = sum(1 for q in self.queue if q.not_before)
+        self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
         """A finished job needs nothing in memory: the store has it all."""

@@ -24,7 +24,7 @@ from ..config import RunSettings
 from ..errors import AuthError, NotSent, describe_detail
 from ..manifest.load import Manifest, spec_fingerprint
 from ..models import AT_SERVICE, TO_DOWNLOAD, JobState
-from ..store import Store
+from ..store import Store, SyncReport
 from ..transfer.file import Downloader
 from .check import CheckStage
 from .context import JobObjects, RunContext
@@ -91,8 +91,13 @@ class Engine:
         self.events.notify()
 
     async def run(self, *, once: bool = False) -> RunOutcome:
-        fingerprints = [spec_fingerprint(s) for s in self.manifest.jobs]
-        report = await self.store.sync_manifest(self.manifest.campaign, self.manifest.jobs, fingerprints, self.now())
+        if self.manifest.origin is None:
+            fingerprints = [spec_fingerprint(s) for s in self.manifest.jobs]
+            report = await self.store.sync_manifest(
+                self.manifest.campaign, self.manifest.jobs, fingerprints, self.now()
+            )
+        else:  # joined from the database: it has the manifest already, maybe newer than this copy
+            report = SyncReport((), (), ())
         for job_id in report.changed_after_submit:
             self.events.problem(
                 job_id,
@@ -210,8 +215,8 @@ class Engine:
             return True
         if await self.fetch.has_work():
             return True
-        if self.store.shared and check and await self.store.count([*TO_DOWNLOAD, JobState.SUBMITTING]):
-            return True  # another worker's: taken over here if that worker stops renewing
+        if check and await self.store.waiting_elsewhere([*TO_DOWNLOAD, JobState.SUBMITTING]):
+            return True  # another worker's (a shared campaign): taken over here if that worker stops renewing
         if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
         return submit and self.submit.allowed() and bool(await self.store.count([JobState.PENDING]))

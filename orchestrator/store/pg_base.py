@@ -9,7 +9,6 @@ from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection
@@ -22,6 +21,7 @@ from ..models import PARENT_ENDED
 
 POOL_MAX = 4  # connections per process: the verbs are short, and the engine awaits most in turn
 CONNECT_TIMEOUT_S = 10.0  # a database that does not answer is said so within this
+STATEMENT_TIMEOUT_S = 30.0  # no statement (or wait for a row lock) of a verb lasts longer
 SCHEMES = ("postgresql", "postgres")
 ENDED = [s.value for s in PARENT_ENDED]
 # The parent `p` can give no checkpoint: its dependents are skipped, and only then.
@@ -37,22 +37,40 @@ def is_postgres_url(value: str) -> bool:
 
 
 def safe_url(url: str) -> str:
-    """The URL without a password (for messages, status and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password (for messages, status and logs), however it is written: in
+    the user part (taken up to the last `@`, so a password with `/` or `?` in it goes too) or
+    as a `password`/`sslpassword` parameter of the query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    address, q, query = rest.partition("?")
+    if "@" in address:
+        userinfo, _, host = address.rpartition("@")
+        address = f"{userinfo.split(':', 1)[0]}@{host}"
+    kept = [p for p in query.split("&") if p and "password" not in p.split("=", 1)[0].lower()]
+    return f"{scheme}://{address}" + ("?" + "&".join(kept) if q and kept else "")
 
 
-def describe(exc: BaseException) -> str:
-    """psycopg's message, first line only (the rest repeats the query), without a password."""
+def _secret_of(url: str) -> list[str]:
+    """The password(s) a URL holds, to scrub from the messages of the driver."""
+    rest = url.partition("://")[2]
+    address, _, query = rest.partition("?")
+    found = []
+    if "@" in address:
+        userinfo = address.rpartition("@")[0]
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+    found += [p.split("=", 1)[1] for p in query.split("&") if "=" in p and "password" in p.split("=", 1)[0].lower()]
+    return [f for f in found if f]
+
+
+def describe(exc: BaseException, url: str = "") -> str:
+    """psycopg's message, first line only (the rest repeats the query), without the password."""
     if isinstance(exc, PoolTimeout):
         return f"no connection within {CONNECT_TIMEOUT_S:.0f} s (is the server running and reachable?)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for secret in _secret_of(url):
+        text = text.replace(secret, "***")
     return text
 
 
@@ -63,20 +81,31 @@ async def open_pool(url: str) -> Pool:
         probe = await AsyncConnection.connect(url, connect_timeout=int(CONNECT_TIMEOUT_S))
         await probe.close()
     except psycopg.Error as exc:
-        raise StoreError(f"cannot open the state store {safe_url(url)}: {describe(exc)}") from exc
+        raise StoreError(f"cannot open the state store {safe_url(url)}: {describe(exc, url)}") from exc
     pool: Pool = AsyncConnectionPool(
         url,
         min_size=1,
         max_size=POOL_MAX,
         open=False,
         timeout=CONNECT_TIMEOUT_S,
-        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT_S)},
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "connect_timeout": int(CONNECT_TIMEOUT_S),
+            # Every wait has a deadline: a statement, a lock wait, a link that went silent.
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_S * 1000:.0f}"
+            f" -c idle_in_transaction_session_timeout={2 * STATEMENT_TIMEOUT_S * 1000:.0f}",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        },
     )
     try:
         await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     except (psycopg.Error, PoolTimeout) as exc:
         await pool.close()
-        raise StoreError(f"cannot open the state store {safe_url(url)}: {describe(exc)}") from exc
+        raise StoreError(f"cannot open the state store {safe_url(url)}: {describe(exc, url)}") from exc
     return pool
 
 

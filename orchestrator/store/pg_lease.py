@@ -89,7 +89,9 @@ class PgLeases(PgBase):
             self._args({"id": job_id}),
         )
         row = await cur.fetchone()
-        if row is None or row["lease_owner"] is None:
+        if row is None:
+            return  # the verb says there is no such job
+        if row["lease_owner"] is None and job_id not in self._held:
             return  # nobody holds it (pending, ended): the verb's own guard on its state decides
         if row["lease_owner"] != self.worker.id or row["lease_epoch"] != self._held.get(job_id):
             self._held.pop(job_id, None)
@@ -117,6 +119,19 @@ class PgLeases(PgBase):
             {"s": [s.value for s in states], **self._lease_args()},
         )
         return [job_row(r) for r in rows]
+
+    async def waiting_elsewhere(self, states: Iterable[JobState]) -> int:
+        """Jobs in `states` that this worker does not hold: another worker's now, or nobody's
+        (claimable). A worker that runs to the end waits for them (to take them over if their
+        worker dies); the jobs it holds itself, and gave up on, it lets go when it ends."""
+        if self.worker is None:
+            return 0
+        rows = await self._query(
+            "SELECT COUNT(*) AS n FROM dlb_jobs WHERE campaign=%(c)s AND state = ANY(%(s)s)"
+            " AND lease_owner IS DISTINCT FROM %(me)s",
+            {"s": [s.value for s in states], **self._lease_args()},
+        )
+        return int(rows[0]["n"])
 
     @conflicts_retried
     async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
@@ -183,14 +198,16 @@ class PgLeases(PgBase):
         args: dict[str, object],
     ) -> list[tuple[str, int, str | None]]:
         """Claim jobs in `states` that nobody holds or whose lease expired; (id, epoch, previous owner).
-        A submitting job's grace window starts again now; a download's proven spans are
-        forgotten (they are another worker's files)."""
+        Taken from a worker that stopped renewing: a submitting job's grace window starts again
+        now (that worker may have sent it until its lease ran out), and a download's proven
+        spans are forgotten (they are that worker's files). A job a worker let go cleanly keeps
+        its window."""
         cur = await db.execute(
             "WITH free AS (SELECT id, lease_owner FROM dlb_jobs WHERE campaign=%(c)s AND state = ANY(%(states)s)"
             f" AND (lease_owner IS NULL OR lease_until < {NOW}) ORDER BY {order} LIMIT %(room)s"
             " FOR UPDATE SKIP LOCKED)"
             f" UPDATE dlb_jobs j SET lease_owner=%(me)s, lease_epoch=j.lease_epoch + 1, lease_until={NOW} + %(lease)s,"
-            " reconcile_at = CASE WHEN j.state = 'submitting'"
+            " reconcile_at = CASE WHEN j.state = 'submitting' AND free.lease_owner IS NOT NULL"
             " THEN GREATEST(COALESCE(j.reconcile_at, 0), %(end)s) ELSE j.reconcile_at END"
             " FROM free WHERE j.campaign=%(c)s AND j.id = free.id RETURNING j.id, j.lease_epoch, free.lease_owner",
             self._args({**args, "states": states, "room": room}),

@@ -33,7 +33,8 @@ class PgWrites(PgLeases):
         rate_per_s: float | None = None,
     ) -> list[str]:
         """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, in order, for the
-        jobs still pending, within the campaign's limits: fewer than `max_active` in flight, and
+        jobs still pending (for a worker: whose manifest entry is still the one it sends: another
+        host may have synced an edit since), within the campaign's limits: fewer than `max_active` in flight, and
         `rate_per_s` as one token bucket for every worker. One transaction, serialized on the
         campaign's row: the claim, the limits and the intent. Returns the ids recorded (each
         now leased to this worker): only those may be sent."""
@@ -66,6 +67,7 @@ class PgWrites(PgLeases):
                     " sent_fingerprint=%(fp)s, updated_at=%(now)s, attempt_at=NULL, reconcile_at=NULL,"
                     " adoption_checked=TRUE, lease_owner=%(me)s, lease_epoch=lease_epoch + 1,"
                     f" lease_until={NOW} + %(lease)s WHERE campaign=%(c)s AND id=%(id)s AND state='pending'"
+                    " AND (%(me)s::text IS NULL OR fingerprint=%(fp)s)"
                     " RETURNING lease_epoch",
                     self._args({"now": now, "p": payload, "fp": fingerprint, "id": job_id, **self._lease_args(job_id)}),
                 )
@@ -98,7 +100,8 @@ class PgWrites(PgLeases):
                 try:
                     await self._hold(db, job_id)
                 except LeaseLost:
-                    taken.append(job_id)
+                    if not await self._answer_after_takeover(db, job_id, remote_id, now, next_check_at):
+                        taken.append(job_id)
                     continue
                 cur = await db.execute(
                     "UPDATE dlb_jobs SET state='queued', remote_id=%(r)s, submitted_at=%(now)s, updated_at=%(now)s,"
@@ -109,6 +112,44 @@ class PgWrites(PgLeases):
                 if cur.rowcount != 1:
                     raise StoreError(f"job {job_id!r} was not being submitted; remote id {remote_id} not recorded")
         return taken
+
+    async def _answer_after_takeover(
+        self, db: AsyncConnection[DictRow], job_id: str, remote_id: str, now: float, next_check_at: float | None
+    ) -> bool:
+        """This worker's POST was answered after another took the job over. The remote job exists:
+        if the job is pending again (its listing came before the job did) it is recorded as this
+        one (True: nothing will send it again); if the job has another id, this one is recorded
+        as its duplicate."""
+        cur = await db.execute(
+            "UPDATE dlb_jobs SET state='queued', remote_id=%(r)s, submitted_at=%(now)s, updated_at=%(now)s,"
+            " remote_state='queued', next_check_at=%(next)s, reason=%(why)s"
+            " WHERE campaign=%(c)s AND id=%(id)s AND state='pending' AND lease_owner IS NULL",
+            self._args(
+                {
+                    "r": remote_id,
+                    "now": now,
+                    "next": next_check_at,
+                    "id": job_id,
+                    "why": f"answered as {remote_id} after another worker had taken it over",
+                }
+            ),
+        )
+        if cur.rowcount == 1:
+            return True
+        cur = await db.execute(
+            "SELECT remote_id, duplicate_ids FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s",
+            self._args({"id": job_id}),
+        )
+        row = await cur.fetchone()
+        known: list[str] = json.loads(row["duplicate_ids"]) if row and row["duplicate_ids"] else []
+        # A job with no id yet is being looked for (or sent) by its holder: the job list shows it
+        # both (its tag), and every list read reports two jobs with one tag.
+        if row is not None and row["remote_id"] not in (None, remote_id) and remote_id not in known:
+            await db.execute(
+                "UPDATE dlb_jobs SET duplicate_ids=%(d)s WHERE campaign=%(c)s AND id=%(id)s",
+                self._args({"d": json.dumps([*known, remote_id]), "id": job_id}),
+            )
+        return False
 
     @conflicts_retried
     async def record_attempt(self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0) -> bool:

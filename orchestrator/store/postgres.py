@@ -4,9 +4,8 @@ psycopg 3's async pool; every verb one transaction. The SQL is SQLite's (store/s
 scoped to one campaign's rows and with row locks where a verb reads before it writes:
 `FOR UPDATE` on the job, so two processes never both move one job. A commit is durable
 on the server (`synchronous_commit` as the server has it, `on` by default), which is rule
-1's "synced" here. Hosts are kept from paying twice by the verbs' guards (an intent is
-recorded only for a pending job, an id only for a submitting one), and for now by one
-runner per campaign at a time (`PostgresLock`).
+1's "synced" here. Several workers share a campaign through leases (store/pg_lease.py):
+the verbs that write are fenced (store/pg_write.py).
 
 The URL given by the user may hold a password: it is never shown; `location` is the URL
 without it.

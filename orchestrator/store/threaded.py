@@ -135,6 +135,9 @@ class SqliteStore:
     async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
         return Claims()
 
+    async def waiting_elsewhere(self, states: Iterable[JobState]) -> int:
+        return 0
+
     def part_suffix(self, job_id: str) -> str:
         return ".part"
 

@@ -155,13 +155,21 @@ def _disk_full(folder: Path, part: Path, size: int | None, record: PartRecord | 
 
 
 def _drop_other_parts(folder: Path, name: str, part: Path) -> None:
-    """Partial files of this file under another worker's lease (a shared campaign): that worker
-    lost the job, so they are never resumed. A worker that still writes one (it was frozen)
-    writes into a file nobody reads, and its rename fails."""
-    if folder.is_dir():
-        for other in folder.glob(f"{glob.escape(name)}.*.part"):
-            if other != part:
-                other.unlink(missing_ok=True)
+    """Partial files of this file under an earlier lease (`<name>.<epoch>.part`, a shared
+    campaign): that worker lost the job, so they are never resumed. A worker that still writes
+    one (it was frozen) writes into a file nobody reads, and its rename fails."""
+    mine = _epoch_of(part.name, name)
+    if mine is None or not folder.is_dir():
+        return
+    for other in folder.glob(f"{glob.escape(name)}.*.part"):
+        epoch = _epoch_of(other.name, name)
+        if epoch is not None and epoch < mine:
+            other.unlink(missing_ok=True)
+
+
+def _epoch_of(part_name: str, name: str) -> int | None:
+    middle = part_name.removeprefix(name + ".").removesuffix(".part")
+    return int(middle) if middle.isdigit() and part_name != middle else None
 
 
 def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str | None) -> Fetched:
