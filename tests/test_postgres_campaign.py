@@ -78,9 +78,9 @@ def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
     assert not list(out.rglob("*.part"))
     capsys.readouterr()
     assert main(["status", str(manifest), "--state", pg_url]) == 0
-    said = " ".join(capsys.readouterr().out.split())
-    assert "3 workers seen in the last day, 0 not stopped" in said
-    assert str(workers[0].pid) in said
+    table = " ".join(capsys.readouterr().out.split())
+    assert "3 workers seen in the last day, 0 not stopped" in table
+    assert str(workers[0].pid) in table
 
 
 def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
