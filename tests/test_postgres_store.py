@@ -255,3 +255,26 @@ def test_a_password_is_never_shown_however_the_url_holds_it() -> None:
         ("postgresql://u@db.host/c", "postgresql://u@db.host/c"),
     ]:
         assert safe_url(url) == shown
+
+
+async def test_only_a_takeover_restarts_a_lost_answers_window(pg_url: str) -> None:
+    """A cron pass that claims a lost answer its last pass let go keeps the window it had (or
+    passes every few minutes would push it out for ever); one taken from a worker that stopped
+    renewing gets a window anew: that worker may have sent it until its lease ran out."""
+    fp = {s.id: spec_fingerprint(s) for s in SPECS}
+    async with await PostgresStore.open(pg_url, "c", worker=Worker("pass-1", "h", 1), lease_s=0.2) as first:
+        await synced(first)
+        assert await first.record_intents([("a", "{}", fp["a"]), ("b", "{}", fp["b"])], T0) == ["a", "b"]
+        await first.answer_lost("a", T0 + 100)
+        await first.answer_lost("b", T0 + 100)
+    # pass-1 ended cleanly: it let both go. pass-2 claims them: the windows stand.
+    async with await PostgresStore.open(pg_url, "c", worker=Worker("pass-2", "h", 2), lease_s=0.2) as second:
+        claims = await second.claim_work(window_end=T0 + 500, downloads=0, checks=0)
+        assert set(claims.gained) == {"a", "b"} and claims.taken == ()
+        assert (await second.job("a")).reconcile_at == T0 + 100
+        second.worker = None  # it dies without letting go (its leases simply run out)
+    await anyio.sleep(0.3)
+    async with await PostgresStore.open(pg_url, "c", worker=Worker("pass-3", "h", 3)) as third:
+        claims = await third.claim_work(window_end=T0 + 500, downloads=0, checks=0)
+        assert set(claims.taken) == {"a", "b"}
+        assert (await third.job("a")).reconcile_at == T0 + 500

@@ -228,14 +228,7 @@ class PgWrites(PgLeases):
     @conflicts_retried
     async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
         async with self._tx() as db:
-            cur = await db.execute(
-                "SELECT state FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE", self._args({"id": job_id})
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise StoreError(f"no job {job_id!r}")
-            await self._hold(db, job_id)
-            current = JobState(row["state"])
+            current = await self._locked_state(db, job_id)
             if not can_move(current, state):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to {state}")
             if JobState.SKIPPED in (current, state) and current is not state:
@@ -336,14 +329,7 @@ class PgWrites(PgLeases):
         self, job_id: str, *, checkpoint_id: str | None, files: Sequence[FileRow], remote_state: str, now: float
     ) -> None:
         async with self._tx() as db:
-            cur = await db.execute(
-                "SELECT state FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE", self._args({"id": job_id})
-            )
-            row = await cur.fetchone()
-            if row is None:
-                raise StoreError(f"no job {job_id!r}")
-            await self._hold(db, job_id)
-            current = JobState(row["state"])
+            current = await self._locked_state(db, job_id)
             if not can_move(current, JobState.SUCCEEDED):
                 raise StoreError(f"job {job_id!r} cannot move from {current} to succeeded")
             if files:
@@ -429,6 +415,17 @@ class PgWrites(PgLeases):
                         "INSERT INTO dlb_part_spans VALUES (%(c)s, %(j)s, %(r)s, %(s)s, %(n)s)",
                         [{**key, "s": s, "n": n} for s, n in spans],
                     )
+
+    async def _locked_state(self, db: AsyncConnection[DictRow], job_id: str) -> JobState:
+        """The job's state, its row locked for this transaction, while this worker may write it."""
+        cur = await db.execute(
+            "SELECT state FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE", self._args({"id": job_id})
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise StoreError(f"no job {job_id!r}")
+        await self._hold(db, job_id)
+        return JobState(row["state"])
 
     # -- dependents ------------------------------------------------------------------------
 
