@@ -160,6 +160,7 @@ class RunSettings:
     listen: str | None = None  # HOST:PORT of the callback receiver; None: no callbacks
     callback_url: str | None = None  # the public URL that reaches it (default: its own address)
     lease_s: float | None = None  # a shared campaign's leases (None: `worker_lease_s` picks)
+    post_lease_margin_s: float = POST_LEASE_MARGIN_S
 
     @property
     def grace_s(self) -> float:
@@ -173,7 +174,7 @@ class RunSettings:
     @property
     def post_needs_s(self) -> float:
         """The lease a POST needs left before it goes: its whole timeout, and a margin."""
-        return self.timeouts.connect_s + self.timeouts.api_read_s + POST_LEASE_MARGIN_S
+        return self.timeouts.connect_s + self.timeouts.api_read_s + self.post_lease_margin_s
 
     @property
     def worker_lease_s(self) -> float:

@@ -10,9 +10,9 @@ from typing import TypeVar
 
 import pytest
 
-from orchestrator.api.retry import idempotent, range_attempts
+from orchestrator.api.retry import idempotent, range_attempts, store_conflicts
 from orchestrator.config import RetryPolicy
-from orchestrator.errors import RateLimited, ServerError, UrlExpired
+from orchestrator.errors import RateLimited, ServerError, StoreConflict, StoreError, UrlExpired
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobSpec, JobState, JobType
 from orchestrator.store import SqliteDb
@@ -58,7 +58,35 @@ async def test_a_rate_limited_api_read_is_logged_as_api_retry_and_waits_what_the
         assert await idempotent(read, policy, "list jobs") == "page"
     lines = retry_lines(caplog)
     assert len(lines) == 1 and lines[0].startswith("api.retry what=list jobs attempt=1 wait_s=0.05 "), lines
+    assert "error=list jobs: HTTP 429: slow down" in lines[0]  # the log says why it was tried again
     assert len(tries) == 2
+
+
+@pytest.mark.anyio
+async def test_a_store_conflict_is_tried_again_and_logged_as_a_store_retry(caplog: pytest.LogCaptureFixture) -> None:
+    """A shared database's transaction aborted for a deadlock goes again (under its own log event);
+    any other store error does not."""
+    calls: list[int] = []
+
+    async def conflicting_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise StoreConflict("state store: deadlock detected")
+        return "written"
+
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        assert await store_conflicts(conflicting_once, "move") == "written"
+    lines = retry_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("store.retry what=move attempt=1 "), lines
+    assert "error=state store: deadlock detected" in lines[0]
+
+    async def broken() -> str:
+        calls.append(1)
+        raise StoreError("state store: disk full")
+
+    with pytest.raises(StoreError, match="disk full"):
+        await store_conflicts(broken, "move")
+    assert len(calls) == 3
 
 
 @pytest.mark.anyio

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 CHECKS_HELD = 10_000  # jobs at the service a shared campaign's worker takes: checks are light
 RENEW_EVERY_S = 10.0  # a shared campaign's worker renews its leases (and claims work) this often
-CLAIM_AGAIN_S = 0.5  # downloads with room claim more work this soon, not sooner
+CLAIM_AGAIN_S = 0.1  # downloads with room claim more work this soon, not sooner
+DOWNLOAD_JOBS_HELD = 4  # x --max-downloads: jobs with files a worker holds, so its queue never runs dry
 SNAPSHOT_EVERY_S = 0.25  # the most often the live view's numbers are read from the store
 
 
@@ -145,7 +146,7 @@ class Engine:
     async def _claim_work(self) -> None:
         claims = await self.store.claim_work(
             window_end=self.settings.reconcile_after(self.now()),  # a lost answer taken over: a window anew
-            downloads=self.settings.limits.max_downloads,
+            downloads=DOWNLOAD_JOBS_HELD * self.settings.limits.max_downloads,
             checks=CHECKS_HELD,
         )
         if self.ctx.api.budget is not None:  # the campaign's request budget, shared out evenly

@@ -31,6 +31,7 @@ from ..errors import (
     NotSent,
     QuotaError,
     RateLimited,
+    StoreError,
     Throttled,
     describe_detail,
 )
@@ -156,7 +157,12 @@ class SubmitStage:
                 # Sent only while this worker holds the job for the POST's whole timeout and more.
                 needs = self.ctx.settings.post_needs_s
                 checked = time.monotonic()
-                held = await self.ctx.store.record_attempt(job_id, sent_at, window_end, need_s=needs)
+                try:
+                    held = await self.ctx.store.record_attempt(job_id, sent_at, window_end, need_s=needs)
+                except LeaseLost:
+                    raise
+                except StoreError as exc:  # before the POST: nothing was sent, so no answer is lost
+                    raise NotSent(f"submit {job_id}: not sent: its attempt could not be recorded ({exc})") from exc
                 if not held and not lease_check_off():
                     raise LeaseLost(job_id)
                 # A shared campaign's lease now has twice what the POST needs left: it leaves within one.

@@ -19,7 +19,8 @@ from ..api import retry
 from ..errors import StoreConflict, StoreError
 from ..models import PARENT_ENDED
 
-POOL_MAX = 4  # connections per process: the verbs are short, and the engine awaits most in turn
+POOL_MAX = 8  # connections per process: the verbs are short; the rest wait their turn
+POOL_WAIT_S = 120.0  # a verb waits this long for a free connection when every one is busy
 CONNECT_TIMEOUT_S = 10.0  # a database that does not answer is said so within this
 STATEMENT_TIMEOUT_S = 30.0  # no statement (or wait for a row lock) of a verb lasts longer
 SCHEMES = ("postgresql", "postgres")
@@ -67,7 +68,7 @@ def _secret_of(url: str) -> list[str]:
 def describe(exc: BaseException, url: str = "") -> str:
     """psycopg's message, first line only (the rest repeats the query), without the password."""
     if isinstance(exc, PoolTimeout):
-        return f"no connection within {CONNECT_TIMEOUT_S:.0f} s (is the server running and reachable?)"
+        return f"no free connection within {POOL_WAIT_S:.0f} s (is the server running and reachable?)"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     for secret in _secret_of(url):
         text = text.replace(secret, "***")
@@ -87,7 +88,7 @@ async def open_pool(url: str) -> Pool:
         min_size=1,
         max_size=POOL_MAX,
         open=False,
-        timeout=CONNECT_TIMEOUT_S,
+        timeout=POOL_WAIT_S,
         kwargs={
             "autocommit": True,
             "row_factory": dict_row,

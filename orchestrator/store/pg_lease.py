@@ -161,7 +161,12 @@ class PgLeases(PgBase):
                 self._args(args),
             )
             renewed = {r["id"]: (int(r["lease_epoch"]), r["state"]) for r in await cur.fetchall()}
-            lost = tuple(j for j in self._held if j not in renewed)
+            gone = [j for j in self._held if j not in renewed]  # let go (ended, pending again) or taken
+            cur = await db.execute(
+                "SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND id = ANY(%(ids)s) AND lease_owner <> %(me)s",
+                self._args({**args, "ids": gone}),
+            )
+            lost = tuple(r["id"] for r in await cur.fetchall())
             self._held = {j: epoch for j, (epoch, _) in renewed.items()}
             holding = [state for _, state in renewed.values()]
             room_checks = checks - sum(s in {x.value for x in AT_SERVICE} for s in holding)
