@@ -278,3 +278,30 @@ async def test_only_a_takeover_restarts_a_lost_answers_window(pg_url: str) -> No
         claims = await third.claim_work(window_end=T0 + 500, downloads=0, checks=0)
         assert set(claims.taken) == {"a", "b"}
         assert (await third.job("a")).reconcile_at == T0 + 500
+
+
+async def test_jobs_claimed_while_the_worker_renews_its_leases_stay_held(pg_url: str) -> None:
+    """A worker renews its leases (claim_work) while it records intents on other connections:
+    every job whose intent it recorded is still its own to send (a renewal that began before
+    the intent must not forget it)."""
+    specs = [spec(f"j{i:02d}") for i in range(60)]
+    fp = {s.id: spec_fingerprint(s) for s in specs}
+    async with await PostgresStore.open(pg_url, "c", worker=Worker("w", "h", 1)) as store:
+        await synced(store, specs)
+        recorded: list[str] = []
+
+        async def intend() -> None:
+            for s in specs:
+                recorded.extend(await store.record_intents([(s.id, "{}", fp[s.id])], T0))
+
+        async def renew() -> None:
+            while len(recorded) < len(specs):
+                await store.claim_work(window_end=T0, downloads=0, checks=0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intend)
+            for _ in range(3):  # renewals overlap each other and every intent
+                tg.start_soon(renew)
+        assert len(recorded) == 60
+        refused = [j for j in recorded if not await store.record_attempt(j, T0, T0 + 1, need_s=1.0)]
+        assert refused == []

@@ -142,6 +142,9 @@ class PgLeases(PgBase):
         if self.worker is None:
             return Claims()
         args = {**self._lease_args(), "host": self.worker.host, "pid": self.worker.pid, "end": window_end}
+        # What this worker held when the renewal began: jobs it claims meanwhile (an intent
+        # recorded while this runs) are not in the renewal's view and must stay held.
+        before = dict(self._held)
         async with self._tx() as db:
             await db.execute(
                 f"INSERT INTO dlb_workers VALUES (%(me)s, %(c)s, %(host)s, %(pid)s, {NOW}, {NOW}, NULL)"
@@ -161,13 +164,12 @@ class PgLeases(PgBase):
                 self._args(args),
             )
             renewed = {r["id"]: (int(r["lease_epoch"]), r["state"]) for r in await cur.fetchall()}
-            gone = [j for j in self._held if j not in renewed]  # let go (ended, pending again) or taken
+            gone = [j for j in before if j not in renewed]  # let go (ended, pending again) or taken
             cur = await db.execute(
                 "SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND id = ANY(%(ids)s) AND lease_owner <> %(me)s",
                 self._args({**args, "ids": gone}),
             )
             lost = tuple(r["id"] for r in await cur.fetchall())
-            self._held = {j: epoch for j, (epoch, _) in renewed.items()}
             holding = [state for _, state in renewed.values()]
             room_checks = checks - sum(s in {x.value for x in AT_SERVICE} for s in holding)
             room_downloads = downloads - sum(s in {x.value for x in TO_DOWNLOAD} for s in holding)
@@ -186,6 +188,10 @@ class PgLeases(PgBase):
                 self._args(args),
             )
             live = await cur.fetchone()
+        for job_id in gone:
+            if self._held.get(job_id) == before[job_id]:  # not claimed again meanwhile
+                del self._held[job_id]
+        self._held.update({j: epoch for j, (epoch, _) in renewed.items()})
         self._held.update({j: e for j, e, _ in gained})
         return Claims(
             gained=tuple(j for j, _, _ in gained),
