@@ -62,8 +62,8 @@ def _trainings(folder: Path, count: int) -> Path:
     lines = ["campaign: wide", "jobs:"]
     for i in range(count):
         lines.append(
-            f"- {{id: t{i:03d}, type: dreambooth, instance_prompt: photo of p{i}, steps: 800,"
-            " image_urls: ['https://example.com/1.jpg'], extract_lora: disabled}"
+            f"- {{id: t{i:03d}, type: dreambooth, base_model: stable-diffusion-v1-5, instance_prompt: photo of p{i},"
+            " steps: 800, image_urls: ['https://example.com/1.jpg'], extract_lora: disabled}"
         )
     path = folder / "wide.yaml"
     path.write_text("\n".join(lines) + "\n")
