@@ -36,7 +36,7 @@ from .submit import SubmitStage
 log = logging.getLogger(__name__)
 IDLE_WAKE_S = 5.0  # the longest the scheduler sleeps without looking again
 CHECKS_HELD = 10_000  # jobs at the service a shared campaign's worker takes: checks are light
-RENEW_EVERY_S = 10.0  # a shared campaign's worker renews its leases (and claims work) this often
+CLAIM_EVERY_S = 1.0  # a shared campaign's worker renews its leases and claims work this often
 CLAIM_AGAIN_S = 0.1  # downloads with room claim more work this soon, not sooner
 DOWNLOAD_JOBS_HELD = 4  # x --max-downloads: jobs with files a worker holds, so its queue never runs dry
 SNAPSHOT_EVERY_S = 0.25  # the most often the live view's numbers are read from the store
@@ -158,11 +158,11 @@ class Engine:
             log.warning("worker.lost jobs=%d: another worker holds them now", len(claims.lost))
 
     async def _keep_leases(self, scope: anyio.CancelScope) -> None:
-        """Renew this worker's leases and claim more work: every RENEW_EVERY_S, and soon after
+        """Renew this worker's leases and claim more work: every CLAIM_EVERY_S, and soon after
         downloads have room (so a worker with free connections never waits long for work)."""
         with scope:
             while True:
-                with anyio.move_on_after(min(RENEW_EVERY_S, self.settings.worker_lease_s / 3)):
+                with anyio.move_on_after(min(CLAIM_EVERY_S, self.settings.worker_lease_s / 3)):
                     await self._room.wait()
                     await anyio.sleep(CLAIM_AGAIN_S)
                 self._room = anyio.Event()

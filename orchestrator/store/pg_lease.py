@@ -9,7 +9,7 @@ LOCKED`, so claimers never wait on one another and never both take one job:
   limits (jobs in flight, the submission rate as one token bucket) and the intent are one
   transaction, serialized on the campaign's row;
 - a job at the service or with files to fetch, by `claim_work`, which also renews what
-  the worker holds (run by the engine every `run.engine.RENEW_EVERY_S`) and takes over what a
+  the worker holds (run by the engine every `run.engine.CLAIM_EVERY_S`) and takes over what a
   worker that stopped renewing held once its lease expired. A `submitting` job taken
   over is never sent again: its grace window restarts at the takeover, then it is looked
   for by tag like any lost answer.
@@ -170,9 +170,24 @@ class PgLeases(PgBase):
                 self._args({**args, "ids": gone}),
             )
             lost = tuple(r["id"] for r in await cur.fetchall())
+            cur = await db.execute(
+                "SELECT COUNT(*) AS n FROM dlb_workers WHERE campaign=%(c)s AND stopped_at IS NULL"
+                f" AND heartbeat_at > {NOW} - %(lease)s",
+                self._args(args),
+            )
+            live_row = await cur.fetchone()
+            live = max(1, int(live_row["n"]) if live_row else 1)
             holding = [state for _, state in renewed.values()]
             room_checks = checks - sum(s in {x.value for x in AT_SERVICE} for s in holding)
             room_downloads = downloads - sum(s in {x.value for x in TO_DOWNLOAD} for s in holding)
+            if room_downloads > 0:  # an even share of all the files to fetch: the other workers fetch too
+                cur = await db.execute(
+                    "SELECT COUNT(*) AS n FROM dlb_jobs WHERE campaign=%(c)s AND state = ANY(%(s)s)",
+                    self._args({**args, "s": [s.value for s in TO_DOWNLOAD]}),
+                )
+                total = await cur.fetchone()
+                mine = sum(s in {x.value for x in TO_DOWNLOAD} for s in holding)
+                room_downloads = min(room_downloads, -(-int(total["n"] if total else 0) // live) - mine)
             gained: list[tuple[str, int, str | None]] = []
             for states, room, order in (
                 ([JobState.SUBMITTING.value], None, "position"),
@@ -182,12 +197,6 @@ class PgLeases(PgBase):
                 if room is not None and room <= 0:
                     continue
                 gained += await self._claim(db, states, room, order, args)
-            cur = await db.execute(
-                "SELECT COUNT(*) AS n FROM dlb_workers WHERE campaign=%(c)s AND stopped_at IS NULL"
-                f" AND heartbeat_at > {NOW} - %(lease)s",
-                self._args(args),
-            )
-            live = await cur.fetchone()
         for job_id in gone:
             if self._held.get(job_id) == before[job_id]:  # not claimed again meanwhile
                 del self._held[job_id]
@@ -197,7 +206,7 @@ class PgLeases(PgBase):
             gained=tuple(j for j, _, _ in gained),
             taken=tuple(j for j, _, before in gained if before is not None),
             lost=lost,
-            workers=int(live["n"]) if live else 1,
+            workers=live,
         )
 
     async def _claim(
