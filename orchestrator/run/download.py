@@ -94,7 +94,9 @@ class FetchStage:
         """Anything this stage could still move on in this run?"""
         if self.queue or self.active or self.preparing or not self._swept:
             return True
-        return bool(await self.store.held([JobState.SUCCEEDED]))
+        if self.store.shared:
+            return bool(await self.store.held([JobState.SUCCEEDED]))
+        return await self.store.count([JobState.SUCCEEDED]) > 0
 
     def next_due(self) -> float | None:
         if not self._delayed:
@@ -109,7 +111,9 @@ class FetchStage:
         # (in a shared campaign, downloads taken over from another worker come `downloading`).
         states = [JobState.SUCCEEDED] if self._swept and not self.store.shared else TO_DOWNLOAD
         self._swept = True
-        for job_id in [r.id for r in await self.store.held(states)]:
+        # One process alone reads ids (an index lookup); a worker, the rows of the jobs it holds.
+        job_ids = [r.id for r in await self.store.held(states)] if self.store.shared else await self.store.ids(states)
+        for job_id in job_ids:
             if job_id not in self.prepared and job_id not in self.preparing and job_id not in self.given_up:
                 self.preparing.add(job_id)
                 tg.start_soon(self._prepare, job_id)
