@@ -134,7 +134,7 @@ def measure(quick: bool) -> dict[str, object]:
         return {"error": f"no PostgreSQL at {SERVER}: {str(exc).strip().splitlines()[0]}"}
     return {
         "throughput": _throughput(1000 if quick else 10_000),
-        "scale_out": _scale_out(8 if quick else 24),
+        "scale_out": _scale_out(8 if quick else 36),
     }
 
 

@@ -206,7 +206,9 @@ class Engine:
     async def _sleep_for(self, *, check: bool) -> float:
         due = [await self.check.next_due() if check else None, self.fetch.next_due(), await self.resolve.next_due()]
         soonest = min((d for d in due if d is not None), default=self.now() + IDLE_WAKE_S)
-        return max(0.0, min(IDLE_WAKE_S, soonest - self.now()))
+        # A shared campaign's worker also waits on the others' work (theirs to take over, or to see end).
+        longest = CLAIM_EVERY_S if self.store.shared else IDLE_WAKE_S
+        return max(0.0, min(longest, soonest - self.now()))
 
     async def _waiting_for_more(self, *, check: bool, submit: bool) -> bool:
         """Is anything left that this run could still move on? (In a shared campaign, a worker
