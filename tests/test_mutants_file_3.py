@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,6 +101,24 @@ async def test_one_downloader_never_opens_more_than_its_connection_limit_to_stor
         assert peak == DEFAULT_CONNECTIONS
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def storage_serving(handler: Handler) -> AsyncIterator[str]:
+    """A storage of the test's own on a real socket: the URL of its one object."""
+    app = web.Application()
+    app.router.add_get("/bucket/model.ckpt", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/bucket/model.ckpt"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_file_storage_serves_gzip_encoded_is_placed_as_stored(tmp_path: Path) -> None:
     """Storage may keep an object gzip-encoded (`Content-Encoding: gzip`, as GCS does for such
     uploads); its size and md5 are of the stored bytes, so those are what is placed, not inflated."""
@@ -115,26 +135,13 @@ async def test_a_file_storage_serves_gzip_encoded_is_placed_as_stored(tmp_path: 
         }
         return web.Response(body=stored_bytes, headers=headers)
 
-    app = web.Application()
-    app.router.add_get("/bucket/model.ckpt", serve)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+    async with storage_serving(serve) as url:
         artifact = Artifact(
-            name="model.ckpt",
-            kind=ArtifactKind.CHECKPOINT,
-            remote_id="ckp",
-            url=f"http://127.0.0.1:{port}/bucket/model.ckpt",
-            size_bytes=len(stored_bytes),
+            name="model.ckpt", kind=ArtifactKind.CHECKPOINT, remote_id="ckp", url=url, size_bytes=len(stored_bytes)
         )
         async with one_stream() as downloader:
             final = await fetch(downloader, artifact, tmp_path, MemoryPartLog())
         assert final.read_bytes() == stored_bytes
-    finally:
-        await runner.cleanup()
 
 
 async def test_progress_of_a_fresh_downloader_is_zero(tmp_path: Path) -> None:

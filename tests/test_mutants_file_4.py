@@ -6,8 +6,7 @@ the size from which one stream keeps a record, and the progress total while a fi
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,12 +36,11 @@ from .test_mutants_file import (
     stored,
 )
 from .test_mutants_file_2 import free_bytes
+from .test_mutants_file_3 import storage_serving
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
 DISK_MB = 8
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
@@ -54,21 +52,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def names_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
-
-
-@asynccontextmanager
-async def storage_serving(handler: Handler) -> AsyncIterator[str]:
-    """A storage of the test's own on a real socket: the URL of its one object."""
-    app = web.Application()
-    app.router.add_get("/bucket/model.ckpt", handler)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/bucket/model.ckpt"
-    finally:
-        await runner.cleanup()
 
 
 # --- partial files of earlier leases (a shared campaign names them `<name>.<epoch>.part`)

@@ -137,18 +137,13 @@ class PgWrites(PgLeases):
         if cur.rowcount == 1:
             return True
         cur = await db.execute(
-            "SELECT remote_id, duplicate_ids FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s",
-            self._args({"id": job_id}),
+            "SELECT remote_id FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s", self._args({"id": job_id})
         )
         row = await cur.fetchone()
-        known: list[str] = json.loads(row["duplicate_ids"]) if row and row["duplicate_ids"] else []
         # A job with no id yet is being looked for (or sent) by its holder: the job list shows it
         # both (its tag), and every list read reports two jobs with one tag.
-        if row is not None and row["remote_id"] not in (None, remote_id) and remote_id not in known:
-            await db.execute(
-                "UPDATE dlb_jobs SET duplicate_ids=%(d)s WHERE campaign=%(c)s AND id=%(id)s",
-                self._args({"d": json.dumps([*known, remote_id]), "id": job_id}),
-            )
+        if row is not None and row["remote_id"] not in (None, remote_id):
+            await self._add_duplicates(db, job_id, [remote_id])
         return False
 
     @conflicts_retried
@@ -207,21 +202,25 @@ class PgWrites(PgLeases):
     @conflicts_retried
     async def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
         async with self._tx() as db:
-            cur = await db.execute(
-                "SELECT duplicate_ids FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE",
-                self._args({"id": job_id}),
+            return await self._add_duplicates(db, job_id, remote_ids)
+
+    async def _add_duplicates(self, db: AsyncConnection[DictRow], job_id: str, remote_ids: Sequence[str]) -> bool:
+        """Other remote jobs with this job's tag; True when any of them is news."""
+        cur = await db.execute(
+            "SELECT duplicate_ids FROM dlb_jobs WHERE campaign=%(c)s AND id=%(id)s FOR UPDATE",
+            self._args({"id": job_id}),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        known: list[str] = json.loads(row["duplicate_ids"]) if row["duplicate_ids"] else []
+        new = [r for r in remote_ids if r not in known]
+        if new:
+            await db.execute(
+                "UPDATE dlb_jobs SET duplicate_ids=%(d)s WHERE campaign=%(c)s AND id=%(id)s",
+                self._args({"d": json.dumps(known + new), "id": job_id}),
             )
-            row = await cur.fetchone()
-            if row is None:
-                return False
-            known: list[str] = json.loads(row["duplicate_ids"]) if row["duplicate_ids"] else []
-            new = [r for r in remote_ids if r not in known]
-            if new:
-                await db.execute(
-                    "UPDATE dlb_jobs SET duplicate_ids=%(d)s WHERE campaign=%(c)s AND id=%(id)s",
-                    self._args({"d": json.dumps(known + new), "id": job_id}),
-                )
-            return bool(new)
+        return bool(new)
 
     # -- state changes ----------------------------------------------------------------
 
