@@ -139,7 +139,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         default=Limits().max_downloads,
         help="files downloading at once (default %(default)s)",
     )
-    p.add_argument("--max-new-jobs", type=int, help="submit at most this many jobs in this run (a spending guard)")
+    p.add_argument(
+        "--max-new-jobs",
+        type=int,
+        help="submit at most this many jobs in this run, a spending guard (a shared state: in all runs that overlap)",
+    )
     p.add_argument(
         "--requests-per-s",
         type=float,
@@ -392,6 +396,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.submit_rate, args.requests_per_s, args.time_scale, args.api_timeout) <= 0:
         raise UsageError("--submit-rate, --requests-per-s, --time-scale and --api-timeout must be positive")
+    if args.max_new_jobs is not None and args.max_new_jobs < 0:
+        raise UsageError("--max-new-jobs must be 0 or more (0: submit nothing, only check and download)")
     if args.reconcile_grace is not None and args.reconcile_grace < 0:
         raise UsageError("--reconcile-grace must be 0 or more seconds")
     needs = RunSettings(timeouts=Timeouts(api_read_s=args.api_timeout)).post_needs_s

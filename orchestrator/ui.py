@@ -253,7 +253,7 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
 
 def workers_table(workers: Sequence[WorkerRow], now: float) -> Table:
     """The workers of a shared campaign (seen in the last day) and what each holds now."""
-    table = Table("worker", "host", "pid", "started", "last seen", "submitting", "checking", "downloading")
+    table = Table("worker", "host", "pid", "started", "last seen", "submitting", "checking", "downloading", "lists")
     table.title, table.title_justify = "workers", "left"
     for w in workers:
         seen = "stopped" if w.stopped else f"{human_seconds(w.seen_s_ago)} ago"
@@ -266,7 +266,11 @@ def workers_table(workers: Sequence[WorkerRow], now: float) -> Table:
             str(w.submitting),
             str(w.checking),
             str(w.downloading),
+            "reads" if w.reads_lists else "",
         )
     live = sum(1 for w in workers if not w.stopped)
-    table.caption = f"{len(workers)} workers seen in the last day, {live} not stopped"
+    table.caption = (
+        f"{len(workers)} workers seen in the last day, {live} not stopped; the one that reads the job lists checks"
+        " every job at the service"
+    )
     return table

@@ -89,6 +89,15 @@ def test_no_key_is_a_usage_error(
     assert code == 2 and "DREAMLOOK_API_KEY" in err
 
 
+def test_a_negative_limit_is_a_usage_error(example: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for option, said in [
+        ("--max-new-jobs", "--max-new-jobs must be 0 or more"),
+        ("--max-active", "--max-active must be at least 1"),
+    ]:
+        code, _, err = run(["run", str(example), option, "-1"], capsys)
+        assert code == 2 and said in err
+
+
 def test_a_bad_key_stops_with_3_and_never_prints_the_key(
     example: Path, threaded_sim: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

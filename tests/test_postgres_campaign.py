@@ -59,7 +59,8 @@ def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
     tmp_path: Path, pg_url: str, threaded_sim: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Three `run` processes at once on one campaign: each takes a share of the jobs, none is
-    paid twice, and every file is on disk (one folder: the workers of one host)."""
+    paid twice, one at a time reads the job lists, and every file is on disk (one folder: the
+    workers of one host)."""
     manifest = mixed_manifest(tmp_path, trainings=8, combined=4, plain_images=8)
     job_ids = [*(f"t{i:03d}" for i in range(8)), *(f"t{i:03d}-img" for i in range(8))]
     job_ids += [*(f"c{i:03d}" for i in range(4)), *(f"g{i:03d}" for i in range(8))]
@@ -71,6 +72,11 @@ def test_three_workers_share_a_campaign_and_pay_for_each_job_once(
         said = [w.communicate(timeout=180)[0] for w in workers]
         assert [w.returncode for w in workers] == [0, 0, 0], said
         assert_campaign_on_disk(sim, out, "mixed", job_ids)
+        # One worker at a time reads the job lists: the reading passes on only when its reader
+        # stops, so the readers of the list requests, in order, change at most twice.
+        readers = [ua for i, ua in enumerate(sim.ledger.list_readers) if i == 0 or ua != sim.ledger.list_readers[i - 1]]
+        assert sim.ledger.list_readers and len(readers) <= 3, readers
+        assert {ua.rsplit("pid ", 1)[-1].rstrip(")") for ua in readers} <= {str(w.pid) for w in workers}
     with psycopg.connect(pg_url) as db:
         owners = db.execute("SELECT count(DISTINCT id) FROM dlb_workers WHERE campaign='mixed'").fetchone()
         leftover = db.execute("SELECT count(*) FROM dlb_jobs WHERE lease_owner IS NOT NULL").fetchone()
@@ -103,3 +109,22 @@ def test_mistakes_with_the_state_are_said_plainly(tmp_path: Path, capsys: pytest
 def test_a_campaign_never_loaded_is_said_so(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--campaign", "nothing-here", "--state", pg_url]) == 1
     assert "no campaign 'nothing-here'" in capsys.readouterr().err
+
+
+@pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md
+def test_one_worker_at_a_time_reads_the_job_lists(tmp_path: Path, pg_url: str, threaded_sim: Any) -> None:
+    """Trainings that take a while, submitted by three workers in turns (a slow shared submit
+    rate), checked often: every reading of a job list comes from the worker that holds the
+    reading; it passes on only when that worker stops, so the readers of the list requests,
+    in order, change at most twice."""
+    manifest = mixed_manifest(tmp_path, trainings=12, combined=0, plain_images=0)
+    with threaded_sim(fast_sim(seed=3, time_scale=200.0)) as sim:
+        workers = [
+            cli_process(manifest, sim, "--state", pg_url, "--out", str(tmp_path / "out"), "--submit-rate", "20")
+            for _ in range(3)
+        ]
+        said = [w.communicate(timeout=180)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0], said
+        reads = sim.ledger.list_readers
+    changes = [ua for i, ua in enumerate(reads) if i == 0 or ua != reads[i - 1]]
+    assert len(reads) >= 10 and len(changes) <= 3, changes

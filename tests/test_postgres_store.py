@@ -87,7 +87,7 @@ async def test_a_server_that_does_not_answer_is_said_plainly_without_the_passwor
 
 async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -> None:
     """Six workers race for 40 pending jobs (each asking for all of them, in its own order)
-    and then for the 40 jobs at the service once their leases are gone: every job is claimed
+    and then for the 30 jobs to download once their leases are gone: every job is claimed
     by exactly one worker each time, and the campaign's max_active holds across them."""
     specs = [spec(f"j{i:02d}") for i in range(40)]
     fingerprints = {s.id: spec_fingerprint(s) for s in specs}
@@ -115,19 +115,22 @@ async def test_workers_claiming_at_once_get_each_job_exactly_once(pg_url: str) -
             others = [j for j in claimed if j not in mine][:3]
             assert await store.mark_submitted_many([(j, f"r-{j}", None) for j in mine + others], T0) == sorted(others)
         for store in workers:
+            for job_id in got.get(store.worker.id if store.worker else "", []):
+                await store.record_success(job_id, checkpoint_id=None, files=[], remote_state="success", now=T0)
+        for store in workers:
             await store.release_all()
         gained: list[str] = []
 
         async def claim(store: PostgresStore) -> None:
             for _ in range(5):
-                gained.extend((await store.claim_work(window_end=T0, downloads=0, checks=5)).gained)
+                gained.extend((await store.claim_work(window_end=T0, downloads=5, checks=0)).gained)
 
         async with anyio.create_task_group() as tg:
             for store in workers:
                 tg.start_soon(claim, store)
-        assert sorted(gained) == sorted(claimed)  # the 30 at the service, once each, 5 per worker at most
+        assert sorted(gained) == sorted(claimed)  # the 30 to download, once each, 5 per worker at most
         for store in workers:
-            held = await store.held([JobState.QUEUED])
+            held = await store.held([JobState.SUCCEEDED])
             assert len(held) <= 5 and {r.id for r in held} <= set(gained)
         # Each worker counts the live ones, to take its share of the campaign's request budget.
         assert (await workers[0].claim_work(window_end=T0, downloads=0, checks=0)).workers == 6
@@ -305,3 +308,64 @@ async def test_jobs_claimed_while_the_worker_renews_its_leases_stay_held(pg_url:
         assert len(recorded) == 60
         refused = [j for j in recorded if not await store.record_attempt(j, T0, T0 + 1, need_s=1.0)]
         assert refused == []
+
+
+async def test_one_worker_at_a_time_reads_the_job_lists_and_checks_every_job_at_the_service(pg_url: str) -> None:
+    """The first worker to claim reads the lists; another hands the jobs it submitted over to
+    it (except one it is reading right now), and takes the reading over when the reader stops
+    renewing. `status` shows which worker reads."""
+    fp = {s.id: spec_fingerprint(s) for s in SPECS}
+    async with (
+        await PostgresStore.open(pg_url, "c", worker=Worker("reader", "h", 1), lease_s=0.3) as reader,
+        await PostgresStore.open(pg_url, "c", worker=Worker("other", "h", 2), lease_s=30) as other,
+    ):
+        await synced(reader)
+        assert (await reader.claim_work(window_end=T0, downloads=0, checks=100)).reads_lists
+        assert not (await other.claim_work(window_end=T0, downloads=0, checks=100)).reads_lists
+        assert await other.record_intents([(j, "{}", fp[j]) for j in ("a", "b")], T0) == ["a", "b"]
+        await other.mark_submitted_many([("a", "ra", None), ("b", "rb", None)], T0)
+        claims = await other.claim_work(window_end=T0, downloads=0, checks=100, checking={"b"})
+        assert not claims.reads_lists and claims.gained == ()
+        assert [r.id for r in await other.held([JobState.QUEUED])] == ["b"]  # a: handed over; b: being read
+        assert (await reader.claim_work(window_end=T0, downloads=0, checks=100)).gained == ("a",)
+        await other.claim_work(window_end=T0, downloads=0, checks=100)  # b read: handed over too
+        assert (await reader.claim_work(window_end=T0, downloads=0, checks=100)).gained == ("b",)
+        assert {w.id: w.reads_lists for w in await other.workers()} == {"reader": True, "other": False}
+        await anyio.sleep(0.4)  # the reader stops renewing: its leases, and its reading, run out
+        claims = await other.claim_work(window_end=T0, downloads=0, checks=100)
+        assert claims.reads_lists and set(claims.taken) == {"a", "b"}
+        assert {w.id: w.reads_lists for w in await other.workers()} == {"reader": False, "other": True}
+        await other.release_all()  # a reader that stops cleanly lets the reading go at once
+        assert (await reader.claim_work(window_end=T0, downloads=0, checks=100)).reads_lists
+
+
+async def test_max_new_jobs_holds_for_the_runs_that_overlap_and_starts_again_after(pg_url: str) -> None:
+    """`--max-new-jobs 3` on two workers running at once: 3 new jobs in all, not 6. A worker
+    that joins once both have stopped starts a new round of 3."""
+    specs = [spec(f"j{i:02d}") for i in range(10)]
+    intents = [(s.id, "{}", spec_fingerprint(s)) for s in specs]
+
+    async def worker(name: str) -> PostgresStore:
+        store = await PostgresStore.open(pg_url, "c", worker=Worker(name, "h", 1))
+        await store.claim_work(window_end=T0, downloads=0, checks=0)  # joins the campaign
+        return store
+
+    first = await worker("first")
+    await synced(first, specs)
+    second = await worker("second")
+    try:
+        assert await first.record_intents(intents[:2], T0, max_new_jobs=3) == ["j00", "j01"]
+        assert await second.record_intents(intents[2:], T0, max_new_jobs=3) == ["j02"]
+        assert await first.record_intents(intents[3:], T0, max_new_jobs=3) == []
+        assert await first.new_jobs_in_round() == await second.new_jobs_in_round() == 3
+        await first.release_all()
+        third = await worker("third")  # second still runs: the same round
+        assert await third.record_intents(intents[3:], T0, max_new_jobs=3) == []
+        await second.release_all()
+        await third.release_all()
+    finally:
+        await first.close()
+        await second.close()
+    async with await worker("next-day") as fourth:  # nobody runs: a new round
+        assert await fourth.new_jobs_in_round() == 0
+        assert await fourth.record_intents(intents[3:], T0, max_new_jobs=3) == ["j03", "j04", "j05"]

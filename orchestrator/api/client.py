@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -36,7 +37,14 @@ from .budget import RequestBudget
 
 MAX_REDIRECTS = 5
 LIST_PAGE = 50  # the job list's page: the API's default, and what every reader of the list asks for
-USER_AGENT = "dreamlook-batch/0.1"
+
+
+def user_agent() -> str:
+    """The tool, its version and this process: the service's logs can tell the workers apart."""
+    from .. import __version__  # the package's __init__ imports this module: read it when called
+
+    return f"dreamlook-batch/{__version__} (pid {os.getpid()})"
+
 
 # aiohttp errors raised before a single byte of the request can have left: no connection
 # (refused, DNS, TLS handshake, proxy, connect timeout) or a URL it would not even try.
@@ -103,7 +111,7 @@ class ApiClient:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             connector=aiohttp.TCPConnector(limit=self._connections),
-            headers={"authorization": f"Bearer {self._key}", "user-agent": USER_AGENT},
+            headers={"authorization": f"Bearer {self._key}", "user-agent": user_agent()},
         )
         return self
 

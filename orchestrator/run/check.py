@@ -46,6 +46,9 @@ class CheckStage:
         self._hints_seen: set[tuple[str, str]] = set()
         self.hinted: set[str] = set()  # jobs a callback named while they were being checked
         self._typical: dict[str, tuple[float, float | None]] = {}
+        # A shared campaign's job lists are read by one worker at a time (store/pg_lease.py); another
+        # worker hands the jobs it submitted over to it, and meanwhile reads each by GET.
+        self.reads_lists = True
 
     # -- scheduling -----------------------------------------------------------------
 
@@ -73,7 +76,9 @@ class CheckStage:
         started = 0
         for job_type, due in due_by_type.items():
             on_first_page = (
-                await self.store.newest_submitted(job_type, LIST_PAGE) if self.settings.batch_status else set()
+                await self.store.newest_submitted(job_type, LIST_PAGE)
+                if self.settings.batch_status and self.reads_lists
+                else set()
             )
             if any(r.id in on_first_page for r in due):
                 in_flight = [

@@ -113,7 +113,13 @@ class Engine:
                     await self._claim_work()
                     tg.start_soon(self._keep_leases, keeper)
                 await self.resolve.resolve_due()
-                if not self.settings.dry_run and isinstance(await self.resolve.adopt(), NotSent):
+                # A shared campaign's jobs are looked for by the worker that reads the lists (here or
+                # in _keep_leases, for jobs another host's manifest added); the others wait for it.
+                if (
+                    not self.settings.dry_run
+                    and self.check.reads_lists
+                    and isinstance(await self.resolve.adopt(), NotSent)
+                ):
                     self.events.stop(StopReason.UNREACHABLE)
                 if once:
                     await self._one_pass()
@@ -148,7 +154,9 @@ class Engine:
             window_end=self.settings.reconcile_after(self.now()),  # a lost answer taken over: a window anew
             downloads=DOWNLOAD_JOBS_HELD * self.settings.limits.max_downloads,
             checks=CHECKS_HELD,
+            checking=self.check.busy,
         )
+        self.check.reads_lists = claims.reads_lists
         if self.ctx.api.budget is not None:  # the campaign's request budget, shared out evenly
             self.ctx.api.budget.share(claims.workers)
         if claims.gained:
@@ -167,6 +175,14 @@ class Engine:
                     await anyio.sleep(CLAIM_AGAIN_S)
                 self._room = anyio.Event()
                 await self._claim_work()
+                if (
+                    self.check.reads_lists
+                    and not self.settings.dry_run
+                    and self.resolve.adoption_failed is None
+                    and await self.store.adoption_candidates()
+                ):
+                    await self.resolve.adopt()
+                    self.events.notify()
 
     async def _publish(self, *, now: bool = False) -> None:
         """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
@@ -222,7 +238,7 @@ class Engine:
             return True  # another worker's (a shared campaign): taken over here if that worker stops renewing
         if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
-        return submit and self.submit.allowed() and bool(await self.store.count([JobState.PENDING]))
+        return submit and await self.submit.allowed() and bool(await self.store.count([JobState.PENDING]))
 
     async def _start_due_work(self, *, check: bool, submit: bool) -> int:
         assert self._tg is not None

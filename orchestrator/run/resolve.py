@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 from anyio.abc import TaskGroup
 
 from ..errors import ApiError, AuthError, TransportError
@@ -36,6 +37,7 @@ class ResolveStage:
         self.resent_since: dict[str, float] = {}  # type -> oldest intent of a job sent again after a lost answer
         self.adoption_failed: str | None = None
         self.unread: set[str] = set()  # lost answers whose job list could not be read: the next run looks
+        self._adopting = anyio.Lock()  # one reading of the lists for adoption at a time
 
     # -- lost answers ---------------------------------------------------------------
 
@@ -128,15 +130,16 @@ class ResolveStage:
         """Before the first submissions: adopt the jobs the service already holds under our tags.
         Returns what kept the job list from being read, if anything (nothing new is sent then)."""
         try:
-            warnings = await adopt(
-                self.api,
-                self.settings,
-                self.store,
-                self.campaign,
-                now=self.now,
-                first_check=lambda job_type: self.now(),  # adopted jobs: look at once
-                watch=self.tags,
-            )
+            async with self._adopting:
+                warnings = await adopt(
+                    self.api,
+                    self.settings,
+                    self.store,
+                    self.campaign,
+                    now=self.now,
+                    first_check=lambda job_type: self.now(),  # adopted jobs: look at once
+                    watch=self.tags,
+                )
         except AuthError:
             raise
         except (ApiError, TransportError) as exc:

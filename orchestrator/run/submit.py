@@ -63,23 +63,29 @@ class SubmitStage:
         self.ids = IdCommitter(ctx.store, ctx.now)
         self.submitted_this_run = 0
 
-    def allowed(self) -> bool:
+    async def new_jobs_left(self) -> int | None:
+        """What `--max-new-jobs` still allows (None: no cap). In a shared campaign the runs of
+        the workers that overlap share it: the store counts them."""
         cap = self.ctx.settings.limits.max_new_jobs
-        return (
-            self.ctx.events.stopped_by is None
-            and self.resolve.adoption_failed is None
-            and (cap is None or self.submitted_this_run < cap)
-        )
+        if cap is None:
+            return None
+        return cap - max(self.submitted_this_run, await self.ctx.store.new_jobs_in_round())
+
+    async def allowed(self) -> bool:
+        if self.ctx.events.stopped_by is not None or self.resolve.adoption_failed is not None:
+            return False
+        left = await self.new_jobs_left()
+        return left is None or left > 0
 
     async def start_due(self, tg: TaskGroup, *, stopping: bool) -> int:
-        if not self.allowed() or stopping:
+        if stopping or not await self.allowed():
             return 0
         limits = self.ctx.settings.limits
         active = await self.ctx.store.count(IN_FLIGHT)
         room = limits.max_active - active
-        cap = limits.max_new_jobs
-        if cap is not None:
-            room = min(room, cap - self.submitted_this_run)
+        left = await self.new_jobs_left()
+        if left is not None:
+            room = min(room, left)
         if room <= 0:
             return 0
         batch: list[tuple[JobRow, JobSpec, str | None]] = []
@@ -118,7 +124,11 @@ class SubmitStage:
             # campaign may have taken some, or filled the campaign's limits.
             recorded = set(
                 await self.ctx.store.record_intents(
-                    intents, self.ctx.now(), max_active=limits.max_active, rate_per_s=limits.submit_rate_per_s
+                    intents,
+                    self.ctx.now(),
+                    max_active=limits.max_active,
+                    rate_per_s=limits.submit_rate_per_s,
+                    max_new_jobs=limits.max_new_jobs,
                 )
             )
             batch = [item for item in batch if item[0].id in recorded]

@@ -137,6 +137,7 @@ class Ledger:
     requests: Counter[str] = field(default_factory=Counter)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     downloads: list[Served] = field(default_factory=list)
+    list_readers: list[str] = field(default_factory=list)  # the user agent of each reading of many jobs, in order
 
     def tag_values(self) -> Counter[str]:
         """How many ledger jobs carry each `dreamlook-batch` tag value."""

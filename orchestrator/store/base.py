@@ -4,7 +4,7 @@ the rows it answers with."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -100,6 +100,7 @@ class Claims:
     taken: tuple[str, ...] = ()
     lost: tuple[str, ...] = ()
     workers: int = 1  # of the campaign, renewing now (this one included)
+    reads_lists: bool = True  # this worker checks the jobs at the service (one worker at a time)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +116,7 @@ class WorkerRow:
     submitting: int
     checking: int
     downloading: int
+    reads_lists: bool  # the worker that reads the job lists and checks the jobs at the service
 
 
 class Store(Protocol):
@@ -145,6 +147,7 @@ class Store(Protocol):
         *,
         max_active: int | None = None,
         rate_per_s: float | None = None,
+        max_new_jobs: int | None = None,
     ) -> list[str]: ...  # the ids recorded, in order: only those may be sent
     async def mark_submitted(
         self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
@@ -200,7 +203,12 @@ class Store(Protocol):
     @property
     def shared(self) -> bool: ...  # True: other workers share the campaign (claim_work must run)
     async def held(self, states: Iterable[JobState]) -> list[JobRow]: ...  # the jobs this worker holds
-    async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims: ...
+    async def claim_work(
+        self, *, window_end: float, downloads: int, checks: int, checking: Collection[str] = ()
+    ) -> Claims: ...
+    # New jobs recorded by the runs of a shared campaign that overlap (`--max-new-jobs` holds for
+    # them together); 0 where one process owns the campaign: its run counts its own.
+    async def new_jobs_in_round(self) -> int: ...
     async def waiting_elsewhere(self, states: Iterable[JobState]) -> int: ...  # jobs this worker does not hold
     def part_suffix(self, job_id: str) -> str: ...  # a partial file's suffix: of this worker's lease
     async def workers(self) -> list[WorkerRow]: ...

@@ -12,7 +12,14 @@ LOCKED`, so claimers never wait on one another and never both take one job:
   the worker holds (run by the engine every `run.engine.CLAIM_EVERY_S`) and takes over what a
   worker that stopped renewing held once its lease expired. A `submitting` job taken
   over is never sent again: its grace window restarts at the takeover, then it is looked
-  for by tag like any lost answer.
+  for by tag like any lost answer;
+- the reading of the job lists, by `claim_work` too: a lease on the campaign's row. Only
+  its holder takes the jobs at the service (one reading of a list serves the campaign);
+  the other workers hand theirs over to it.
+
+The campaign's row also counts the new jobs of the runs that overlap (`--max-new-jobs`
+holds for them together): a worker that joins a campaign no live worker runs starts the
+count again.
 
 Every write that follows a claim is fenced: it locks the job's row and names the epoch;
 if the lease moved on, it changes nothing and raises `LeaseLost`. A POST is sent only
@@ -26,7 +33,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from psycopg import AsyncConnection
@@ -40,6 +47,7 @@ from .pg_base import PgBase, Pool, conflicts_retried
 LEASE_S = 60.0  # a worker that stops renewing loses its jobs this long after its last renewal
 NOW = "extract(epoch FROM clock_timestamp())::double precision"  # the database's clock: one for every host
 WORK = [s.value for s in (*IN_FLIGHT, *TO_DOWNLOAD)]  # states whose jobs a worker holds
+CHECKED = [s.value for s in AT_SERVICE]  # states whose jobs the list reader holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,7 @@ class PgLeases(PgBase):
         super().__init__(pool, url, campaign)
         self.worker, self.lease_s = worker, lease_s
         self._held: dict[str, int] = {}  # job id -> the epoch of this worker's lease on it
+        self._joined = False  # registered in dlb_workers (by the first claim_work)
 
     @property
     def shared(self) -> bool:
@@ -134,28 +143,34 @@ class PgLeases(PgBase):
         return int(rows[0]["n"])
 
     @conflicts_retried
-    async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
+    async def claim_work(
+        self, *, window_end: float, downloads: int, checks: int, checking: Collection[str] = ()
+    ) -> Claims:
         """Renew this worker's leases, release the jobs that left work, and claim what nobody
         holds (or whose holder stopped renewing): every lost answer, up to `checks` jobs at the
         service and up to `downloads` jobs with files to fetch (earliest ended first: the
-        service deletes files 48 hours after the end). Returns what changed."""
+        service deletes files 48 hours after the end). Returns what changed.
+
+        The jobs at the service are checked by one worker at a time, the list reader, so that
+        one reading of a job list serves the whole campaign: another worker hands the jobs it
+        submitted over to it (all but those in `checking`, which it is reading right now)."""
         if self.worker is None:
             return Claims()
         args = {**self._lease_args(), "host": self.worker.host, "pid": self.worker.pid, "end": window_end}
+        if not self._joined:
+            await self._join(args)
+        reads_lists = await self._read_lists(args)
         # What this worker held when the renewal began: jobs it claims meanwhile (an intent
         # recorded while this runs) are not in the renewal's view and must stay held.
         before = dict(self._held)
         async with self._tx() as db:
-            await db.execute(
-                f"INSERT INTO dlb_workers VALUES (%(me)s, %(c)s, %(host)s, %(pid)s, {NOW}, {NOW}, NULL)"
-                f" ON CONFLICT (id) DO UPDATE SET heartbeat_at = {NOW}",
-                self._args(args),
-            )
+            await db.execute(f"UPDATE dlb_workers SET heartbeat_at = {NOW} WHERE id=%(me)s", self._args(args))
             await db.execute(
                 "WITH done AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s"
-                " AND NOT state = ANY(%(work)s) ORDER BY id FOR UPDATE)"
+                " AND (NOT state = ANY(%(work)s) OR (NOT %(reads)s AND state = ANY(%(at)s)"
+                " AND NOT id = ANY(%(checking)s))) ORDER BY id FOR UPDATE)"
                 " UPDATE dlb_jobs j SET lease_owner = NULL FROM done WHERE j.campaign=%(c)s AND j.id = done.id",
-                self._args({**args, "work": WORK}),
+                self._args({**args, "work": WORK, "reads": reads_lists, "at": CHECKED, "checking": sorted(checking)}),
             )
             cur = await db.execute(  # rows locked in id order, as every verb that locks several does
                 "WITH mine AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s ORDER BY id"
@@ -188,10 +203,12 @@ class PgLeases(PgBase):
                 total = await cur.fetchone()
                 mine = sum(s in {x.value for x in TO_DOWNLOAD} for s in holding)
                 room_downloads = min(room_downloads, -(-int(total["n"] if total else 0) // live) - mine)
+            if not reads_lists:
+                room_checks = 0  # the list reader's
             gained: list[tuple[str, int, str | None]] = []
             for states, room, order in (
                 ([JobState.SUBMITTING.value], None, "position"),
-                ([s.value for s in AT_SERVICE], room_checks, "next_check_at NULLS FIRST, position"),
+                (CHECKED, room_checks, "next_check_at NULLS FIRST, position"),
                 ([s.value for s in TO_DOWNLOAD], room_downloads, "ended_at NULLS LAST, position"),
             ):
                 if room is not None and room <= 0:
@@ -207,7 +224,42 @@ class PgLeases(PgBase):
             taken=tuple(j for j, _, before in gained if before is not None),
             lost=lost,
             workers=live,
+            reads_lists=reads_lists,
         )
+
+    async def _join(self, args: dict[str, object]) -> None:
+        """Register this worker. A worker that joins a campaign no live worker runs starts a new
+        round of `--max-new-jobs`: runs that overlap share one allowance."""
+        async with self._tx() as db:
+            await db.execute("SELECT 1 FROM dlb_campaigns WHERE name=%(c)s FOR UPDATE", self._args())
+            await db.execute(
+                "UPDATE dlb_campaigns SET new_jobs_in_round = 0 WHERE name=%(c)s AND NOT EXISTS (SELECT 1"
+                " FROM dlb_workers WHERE campaign=%(c)s AND stopped_at IS NULL"
+                f" AND heartbeat_at > {NOW} - %(lease)s)",
+                self._args(args),
+            )
+            await db.execute(
+                f"INSERT INTO dlb_workers VALUES (%(me)s, %(c)s, %(host)s, %(pid)s, {NOW}, {NOW}, NULL)"
+                f" ON CONFLICT (id) DO UPDATE SET heartbeat_at = {NOW}",
+                self._args(args),
+            )
+        self._joined = True
+
+    async def _read_lists(self, args: dict[str, object]) -> bool:
+        """Take or keep the campaign's list reading (a lease like a job's); False if another
+        live worker has it. Its own transaction: the campaign's row is locked before any job's,
+        as in `record_intents`."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                f"UPDATE dlb_campaigns SET list_reader=%(me)s, list_reader_until={NOW} + %(lease)s WHERE name=%(c)s"
+                f" AND (list_reader IS NULL OR list_reader = %(me)s OR list_reader_until < {NOW}) RETURNING name",
+                self._args(args),
+            )
+            return await cur.fetchone() is not None
+
+    async def new_jobs_in_round(self) -> int:
+        rows = await self._query("SELECT new_jobs_in_round AS n FROM dlb_campaigns WHERE name=%(c)s")
+        return int(rows[0]["n"]) if rows else 0
 
     async def _claim(
         self,
@@ -246,6 +298,11 @@ class PgLeases(PgBase):
         """A worker that stops cleanly hands its jobs back at once (not after its leases expire)."""
         if self.worker is None:
             return
+        async with self._tx() as db:  # before the jobs, in a transaction of its own: see _read_lists
+            await db.execute(
+                "UPDATE dlb_campaigns SET list_reader = NULL WHERE name=%(c)s AND list_reader=%(me)s",
+                self._args(self._lease_args()),
+            )
         async with self._tx() as db:
             await db.execute(
                 "WITH mine AS (SELECT id FROM dlb_jobs WHERE campaign=%(c)s AND lease_owner=%(me)s ORDER BY id"
@@ -266,8 +323,10 @@ class PgLeases(PgBase):
             " w.stopped_at IS NOT NULL AS stopped,"
             " COUNT(j.id) FILTER (WHERE j.state = 'submitting') AS submitting,"
             " COUNT(j.id) FILTER (WHERE j.state IN ('queued', 'running')) AS checking,"
-            " COUNT(j.id) FILTER (WHERE j.state IN ('succeeded', 'downloading')) AS downloading"
-            f" FROM dlb_workers w LEFT JOIN dlb_jobs j ON j.campaign = w.campaign AND j.lease_owner = w.id"
+            " COUNT(j.id) FILTER (WHERE j.state IN ('succeeded', 'downloading')) AS downloading,"
+            f" BOOL_OR(c.list_reader = w.id AND c.list_reader_until > {NOW}) AS reads_lists"
+            " FROM dlb_workers w JOIN dlb_campaigns c ON c.name = w.campaign"
+            " LEFT JOIN dlb_jobs j ON j.campaign = w.campaign AND j.lease_owner = w.id"
             f" AND j.lease_until > {NOW} WHERE w.campaign=%(c)s AND w.heartbeat_at > {NOW} - 86400"
             " GROUP BY w.id ORDER BY w.started_at DESC"
         )
@@ -282,6 +341,7 @@ class PgLeases(PgBase):
                 submitting=int(r["submitting"]),
                 checking=int(r["checking"]),
                 downloading=int(r["downloading"]),
+                reads_lists=bool(r["reads_lists"]),
             )
             for r in rows
         ]

@@ -8,7 +8,7 @@ exactly one of them creates or upgrades; the others then find the version curren
 
 from __future__ import annotations
 
-PG_SCHEMA_VERSION = 2
+PG_SCHEMA_VERSION = 3
 # A fixed key for pg_advisory_xact_lock: "dlb-schema" folded into a bigint.
 SCHEMA_LOCK_KEY = 0x646C_622D_7363_6865
 
@@ -109,4 +109,18 @@ CREATE TABLE dlb_workers (
 CREATE INDEX dlb_workers_by_campaign ON dlb_workers (campaign, heartbeat_at)
 """
 
-PG_MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_LEASES,)}  # version -> scripts that reach it
+# ---- schema 3: what the workers of a campaign share beyond the jobs -----------------------
+# new_jobs_in_round: new jobs recorded by the runs that overlap (`--max-new-jobs` holds for
+# them together); it starts again at 0 when a worker joins a campaign no live worker runs.
+# list_reader / list_reader_until: the worker that reads the job lists (and so checks the
+# jobs at the service) and until when, on the database's clock: one at a time.
+_V3_SHARED_LIMITS = """
+ALTER TABLE dlb_campaigns ADD COLUMN new_jobs_in_round INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dlb_campaigns ADD COLUMN list_reader TEXT;
+ALTER TABLE dlb_campaigns ADD COLUMN list_reader_until DOUBLE PRECISION
+"""
+
+PG_MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> scripts that reach it
+    2: (_V2_LEASES,),
+    3: (_V3_SHARED_LIMITS,),
+}

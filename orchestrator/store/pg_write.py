@@ -31,18 +31,21 @@ class PgWrites(PgLeases):
         *,
         max_active: int | None = None,
         rate_per_s: float | None = None,
+        max_new_jobs: int | None = None,
     ) -> list[str]:
         """(job id, sent payload JSON, sent fingerprint): PENDING -> SUBMITTING, in order, for the
         jobs still pending (for a worker: whose manifest entry is still the one it sends: another
-        host may have synced an edit since), within the campaign's limits: fewer than `max_active` in flight, and
-        `rate_per_s` as one token bucket for every worker. One transaction, serialized on the
-        campaign's row: the claim, the limits and the intent. Returns the ids recorded (each
-        now leased to this worker): only those may be sent."""
+        host may have synced an edit since), within the campaign's limits: fewer than `max_active`
+        in flight, `rate_per_s` as one token bucket for every worker, and `max_new_jobs` in this
+        round (the runs that overlap). One transaction, serialized on the campaign's row: the
+        claim, the limits and the intent. Returns the ids recorded (each now leased to this
+        worker): only those may be sent."""
         recorded: list[str] = []
         epochs: dict[str, int] = {}
         async with self._tx() as db:
             cur = await db.execute(
-                f"SELECT submit_tokens, tokens_at, {NOW} AS now FROM dlb_campaigns WHERE name=%(c)s FOR UPDATE",
+                f"SELECT submit_tokens, tokens_at, new_jobs_in_round, {NOW} AS now FROM dlb_campaigns"
+                " WHERE name=%(c)s FOR UPDATE",
                 self._args(),
             )
             campaign = await cur.fetchone()
@@ -54,6 +57,8 @@ class PgWrites(PgLeases):
                 )
                 row = await cur.fetchone()
                 room = min(room, max_active - int(row["n"] if row else 0))
+            if max_new_jobs is not None and campaign is not None:
+                room = min(room, max_new_jobs - int(campaign["new_jobs_in_round"]))
             tokens = None
             if rate_per_s is not None and campaign is not None:
                 burst = max(1.0, rate_per_s)
@@ -75,10 +80,18 @@ class PgWrites(PgLeases):
                 if row is not None:
                     recorded.append(job_id)
                     epochs[job_id] = int(row["lease_epoch"])
-            if tokens is not None:
+            if recorded or tokens is not None:
                 await db.execute(
-                    "UPDATE dlb_campaigns SET submit_tokens=%(t)s, tokens_at=%(at)s WHERE name=%(c)s",
-                    self._args({"t": tokens - len(recorded), "at": campaign["now"] if campaign else None}),
+                    "UPDATE dlb_campaigns SET submit_tokens=COALESCE(%(t)s, submit_tokens),"
+                    " tokens_at=COALESCE(%(at)s, tokens_at), new_jobs_in_round=new_jobs_in_round + %(n)s"
+                    " WHERE name=%(c)s",
+                    self._args(
+                        {
+                            "t": None if tokens is None else tokens - len(recorded),
+                            "at": campaign["now"] if campaign and tokens is not None else None,
+                            "n": len(recorded),
+                        }
+                    ),
                 )
         if self.worker is not None:  # held once committed
             self._held.update(epochs)

@@ -8,7 +8,7 @@ if its caller is cancelled, so a commit is never cut in half.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -106,6 +106,7 @@ class SqliteStore:
         *,
         max_active: int | None = None,
         rate_per_s: float | None = None,  # paced in the process (api/budget.py): one process per campaign
+        max_new_jobs: int | None = None,  # counted by the run (run/submit.py), for the same reason
     ) -> list[str]:
         return await self._call(partial(self._db.record_intents, intents, now, max_active=max_active))
 
@@ -132,8 +133,13 @@ class SqliteStore:
     async def held(self, states: Iterable[JobState]) -> list[JobRow]:
         return await self.jobs(states)
 
-    async def claim_work(self, *, window_end: float, downloads: int, checks: int) -> Claims:
+    async def claim_work(
+        self, *, window_end: float, downloads: int, checks: int, checking: Collection[str] = ()
+    ) -> Claims:
         return Claims()
+
+    async def new_jobs_in_round(self) -> int:
+        return 0
 
     async def waiting_elsewhere(self, states: Iterable[JobState]) -> int:
         return 0
