@@ -74,7 +74,16 @@ def _campaign_opts(parser: argparse.ArgumentParser) -> None:
         help="state store: a SQLite file (default: <manifest dir>/.dreamlook-batch/<campaign>.db) or "
         "postgresql://user@host/db, shared by several hosts (default: $DREAMLOOK_BATCH_STATE)",
     )
-    parser.add_argument("--out", help="output folder (default: <manifest dir>/outputs/<campaign>/)")
+    parser.add_argument(
+        "--out",
+        help="output folder (default: <manifest dir>/outputs/<campaign>/), or s3://bucket/prefix/ for a bucket",
+    )
+    parser.add_argument(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="an S3-compatible store's endpoint for --out s3:// (R2, MinIO, B2, GCS); default: "
+        "$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,13 +368,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return ExitCode.OK
     paths = commands.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
     if command == "plan":
-        return _plan(manifest, paths)
+        return _plan(manifest, paths, args.s3_endpoint_url)
     if command == "status":
         return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
         rows, files, _ = anyio.run(commands.status_rows, paths)
-        page = write_report(manifest.campaign, rows, files, paths.out)
-        out.print(f"report: {page}")
+        if paths.bucket is not None:
+            shown = anyio.run(commands.put_report, manifest.campaign, rows, files, paths.bucket, args.s3_endpoint_url)
+        else:
+            shown = str(write_report(manifest.campaign, rows, files, paths.out))
+        out.print(f"report: {shown}")
         return ExitCode.OK
     if command == "settle":
         settle = partial(
@@ -432,6 +444,7 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
             dry_run=args.dry_run,
             timeouts=Timeouts(api_read_s=args.api_timeout),
             reconcile_grace_s=args.reconcile_grace,
+            s3_endpoint_url=args.s3_endpoint_url,
             listen=args.listen or (_default_listen(args.callback_url) if args.callback_url else None),
             callback_url=args.callback_url,
             parallel_min_bytes=int(args.parallel_min_mb * 2**20),
@@ -466,9 +479,13 @@ def _default_listen(public_url: str) -> str:
     return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def _plan(manifest: Any, paths: commands.Paths) -> int:
-    # What a run would refuse before its first POST, as far as can be told without creating anything.
-    preflight.check_output(paths.out, create=False)
+def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> int:
+    # What a run would refuse before its first POST, as far as can be told without creating anything
+    # (a bucket: it answers and takes a test object, written and deleted).
+    if paths.bucket is not None:
+        anyio.run(commands.check_bucket, paths.bucket, s3_endpoint_url)
+    else:
+        preflight.check_output(paths.out, create=False)
     if paths.database is None:
         preflight.check_state(paths.state, create=False)
     plan = anyio.run(commands.make_plan, manifest, paths)

@@ -22,15 +22,18 @@ from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .errors import PreflightFailed, StoreError, UsageError
+from .errors import BucketError, PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
 from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
+from .report import render
 from .run import preflight
 from .run.engine import Engine
 from .run.outcome import RunOutcome, StopReason
 from .state import StateAt, given_state, held, is_database, open_existing, open_store
 from .store import FileRow, JobRow, Store, WorkerRow
+from .transfer.bucket import Bucket, BucketUrl, is_bucket_url
 from .transfer.file import Downloader
+from .transfer.to_bucket import BucketFetcher
 
 STATE_DIR = ".dreamlook-batch"
 OUTPUT_DIR = "outputs"
@@ -40,9 +43,15 @@ KEY_ENV = "DREAMLOOK_API_KEY"
 @dataclass(frozen=True, slots=True)
 class Paths:
     state: Path  # the SQLite file (unused when `database` is set)
-    out: Path
+    out: Path  # the local folder (unused when `bucket` is set)
     campaign: str = ""
     database: str | None = None  # a postgresql:// URL: the state several hosts share
+    bucket: BucketUrl | None = None  # `--out s3://bucket/prefix`: results go straight there
+
+    @property
+    def out_shown(self) -> str:
+        """Where the results are, as messages show it."""
+        return str(self.bucket) if self.bucket is not None else str(self.out)
 
     @property
     def at(self) -> StateAt:
@@ -74,11 +83,19 @@ def paths_for(
             "--simulate keeps its rehearsal in a file of its own (its jobs die with the simulator): "
             "drop --state postgresql://... (and DREAMLOOK_BATCH_STATE) for a rehearsal"
         )
+    bucket = None
+    if isinstance(out, str) and is_bucket_url(out):
+        try:
+            bucket = BucketUrl.parse(out)
+        except ValueError as exc:
+            raise UsageError(f"--out {exc}") from exc
+        out = None
     paths = Paths(
         state=(Path(state) if state and database is None else base / STATE_DIR / name).resolve(),
         out=(Path(out) if out else base / OUTPUT_DIR / manifest.campaign).resolve(),
         campaign=manifest.campaign,
         database=database,
+        bucket=bucket,
     )
     if database is None:
         preflight.check_state_path(paths.state, name)
@@ -152,7 +169,8 @@ async def run_campaign(request: RunRequest) -> RunResult:
     if request.simulate is None:
         preflight.check_api_url(request.api_url)
     # A dry run writes no files: its checks of the folders create nothing.
-    preflight.check_output(request.paths.out, create=not settings.dry_run)
+    if request.paths.bucket is None:
+        preflight.check_output(request.paths.out, create=not settings.dry_run)
     if not settings.dry_run and request.paths.database is None:
         preflight.check_state(request.paths.state)
     lock: contextlib.AbstractAsyncContextManager[Any] = (
@@ -197,6 +215,22 @@ async def run_campaign(request: RunRequest) -> RunResult:
                         range_retry=settings.range_retry,
                     )
                 )
+                to_bucket = None
+                if request.paths.bucket is not None:
+                    bucket = await stack.enter_async_context(
+                        Bucket(request.paths.bucket, endpoint_url=settings.s3_endpoint_url)
+                    )
+                    try:  # before anything is paid for: the bucket answers and takes a write
+                        await bucket.check_writable()
+                    except BucketError as exc:
+                        raise PreflightFailed(f"--out {exc}. Nothing was sent.") from exc
+                    to_bucket = BucketFetcher(
+                        bucket,
+                        downloader,
+                        part_bytes=settings.range_bytes,
+                        parts_in_flight=settings.connections_per_file,
+                        file_retry=settings.file_retry,
+                    )
                 engines: list[Engine] = []  # the receiver starts first: its address goes into the jobs
                 base = secret = None
                 if settings.listen is not None and not settings.dry_run:
@@ -216,6 +250,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     request.paths.out,
                     callback_base=base,
                     callback_secret=secret,
+                    to_bucket=to_bucket,
                 )
                 engines.append(engine)
                 if request.watch is not None:
@@ -225,6 +260,26 @@ async def run_campaign(request: RunRequest) -> RunResult:
                 return RunResult(outcome, request.paths, api.requests, sim_url, files_done, bytes_done)
         finally:
             await store.close()
+
+
+async def check_bucket(url: BucketUrl, endpoint_url: str | None) -> None:
+    """`plan`: the bucket answers and takes a write, as `run` checks before anything is paid for."""
+    try:
+        async with Bucket(url, endpoint_url=endpoint_url) as bucket:
+            await bucket.check_writable()
+    except BucketError as exc:
+        raise PreflightFailed(f"--out {exc}") from exc
+
+
+async def put_report(
+    campaign: str, rows: list[JobRow], files: dict[str, list[FileRow]], url: BucketUrl, endpoint_url: str | None
+) -> str:
+    """`report` into the bucket, beside the results (its links are relative: they work when the
+    bucket is served)."""
+    async with Bucket(url, endpoint_url=endpoint_url) as bucket:
+        page = render(campaign, rows, files, str(url))
+        await bucket.put(url.key("report.html"), page.encode(), content_type="text/html; charset=utf-8")
+    return url.url("report.html")
 
 
 async def _may_submit(manifest: Manifest, store: Store) -> bool:

@@ -155,6 +155,7 @@ class RunSettings:
     download_rounds: int = DOWNLOAD_ROUNDS
     download_requeue_s: float = DOWNLOAD_REQUEUE_S
     stop_grace_s: float = STOP_GRACE_S
+    s3_endpoint_url: str | None = None  # `--out s3://`: None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
     reconcile_grace_s: float | None = RECONCILE_GRACE_S
     dry_run: bool = False
     listen: str | None = None  # HOST:PORT of the callback receiver; None: no callbacks

@@ -4,7 +4,8 @@
 point; `<name>:<n>` on reaching it the n-th time. `DREAMLOOK_BATCH_FREEZE_AT` the same
 with SIGSTOP: the process stands still (as one swapped out, or cut off, would) until
 the test sends SIGCONT. Points: after-intent, after-post (engine), span-proven (a
-downloaded span synced and recorded), before-rename (a verified file not yet placed).
+downloaded span synced and recorded), before-rename (a verified file not yet placed),
+part-uploaded (a part of a bucket upload in the bucket and recorded).
 
 `DREAMLOOK_BATCH_UNSAFE_NO_LEASE_CHECK=1` switches off the lease check before a POST in a
 shared campaign: the negative control of the chaos tests, which must then find duplicates.

@@ -9,7 +9,8 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
     │   ├── LeaseLost          another worker has taken this job over (several hosts): drop it
     │   └── StoreConflict      workers' transactions locked each other out: nothing written, try again
     ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
-    │   └── CampaignLocked     another process holds this campaign (exit 4)
+    │   ├── CampaignLocked     another process holds this campaign (exit 4)
+    │   └── BucketError        the `--out` bucket refused or did not answer (credentials, no such bucket)
     ├── ApiError               the API answered with an error status
     │   ├── AuthError          401: stop everything (exit 3)
     │   ├── QuotaError         403: no new submissions; finish what is paid for (exit 3)
@@ -25,6 +26,7 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
         ├── RangesIgnored      storage answered a range request with the whole file: one stream instead
         ├── ObjectChanged      the stored object changed (ETag or size) under a partial file: start over
         ├── FileGone           storage no longer has it (retention passed): the job is lost
+        ├── KeyTaken           another object already stands at the file's key in the bucket: left alone
         ├── NoSpace            the disk filled up: the part is kept, to resume once there is room
         │   └── SpaceRefused   refused before a byte was fetched: the disk cannot hold it with its margin
         └── VerificationFailed the bytes do not match size, hash or format
@@ -76,6 +78,10 @@ class StoreError(DreamlookBatchError):
 
 
 class OutputError(DreamlookBatchError):
+    pass
+
+
+class BucketError(OutputError):
     pass
 
 
@@ -163,6 +169,10 @@ class ObjectChanged(DownloadError):
 
 
 class FileGone(DownloadError):
+    pass
+
+
+class KeyTaken(DownloadError):
     pass
 
 

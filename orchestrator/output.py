@@ -1,6 +1,7 @@
-"""What a run leaves on disk besides the result files: `job.json`, `SHA256SUMS`,
-`summary.json`. Every file is written to a temporary name, synced and renamed, so a
-reader never sees half of one. No URL signature or callback secret is ever written.
+"""What a run leaves besides the result files: `job.json`, `SHA256SUMS`, `summary.json`.
+On disk every file is written to a temporary name, synced and renamed, so a reader never
+sees half of one; into a bucket, each is one PUT. No URL signature or callback secret is
+ever written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import anyio
 from .errors import OutputError
 from .models import JobState
 from .store import FileRow, JobRow, Store
+from .transfer.bucket import Bucket
 from .transfer.urls import redact_tree
 from .transfer.verify import fsync_dir
 
@@ -27,6 +29,8 @@ from .transfer.verify import fsync_dir
 # end of a run holds, whatever the campaign's size.
 SUMMARY_PAGE_JOBS = 500
 WRITE_BATCH_CHARS = 256 * 1024  # chunks of summary.json handed to the writer thread at once
+JSON_TYPE = "application/json"
+TEXT_TYPE = "text/plain; charset=utf-8"
 
 
 def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
@@ -89,14 +93,32 @@ def _failed(path: Path, tmp: Path, exc: BaseException) -> BaseException:
     return OutputError(f"cannot write {path}: {exc.strerror or exc}{full}")
 
 
-def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
-    """`job.json` (signatures removed) and `SHA256SUMS` (sha256sum -c format) of one job; then the
-    folder is synced once, which makes the renames of its result files durable too."""
-    write_atomic(
-        folder / "job.json", json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n", sync_folder=False
-    )
+def job_files(job_object: Mapping[str, Any], files: Iterable[FileRow]) -> tuple[str, str]:
+    """The texts of one job's `job.json` (signatures removed) and `SHA256SUMS` (sha256sum -c format)."""
     sums = "".join(f"{f.sha256}  {f.name}\n" for f in sorted(files, key=lambda f: f.name) if f.done and f.sha256)
+    return json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n", sums
+
+
+def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
+    """`job.json` and `SHA256SUMS` of one job; then the folder is synced once, which makes the
+    renames of its result files durable too."""
+    job_json, sums = job_files(job_object, files)
+    write_atomic(folder / "job.json", job_json, sync_folder=False)
     write_atomic(folder / "SHA256SUMS", sums)
+
+
+async def put_job_files(bucket: Bucket, job_id: str, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
+    """The same two files into the bucket, beside the job's results (a PUT is atomic)."""
+    job_json, sums = job_files(job_object, files)
+    await bucket.put(bucket.url.key(job_id, "job.json"), job_json.encode(), content_type=JSON_TYPE)
+    await bucket.put(bucket.url.key(job_id, "SHA256SUMS"), sums.encode(), content_type=TEXT_TYPE)
+
+
+async def put_summary(bucket: Bucket, campaign: str, store: Store, *, manifest: str) -> None:
+    """`summary.json` into the bucket: made in memory (a PUT needs its length; a campaign of
+    10,000 jobs makes a few MB)."""
+    chunks = [c async for c in campaign_record_json(campaign, store, extra={"manifest": manifest})]
+    await bucket.put(bucket.url.key("summary.json"), "".join(chunks).encode(), content_type=JSON_TYPE)
 
 
 async def write_summary(

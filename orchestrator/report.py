@@ -55,7 +55,7 @@ def _href(job_id: str, name: str) -> str:
     return f"{quote(job_id)}/{quote(name)}"
 
 
-def render(campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]], out_dir: Path) -> str:
+def render(campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]], out_dir: Path | str) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state.value] = counts.get(r.state.value, 0) + 1

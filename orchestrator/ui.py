@@ -204,7 +204,7 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         console.print("nothing was charged; no state was saved")
         return
     if result.files_done:
-        console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out}")
+        console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out_shown}")
     if outcome.stopped_by is StopReason.INTERRUPTED:
         console.print("interrupted: state saved; run the same command again to carry on")
     elif outcome.stopped_by is StopReason.QUOTA:

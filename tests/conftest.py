@@ -23,6 +23,7 @@ from orchestrator.config import Limits, RunSettings
 from orchestrator.sim import SimSettings, Simulator
 
 from .postgres_server import pg_empty_url, pg_template, pg_url  # noqa: F401  (fixtures: a fresh PostgreSQL database)
+from .s3_server import s3, s3_endpoint  # noqa: F401  (fixtures: a fresh bucket on a loopback S3 server)
 
 # Training of 1200 steps: ~1000 service seconds / 20000 = 0.05 s.
 FAST_SCALE = 20_000.0
@@ -123,11 +124,13 @@ def write(path: Path, text: str) -> Path:
 
 
 @contextmanager
-def tmpfs_at(folder: Path, size_mb: int) -> Iterator[Path]:
-    """`folder` on a real tmpfs of its own of `size_mb` MiB (mounting needs root: the test is skipped elsewhere)."""
+def tmpfs_at(folder: Path, size_mb: int, *, inodes: int | None = None) -> Iterator[Path]:
+    """`folder` on a real tmpfs of its own of `size_mb` MiB, with at most `inodes` files if
+    given (mounting needs root: the test is skipped elsewhere)."""
     folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_mb}m" + (f",nr_inodes={inodes}" if inodes else "")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")

@@ -21,7 +21,7 @@ from orchestrator.cli import main
 from orchestrator.config import Timeouts
 from orchestrator.sim import FaultKind, FaultPlan, FaultRates, Route, ScriptedFault, Simulator
 from orchestrator.store import SqliteDb
-from orchestrator.store.schema import SCHEMA_V1
+from orchestrator.store.schema import SCHEMA_V1, SCHEMA_VERSION
 
 from .campaigns import assert_campaign_on_disk
 from .conftest import cli_process, fast_run, fast_sim, write
@@ -262,7 +262,7 @@ def test_a_version_1_state_file_is_upgraded(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
 def test_no_job_is_sent_while_its_tag_cannot_be_looked_for(tmp_path: Path, threaded_sim: Any) -> None:

@@ -5,6 +5,7 @@ the size from which one stream keeps a record, and the progress total while a fi
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -15,11 +16,11 @@ import pytest
 from aiohttp import web
 
 from orchestrator.config import Timeouts
-from orchestrator.errors import DownloadError, SpaceRefused
+from orchestrator.errors import DownloadError, NoSpace, SpaceRefused
 from orchestrator.models import Artifact, ArtifactKind
 from orchestrator.sim import FaultKind, Simulator
 from orchestrator.store.parts import MemoryPartLog
-from orchestrator.transfer.file import RECORD_MIN_BYTES, Downloader, _epoch_of, free_space_margin
+from orchestrator.transfer.file import RECORD_MIN_BYTES, Downloader, _epoch_of, _mb, free_space_margin
 
 from .conftest import fast_sim, tmpfs_at
 from .test_mutants_file import (
@@ -85,6 +86,45 @@ async def test_a_plain_part_suffix_removes_no_other_partial_file(tmp_path: Path)
         async with one_stream() as downloader:
             await fetch(downloader, artifact, tmp_path, MemoryPartLog())
     assert names_in(tmp_path) == sorted([name, *others])
+
+
+async def test_a_part_of_this_very_lease_is_resumed_not_removed(tmp_path: Path) -> None:
+    """Lease 5 broke off mid-file and tries again: its own `.5.part` and its proven prefix stay,
+    and storage is asked only for the bytes after that prefix."""
+    name = "model.safetensors"
+    async with Simulator(fast_sim(checkpoint_bytes=SIZE)) as sim:
+        artifact = stored(sim)
+        job_id, remote_name = artifact.url.split("?")[0].split("/")[-2:]
+        content = sim.service.content_of(
+            next(c.file for c in sim.service.jobs[job_id].checkpoints if c.file.path.endswith(remote_name))
+        )
+        assert content is not None
+        (tmp_path / f"{name}.5.part").write_bytes(b"".join(content.read(0, MiB)))
+        log = MemoryPartLog()
+        log.suffix = ".5.part"
+        await log.start_over(SIZE)
+        await log.prove(0, MiB)
+        async with one_stream() as downloader:
+            final = await fetch(downloader, artifact, tmp_path, log)
+        assert sha(final) == expected_sha(sim, artifact)
+        assert [start for start, _, _ in served(sim)] == [MiB]
+
+
+async def test_a_disk_out_of_files_says_how_much_the_file_needs(tmp_path: Path) -> None:
+    """The disk has room but no inode left: the part cannot even be made. The error is the
+    file system's (not a write's), and the message still names what the file needs."""
+    with tmpfs_at(tmp_path / "disk", DISK_MB, inodes=8) as disk:
+        try:
+            for n in range(100):
+                (disk / f"filler-{n}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        async with Simulator(fast_sim(checkpoint_bytes=SIZE)) as sim:
+            artifact = stored(sim)
+            async with one_stream() as downloader:
+                with pytest.raises(NoSpace) as caught:
+                    await fetch(downloader, artifact, disk, MemoryPartLog())
+    assert f"it needs {_mb(SIZE)} more, plus {_mb(free_space_margin(SIZE))} kept free" in str(caught.value)
 
 
 def test_the_epoch_is_read_only_from_a_name_dot_digits_dot_part() -> None:

@@ -89,23 +89,37 @@ async def test_a_store_conflict_is_tried_again_and_logged_as_a_store_retry(caplo
     assert len(calls) == 3
 
 
-@pytest.mark.anyio
-async def test_the_first_retries_of_an_api_read_wait_about_the_policy_minimum_not_seconds(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def waits_of_a_read_that_fails(times: int, policy: RetryPolicy, caplog: pytest.LogCaptureFixture) -> list[float]:
+    """An API read that fails `times` times (503) and then answers: the waits its retries logged."""
     tries: list[int] = []
 
     async def read() -> str:
         tries.append(1)
-        if len(tries) <= 2:
+        if len(tries) <= times:
             raise ServerError(503, "busy", "list jobs")
         return "page"
 
-    policy = RetryPolicy(attempts=3, total_s=30.0, backoff_min_s=0.001, backoff_max_s=60.0)
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await idempotent(read, policy, "list jobs") == "page"
-    waits = [line.split("wait_s=")[1].split()[0] for line in retry_lines(caplog)]
-    assert waits == ["0.00", "0.00"], retry_lines(caplog)
+    return [float(line.split("wait_s=")[1].split()[0]) for line in retry_lines(caplog)]
+
+
+@pytest.mark.anyio
+async def test_the_first_retries_of_an_api_read_wait_about_the_policy_minimum_not_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = RetryPolicy(attempts=3, total_s=30.0, backoff_min_s=0.001, backoff_max_s=60.0)
+    waits = await waits_of_a_read_that_fails(2, policy, caplog)
+    assert [f"{w:.2f}" for w in waits] == ["0.00", "0.00"], retry_lines(caplog)
+
+
+@pytest.mark.anyio
+async def test_no_retry_waits_longer_than_the_policy_maximum(caplog: pytest.LogCaptureFixture) -> None:
+    """A maximum below the minimum's growth: every wait is cut to the maximum (10 ms here),
+    never the seconds the exponential would reach."""
+    policy = RetryPolicy(attempts=4, total_s=60.0, backoff_min_s=1.0, backoff_max_s=0.01)
+    waits = await waits_of_a_read_that_fails(3, policy, caplog)
+    assert len(waits) == 3 and max(waits) <= 0.01, retry_lines(caplog)
 
 
 @pytest.mark.anyio

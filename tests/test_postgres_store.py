@@ -1,6 +1,7 @@
 """What only the PostgreSQL store must show (the contract suite covers the verbs): a schema
 that several hosts can create at once, campaigns that share a database without seeing one
-another, a URL whose password never shows, and a server that is down said plainly."""
+another, a URL whose password never shows, a server that is down said plainly, and uploads
+into a bucket that outlive a takeover but take no write from the worker that lost the job."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import pytest
 
 from orchestrator.api import retry
 from orchestrator.api.budget import RequestBudget
-from orchestrator.errors import StoreConflict, StoreError
+from orchestrator.errors import LeaseLost, StoreConflict, StoreError
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
 from orchestrator.store.pg_base import safe_url
 from orchestrator.store.pg_lease import Worker
-from orchestrator.store.pg_schema import PG_SCHEMA_V1, PG_SCHEMA_VERSION
+from orchestrator.store.pg_schema import PG_MIGRATIONS, PG_SCHEMA_V1, PG_SCHEMA_VERSION
 from orchestrator.store.postgres import PostgresStore
 
-from .test_store_contract import SPECS, T0, spec, synced
+from .test_store_contract import FILE, SPECS, T0, a_file_to_fetch, part, spec, started, synced
 
 pytestmark = pytest.mark.anyio
 
@@ -369,3 +370,56 @@ async def test_max_new_jobs_holds_for_the_runs_that_overlap_and_starts_again_aft
     async with await worker("next-day") as fourth:  # nobody runs: a new round
         assert await fourth.new_jobs_in_round() == 0
         assert await fourth.record_intents(intents[3:], T0, max_new_jobs=3) == ["j03", "j04", "j05"]
+
+
+async def test_a_takeover_keeps_the_upload_and_the_worker_that_lost_the_job_writes_nothing(pg_url: str) -> None:
+    """An upload lives in the shared bucket: the worker that takes a download over resumes it
+    (its record and parts are kept, unlike a partial file's spans), and the worker whose lease
+    ran out can no longer add a part, start the file again or forget the upload."""
+    async with (
+        await PostgresStore.open(pg_url, "c", worker=Worker("slow", "h", 1), lease_s=0.2) as slow,
+        await PostgresStore.open(pg_url, "c", worker=Worker("next", "h", 2), lease_s=30) as other,
+    ):
+        await a_file_to_fetch(slow)
+        assert (await slow.claim_work(window_end=T0, downloads=1, checks=0)).gained == ("a",)
+        await started(slow)
+        await slow.upload_part_done("a", FILE, part(1))
+        await anyio.sleep(0.3)  # the slow worker's lease runs out
+        assert (await other.claim_work(window_end=T0, downloads=1, checks=0)).taken == ("a",)
+        kept = await other.upload_record("a", FILE)
+        assert kept is not None and kept.upload_id == "u-1" and list(kept.parts) == [1]
+        with pytest.raises(LeaseLost):
+            await slow.upload_part_done("a", FILE, part(2))
+        with pytest.raises(LeaseLost):
+            await started(slow, "u-slow")
+        with pytest.raises(LeaseLost):
+            await slow.upload_forget("a", FILE)
+        assert await other.upload_record("a", FILE) == kept  # nothing changed
+        await other.upload_part_done("a", FILE, part(2))  # the new holder carries on
+        resumed = await other.upload_record("a", FILE)
+        assert resumed is not None and list(resumed.parts) == [1, 2]
+
+
+async def test_a_database_of_schema_3_gains_the_upload_tables_in_place(pg_empty_url: str) -> None:
+    with psycopg.connect(pg_empty_url, autocommit=True) as db:
+        db.execute("CREATE TABLE dlb_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute(PG_SCHEMA_V1)
+        for version in (2, 3):
+            for script in PG_MIGRATIONS[version]:
+                db.execute(script)
+        db.execute("INSERT INTO dlb_meta VALUES ('schema_version', '3')")
+        db.execute("INSERT INTO dlb_campaigns (name, created_at) VALUES ('c', 0)")
+        db.execute(
+            "INSERT INTO dlb_jobs (campaign, id, type, state, fingerprint, updated_at, position, spec)"
+            " VALUES ('c', 'a', 'dreambooth', 'downloading', 'fp', 0, 0, '{}')"
+        )
+        db.execute("INSERT INTO dlb_part_objects VALUES ('c', 'a', 'ckp_1', 100, NULL)")
+    async with await PostgresStore.open(pg_empty_url, "c") as store:
+        assert (await store.job("a")).state is JobState.DOWNLOADING  # the rows are kept
+        assert await store.part_record("a", "ckp_1") is not None
+        await started(store, remote_id="ckp_1")
+        await store.upload_part_done("a", "ckp_1", part(1))
+        record = await store.upload_record("a", "ckp_1")
+        assert record is not None and dict(record.parts) == {1: part(1)}
+    with psycopg.connect(pg_empty_url) as db:
+        assert db.execute("SELECT value FROM dlb_meta").fetchone() == (str(PG_SCHEMA_VERSION),) == ("4",)

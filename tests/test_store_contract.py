@@ -5,7 +5,8 @@ Each test speaks only the `Store` Protocol's awaitable verbs: every backend in `
 guarantees are those docs/architecture.md states: no second intent, ids recorded only
 for the jobs that expect them, the state machine, `unknown` left only by a person,
 dependents skipped exactly while their parent can give no checkpoint, proven spans
-forgotten once a file is placed, pages in manifest order.
+forgotten once a file is placed, pages in manifest order, uploads into a bucket recorded
+part by part (one upload per file) until they are forgotten.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from orchestrator.errors import StoreError
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import ArtifactKind, JobSpec, JobState, JobType
-from orchestrator.store import FileRow, SqliteStore, Store
+from orchestrator.store import FileRow, SqliteStore, Store, UploadedPart, UploadRecord
 from orchestrator.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
@@ -278,3 +279,99 @@ async def test_what_a_file_store_commits_is_there_when_it_is_opened_again(tmp_pa
         row = await store.job("a")
         assert (row.state, row.remote_id) == (JobState.QUEUED, "remote-a")
         assert store.location.endswith("contract.db")
+
+
+# -- multipart uploads into a bucket: what a resumed upload is told ---------------------------
+
+FILE = "f-m.safetensors"
+
+
+async def a_file_to_fetch(store: Store) -> None:
+    await synced(store)
+    await store.record_intents([("a", "{}", spec_fingerprint(SPECS[0]))], T0)  # a worker sends only what is synced
+    await store.mark_submitted("a", "remote-a", T0)
+    files = [file_row("a", "m.safetensors", 20), file_row("a", "l.safetensors", 8)]
+    await store.record_success("a", checkpoint_id=None, files=files, remote_state="success", now=T0)
+
+
+async def started(store: Store, upload_id: str = "u-1", remote_id: str = FILE) -> None:
+    await store.upload_started(
+        "a", remote_id, upload_id=upload_id, key="out/a/m.safetensors", part_bytes=8, size=20, source_etag='"src"'
+    )
+
+
+def part(number: int, etag: str | None = None, length: int = 8) -> UploadedPart:
+    return UploadedPart(number=number, etag=etag or f'"e{number}"', length=length, hash_state=bytes([number]) * 230)
+
+
+async def test_an_upload_is_recorded_part_by_part_until_it_is_forgotten(opener: Opener, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await a_file_to_fetch(store)
+        assert await store.upload_record("a", FILE) is None
+        await started(store)
+        empty = UploadRecord(
+            upload_id="u-1", key="out/a/m.safetensors", part_bytes=8, size=20, source_etag='"src"', parts={}
+        )
+        assert await store.upload_record("a", FILE) == empty
+        await store.upload_part_done("a", FILE, part(2))  # parts may finish out of order
+        await store.upload_part_done("a", FILE, part(1))
+        await store.upload_part_done("a", FILE, part(3, length=4))
+        record = await store.upload_record("a", FILE)
+        assert record is not None and dict(record.parts) == {1: part(1), 2: part(2), 3: part(3, length=4)}
+        assert record.parts[3].hash_state == bytes([3]) * 230  # the digest state, byte for byte
+        assert await store.upload_record("a", "f-l.safetensors") is None  # one record per file
+        await store.upload_forget("a", FILE)
+        assert await store.upload_record("a", FILE) is None
+
+
+async def test_a_new_upload_of_a_file_replaces_the_earlier_one_and_its_parts(opener: Opener, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await a_file_to_fetch(store)
+        await started(store, "u-1")
+        await store.upload_part_done("a", FILE, part(1))
+        await store.upload_part_done("a", FILE, part(2))
+        await store.upload_started("a", FILE, upload_id="u-2", key="out/a/m2", part_bytes=16, size=20, source_etag=None)
+        # The parts of u-1 would not complete u-2: none of them is left.
+        assert await store.upload_record("a", FILE) == UploadRecord(
+            upload_id="u-2", key="out/a/m2", part_bytes=16, size=20, source_etag=None, parts={}
+        )
+
+
+async def test_a_part_sent_again_replaces_the_one_of_its_number_and_files_keep_their_own(
+    opener: Opener, tmp_path: Path
+) -> None:
+    async with opener(tmp_path) as store:
+        await a_file_to_fetch(store)
+        await started(store)
+        await started(store, "u-l", remote_id="f-l.safetensors")
+        await store.upload_part_done("a", FILE, part(1, '"first"'))
+        await store.upload_part_done("a", "f-l.safetensors", part(1, '"other file"'))
+        await store.upload_part_done("a", FILE, part(1, '"again"', length=7))  # the bucket keeps the last one
+        record = await store.upload_record("a", FILE)
+        assert record is not None and dict(record.parts) == {1: part(1, '"again"', length=7)}
+        other = await store.upload_record("a", "f-l.safetensors")
+        assert other is not None and dict(other.parts) == {1: part(1, '"other file"')}
+
+
+async def test_a_part_with_no_upload_recorded_is_ignored(opener: Opener, tmp_path: Path) -> None:
+    async with opener(tmp_path) as store:
+        await a_file_to_fetch(store)
+        await store.upload_part_done("a", FILE, part(1))  # never started: no error, nothing recorded
+        assert await store.upload_record("a", FILE) is None
+        await started(store)
+        await store.upload_forget("a", FILE)
+        await store.upload_part_done("a", FILE, part(2))  # in flight while the upload was forgotten
+        assert await store.upload_record("a", FILE) is None
+
+
+async def test_an_upload_recorded_is_there_for_the_next_process(opener: Opener, tmp_path: Path) -> None:
+    if opener is sqlite_memory:
+        pytest.skip("a store in memory ends with its process")
+    async with opener(tmp_path) as store:
+        await a_file_to_fetch(store)
+        await started(store)
+        await store.upload_part_done("a", FILE, part(1))
+        before = await store.upload_record("a", FILE)
+    async with opener(tmp_path) as store:
+        after = await store.upload_record("a", FILE)
+        assert after is not None and after == before and list(after.parts) == [1]

@@ -24,6 +24,7 @@ from ..errors import (
     AuthError,
     DownloadError,
     FileGone,
+    KeyTaken,
     NoSpace,
     OutputError,
     QuotaError,
@@ -34,7 +35,9 @@ from ..models import TO_DOWNLOAD, Artifact, JobState, RemoteJob
 from ..store import Store
 from ..store.parts import PartRecord, Span
 from ..transfer.file import Downloader
+from ..transfer.to_bucket import BucketFetcher, Stored, UploadLog
 from ..transfer.urls import expires_at
+from ..transfer.verify import Fetched
 from .context import RunContext, unless_taken_over
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,11 @@ class StorePartLog:
 
 
 class FetchStage:
-    def __init__(self, ctx: RunContext, downloader: Downloader, out_dir: Path) -> None:
+    def __init__(
+        self, ctx: RunContext, downloader: Downloader, out_dir: Path, to_bucket: BucketFetcher | None = None
+    ) -> None:
         self.ctx, self.downloader, self.out_dir = ctx, downloader, out_dir
+        self.to_bucket = to_bucket  # `--out s3://...`: files go straight into the bucket
         self.store, self.settings, self.now = ctx.store, ctx.settings, ctx.now
         self.problem, self.notify = ctx.events.problem, ctx.events.notify
         self.queue: list[_Queued] = []
@@ -168,13 +174,15 @@ class FetchStage:
             await self.store.move(job_id, JobState.DOWNLOADING, self.now())
         folder = self.out_dir / job_id
         files = await self.store.files(job_id)
-        # A file recorded as done must be on disk (a power cut, or a person, may have lost it).
+        # A file recorded as done must be on disk, or in the bucket (a power cut, or a person, may have lost it).
         done = [f for f in files if f.done]
-        present = (
-            await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
-            if done
-            else set()
-        )
+        if self.to_bucket is not None:
+            bucket = self.to_bucket.bucket
+            present = {f.name for f in done if await bucket.size_of(bucket.url.key(job_id, f.name)) is not None}
+        elif done:
+            present = await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
+        else:
+            present = set()
         for f in done:
             if f.name not in present:
                 await self.store.file_missing(job_id, f.remote_id)
@@ -218,16 +226,29 @@ class FetchStage:
         try:
             if artifact is None or not artifact.available:
                 raise FileGone(f"{name}: the service no longer offers it")
-            got = await self.downloader.fetch(
-                artifact,
-                self.out_dir / job_id,
-                renew,
-                StorePartLog(self.store, job_id, remote_id),
-                renew_margin_s=self.settings.url_renew_margin_s,
-            )
+            if self.to_bucket is not None:
+                got: Fetched | Stored = await self.to_bucket.fetch(
+                    artifact,
+                    job_id,
+                    renew,
+                    UploadLog(self.store, job_id, remote_id),
+                    renew_margin_s=self.settings.url_renew_margin_s,
+                )
+            else:
+                got = await self.downloader.fetch(
+                    artifact,
+                    self.out_dir / job_id,
+                    renew,
+                    StorePartLog(self.store, job_id, remote_id),
+                    renew_margin_s=self.settings.url_renew_margin_s,
+                )
         except FileGone as exc:
             await self.store.file_lost(job_id, remote_id)
             self.problem(job_id, f"lost {name}: {exc}")
+            return
+        except KeyTaken as exc:  # another object holds its key: never overwritten, no use trying again
+            self.given_up.add(job_id)
+            self.problem(job_id, str(exc))
             return
         except (AuthError, QuotaError):
             raise
@@ -273,7 +294,10 @@ class FetchStage:
         remote = self.ctx.jobs.get(job_id)
         if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
             try:
-                await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
+                if self.to_bucket is not None:
+                    await output.put_job_files(self.to_bucket.bucket, job_id, remote.raw, files)
+                else:
+                    await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
             except OutputError as exc:  # its files are placed and recorded: the next run writes these again
                 self.given_up.add(job_id)
                 self.ctx.jobs.drop(job_id)

@@ -26,6 +26,7 @@ from ..manifest.load import Manifest, spec_fingerprint
 from ..models import AT_SERVICE, TO_DOWNLOAD, JobState
 from ..store import Store, SyncReport
 from ..transfer.file import Downloader
+from ..transfer.to_bucket import BucketFetcher
 from .check import CheckStage
 from .context import JobObjects, RunContext
 from .download import FetchStage
@@ -55,8 +56,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         callback_base: str | None = None,
         callback_secret: str | None = None,
+        to_bucket: BucketFetcher | None = None,
     ) -> None:
         self.manifest, self.store, self.downloader, self.settings = manifest, store, downloader, settings
+        self.to_bucket = to_bucket
         self.out_dir, self.now = out_dir, clock
         self.ctx = RunContext(
             manifest=manifest,
@@ -69,7 +72,7 @@ class Engine:
         self.events = self.ctx.events
         self.resolve = ResolveStage(self.ctx)
         self.check = CheckStage(self.ctx, self.resolve.tags)
-        self.fetch = FetchStage(self.ctx, downloader, out_dir)
+        self.fetch = FetchStage(self.ctx, downloader, out_dir, to_bucket)
         self.submit = SubmitStage(self.ctx, self.resolve, callback_base=callback_base, callback_secret=callback_secret)
         self.snapshot = Snapshot(counts={}, stopped_by=None, transfers=(), bytes_fetched=0)
         self._published_at = float("-inf")
@@ -134,10 +137,12 @@ class Engine:
             self.events.note(f"the API refused the key (401): {detail}; check DREAMLOOK_API_KEY")
         await self.resolve.report()
         if not self.settings.dry_run:
-            summary = self.out_dir / "summary.json"
-            await output.write_summary(
-                summary, self.manifest.campaign, self.store, manifest=self.manifest.origin or str(self.manifest.path)
-            )
+            manifest = self.manifest.origin or str(self.manifest.path)
+            if self.to_bucket is not None:
+                await output.put_summary(self.to_bucket.bucket, self.manifest.campaign, self.store, manifest=manifest)
+            else:
+                summary = self.out_dir / "summary.json"
+                await output.write_summary(summary, self.manifest.campaign, self.store, manifest=manifest)
         await self._publish(now=True)
         return RunOutcome(
             await self.store.counts(),

@@ -3,7 +3,7 @@ is tried first, and a failure exits 2 with nothing sent (a refused key: 3).
 
 - `check_scheme`: `--out` and `--state` name local paths, or for `--state` a
   postgresql:// database; a `scheme://` location the tool does not handle is refused
-  (`HANDLED_SCHEMES` is where S3 output will be added).
+  (`HANDLED_SCHEMES`: s3:// for --out, postgresql:// for --state).
 - `check_api_url`: `--api-url` is http(s) with a host.
 - `check_output`, `check_state`: the folders can be made and written (a probe file is
   written, synced and removed); `--out` naming a file, or `--state` a folder, is refused.
@@ -33,7 +33,10 @@ from ..store import Store
 from ..transfer.urls import redact
 
 # Location schemes each option handles; anything else written `scheme://` is refused.
-HANDLED_SCHEMES: Mapping[str, frozenset[str]] = {"--out": frozenset(), "--state": frozenset({"postgresql", "postgres"})}
+HANDLED_SCHEMES: Mapping[str, frozenset[str]] = {
+    "--out": frozenset({"s3"}),
+    "--state": frozenset({"postgresql", "postgres"}),
+}
 API_SCHEMES = frozenset({"http", "https"})
 PROBE_PREFIX = ".dreamlook-batch-probe-"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

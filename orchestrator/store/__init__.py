@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import Claims, FileRow, JobRow, Store, SyncReport, WorkerRow
+from .base import Claims, FileRow, JobRow, Store, SyncReport, UploadedPart, UploadRecord, WorkerRow
 from .lock import CampaignLock
 from .schema import SCHEMA_VERSION
 from .sqlite import SqliteDb
@@ -39,5 +39,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "SyncReport",
+    "UploadRecord",
+    "UploadedPart",
     "WorkerRow",
 ]

@@ -84,6 +84,44 @@ def file_row(row: Row) -> FileRow:
     return FileRow(**values)
 
 
+# Multipart uploads into a bucket (schema 3; PostgreSQL schema 4), recorded so that a run
+# killed mid-upload, on this host or another, resumes the upload instead of starting over.
+MAX_PART_NUMBER = 10_000  # S3's part numbers run from 1 to 10,000
+HASH_STATE_MAX = 256  # bytes of a saved digest state: the column stays small
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadedPart:
+    """A part the bucket has acknowledged."""
+
+    number: int  # 1-based S3 part number
+    etag: str  # the ETag the bucket returned for the part (completing the upload names it)
+    length: int  # bytes in the part
+    hash_state: bytes  # opaque: the file's running digest state after this part
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.number <= MAX_PART_NUMBER:
+            raise ValueError(f"part number {self.number} is not within 1..{MAX_PART_NUMBER}")
+        if self.length < 0:
+            raise ValueError(f"part {self.number} has a negative length ({self.length})")
+        if len(self.hash_state) > HASH_STATE_MAX:
+            raise ValueError(
+                f"part {self.number}: a digest state of {len(self.hash_state)} bytes (at most {HASH_STATE_MAX})"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadRecord:
+    """A multipart upload of one file under way, and the parts it has finished."""
+
+    upload_id: str
+    key: str  # the object key the upload completes to
+    part_bytes: int  # the size of every part but the last
+    size: int  # the whole file's size
+    source_etag: str | None  # the ETag of the object being downloaded (the service's storage)
+    parts: Mapping[int, UploadedPart]  # by number
+
+
 @dataclass(frozen=True, slots=True)
 class SyncReport:
     added: tuple[str, ...]
@@ -198,6 +236,25 @@ class Store(Protocol):
     async def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
     ) -> tuple[str, ...]: ...
+    # multipart uploads into a bucket, by file: the upload (its id, key and sizes) and its
+    # finished parts. A worker's writes are fenced like the partial downloads'; a takeover keeps
+    # them (the upload lives in the shared bucket: the new holder resumes it).
+    async def upload_record(self, job_id: str, remote_id: str) -> UploadRecord | None: ...
+    async def upload_started(
+        self,
+        job_id: str,
+        remote_id: str,
+        *,
+        upload_id: str,
+        key: str,
+        part_bytes: int,
+        size: int,
+        source_etag: str | None,
+    ) -> None: ...  # replaces any earlier record of the file, and its parts; synced
+    async def upload_part_done(
+        self, job_id: str, remote_id: str, part: UploadedPart
+    ) -> None: ...  # synced; replaces a part of its number; ignored if no upload is recorded
+    async def upload_forget(self, job_id: str, remote_id: str) -> None: ...  # the record and its parts
     async def check_writable(self) -> None: ...
     # several workers (store/pg_lease.py): who works on which job; one process holds them all otherwise
     @property

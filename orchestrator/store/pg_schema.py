@@ -8,7 +8,7 @@ exactly one of them creates or upgrades; the others then find the version curren
 
 from __future__ import annotations
 
-PG_SCHEMA_VERSION = 3
+PG_SCHEMA_VERSION = 4
 # A fixed key for pg_advisory_xact_lock: "dlb-schema" folded into a bigint.
 SCHEMA_LOCK_KEY = 0x646C_622D_7363_6865
 
@@ -120,7 +120,36 @@ ALTER TABLE dlb_campaigns ADD COLUMN list_reader TEXT;
 ALTER TABLE dlb_campaigns ADD COLUMN list_reader_until DOUBLE PRECISION
 """
 
+# ---- schema 4: multipart uploads into a bucket (resumed after a kill, on any host) ---------
+# dlb_uploads: a file's upload under way; dlb_upload_parts: the parts the bucket acknowledged,
+# each with the file's digest state after it. Unlike the partial downloads' spans (a worker's
+# own files), they outlive a takeover: the upload lives in the shared bucket.
+_V4_UPLOADS = """
+CREATE TABLE dlb_uploads (
+    campaign TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    object_key TEXT NOT NULL,
+    part_bytes BIGINT NOT NULL,
+    size BIGINT NOT NULL,
+    source_etag TEXT,
+    PRIMARY KEY (campaign, job_id, remote_id)
+);
+CREATE TABLE dlb_upload_parts (
+    campaign TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    length BIGINT NOT NULL,
+    hash_state BYTEA NOT NULL,
+    PRIMARY KEY (campaign, job_id, remote_id, number)
+)
+"""
+
 PG_MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> scripts that reach it
     2: (_V2_LEASES,),
     3: (_V3_SHARED_LIMITS,),
+    4: (_V4_UPLOADS,),
 }

@@ -5,7 +5,7 @@ scoped to one campaign's rows and with row locks where a verb reads before it wr
 `FOR UPDATE` on the job, so two processes never both move one job. A commit is durable
 on the server (`synchronous_commit` as the server has it, `on` by default), which is rule
 1's "synced" here. Several workers share a campaign through leases (store/pg_lease.py):
-the verbs that write are fenced (store/pg_write.py).
+the verbs that write are fenced (store/pg_write.py; uploads into a bucket: store/pg_uploads.py).
 
 The URL given by the user may hold a password: it is never shown; `location` is the URL
 without it.
@@ -25,10 +25,11 @@ from .parts import PartRecord
 from .pg_base import conflicts_retried, open_pool
 from .pg_lease import LEASE_S, Worker
 from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_V1, PG_SCHEMA_VERSION, SCHEMA_LOCK_KEY
+from .pg_uploads import PgUploads
 from .pg_write import PgWrites
 
 
-class PostgresStore(PgWrites):
+class PostgresStore(PgWrites, PgUploads):
     """One campaign's rows in a shared database. Open with `await PostgresStore.open(url, campaign)`."""
 
     @classmethod

@@ -4,7 +4,7 @@ version, so two processes never both migrate)."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -94,4 +94,34 @@ UPDATE jobs SET adoption_checked = 1 WHERE intent_at IS NOT NULL OR remote_id IS
 """
 # ---- end of schema 2, never paying twice ---------------------------------------------------
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {2: (_V2_FILES, _SCHEMA_V2_MONEY)}  # version -> scripts that reach it
+# ---- schema 3: multipart uploads into a bucket (resumed after a kill) ---------------------
+# uploads: a file's upload under way (what completing and resuming it need); upload_parts:
+# the parts the bucket acknowledged, each with the file's digest state after it. Keyed by
+# file like part_objects; a new upload of a file replaces its record and parts.
+_V3_UPLOADS = """
+CREATE TABLE uploads (
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    object_key TEXT NOT NULL,
+    part_bytes INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    source_etag TEXT,
+    PRIMARY KEY (job_id, remote_id)
+);
+CREATE TABLE upload_parts (
+    job_id TEXT NOT NULL,
+    remote_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    hash_state BLOB NOT NULL,
+    PRIMARY KEY (job_id, remote_id, number)
+)
+"""
+# ---- end of schema 3 -------------------------------------------------------------------------
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> scripts that reach it
+    2: (_V2_FILES, _SCHEMA_V2_MONEY),
+    3: (_V3_UPLOADS,),
+}

@@ -19,6 +19,7 @@ from ..models import IN_FLIGHT, PARENT_ENDED, JobSpec, JobState, can_move
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
+from .sqlite_uploads import SqliteUploads
 
 BUSY_TIMEOUT_MS = 5_000
 _ENDED = tuple(s.value for s in PARENT_ENDED)
@@ -28,7 +29,7 @@ _IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 _DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
 
 
-class SqliteDb:
+class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqlite_uploads.py
     def __init__(self, path: Path) -> None:
         self.path = path
         try:

@@ -17,7 +17,7 @@ from typing import TypeVar
 import anyio
 
 from ..models import JobSpec, JobState
-from .base import Claims, FileRow, JobRow, SyncReport, WorkerRow
+from .base import Claims, FileRow, JobRow, SyncReport, UploadedPart, UploadRecord, WorkerRow
 from .parts import PartRecord
 from .sqlite import SqliteDb
 
@@ -237,6 +237,39 @@ class SqliteStore:
 
     async def part_keep_only(self, job_id: str, remote_id: str, spans: Sequence[tuple[int, int]]) -> None:
         return await self._call(partial(self._db.part_keep_only, job_id, remote_id, spans))
+
+    async def upload_record(self, job_id: str, remote_id: str) -> UploadRecord | None:
+        return await self._call(partial(self._db.upload_record, job_id, remote_id))
+
+    async def upload_started(
+        self,
+        job_id: str,
+        remote_id: str,
+        *,
+        upload_id: str,
+        key: str,
+        part_bytes: int,
+        size: int,
+        source_etag: str | None,
+    ) -> None:
+        return await self._call(
+            partial(
+                self._db.upload_started,
+                job_id,
+                remote_id,
+                upload_id=upload_id,
+                key=key,
+                part_bytes=part_bytes,
+                size=size,
+                source_etag=source_etag,
+            )
+        )
+
+    async def upload_part_done(self, job_id: str, remote_id: str, part: UploadedPart) -> None:
+        return await self._call(partial(self._db.upload_part_done, job_id, remote_id, part))
+
+    async def upload_forget(self, job_id: str, remote_id: str) -> None:
+        return await self._call(partial(self._db.upload_forget, job_id, remote_id))
 
     async def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str

@@ -16,11 +16,12 @@ This module talks to storage, never to the API: its session carries no API key.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -77,7 +78,7 @@ class Transfer:
         return self.counter[0]
 
 
-class _Source:
+class Source:
     """The artifact being fetched, with its URL renewed at most once per staleness."""
 
     def __init__(self, artifact: Artifact, renew: Callable[[], Awaitable[Artifact]]) -> None:
@@ -244,13 +245,24 @@ class Downloader:
         renew_margin_s: float,
     ) -> Fetched:
         """Download `artifact` into `folder`, resuming, renewing and retrying as needed."""
-        key = f"{folder.name}/{artifact.name}"
-        transfer = self.transfers[key] = Transfer(key, artifact.size_bytes)
-        try:
+        with self.tracked(f"{folder.name}/{artifact.name}", artifact.size_bytes) as transfer:
             return await self._fetch(artifact, folder, renew, part_log, transfer, renew_margin_s)
+
+    @contextlib.contextmanager
+    def tracked(self, key: str, size: int | None) -> Iterator[Transfer]:
+        """A file in flight, shown by the progress display (also one going into a bucket)."""
+        transfer = self.transfers[key] = Transfer(key, size)
+        try:
+            yield transfer
         finally:
             self._finished_bytes += transfer.done
             del self.transfers[key]
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Storage's connections (no API key): a bucket upload reads through them too."""
+        assert self._session is not None, "use Downloader in `async with`"
+        return self._session
 
     async def _fetch(
         self,
@@ -261,7 +273,7 @@ class Downloader:
         transfer: Transfer,
         renew_margin_s: float,
     ) -> Fetched:
-        source = _Source(artifact, renew)
+        source = Source(artifact, renew)
         final = folder / artifact.name
         part = folder / (artifact.name + part_log.suffix)
         size = artifact.size_bytes
@@ -302,7 +314,7 @@ class Downloader:
         return await retry.file_attempts(attempt, self.file_retry, artifact.name)
 
     async def _ranged(
-        self, source: _Source, part: Path, size: int, part_log: PartLog, transfer: Transfer
+        self, source: Source, part: Path, size: int, part_log: PartLog, transfer: Transfer
     ) -> tuple[Hashes, str | None]:
         assert self._session is not None, "use Downloader in `async with`"
         return await fetch_ranges(
@@ -319,7 +331,7 @@ class Downloader:
         )
 
     async def _one_stream(
-        self, source: _Source, folder: Path, part: Path, final: Path, part_log: PartLog, transfer: Transfer
+        self, source: Source, folder: Path, part: Path, final: Path, part_log: PartLog, transfer: Transfer
     ) -> Fetched:
         assert self._session is not None, "use Downloader in `async with`"
         artifact = source.artifact

@@ -1,0 +1,203 @@
+"""`--out s3://bucket/prefix/`, as a user drives it, against a real S3 server on loopback
+(moto) and the simulator: every file straight into the bucket with the simulator's bytes,
+`job.json`/`SHA256SUMS`/`summary.json` beside them; a kill mid-upload resumed from the first
+missing part; an object changed under an unfinished upload started over; a key already taken
+never overwritten; a bucket that is missing refused before anything is paid for."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault
+
+from .campaigns import mixed_manifest
+from .conftest import cli_process, fast_sim, write
+from .s3_server import S3, assert_campaign_in_bucket
+
+MiB = 1024 * 1024
+BIG = 20 * MiB + 13  # three parts of 8 MiB: a multipart upload
+PARTS = ("--range-mb", "8")
+
+
+def one_training(folder: Path, *, lora: bool = False) -> Path:
+    """One training; its checkpoint only (no LoRA), unless `lora`."""
+    return write(
+        folder / "one.yaml",
+        "campaign: one\njobs:\n- id: t0\n  type: dreambooth\n  instance_prompt: photo of p\n"
+        "  image_urls: [https://example.com/a.jpg]\n  base_model: stable-diffusion-v1-5\n"
+        f"  extract_lora: {'original' if lora else 'disabled'}\n",
+    )
+
+
+def run(manifest: Path, sim: Any, s3: S3, *extra: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = cli_process(manifest, sim, "--out", s3.url(), *PARTS, *extra, env={**s3.env(), **(env or {})})
+    out = proc.communicate(timeout=120)[0]
+    return proc.returncode, out
+
+
+def test_a_campaign_goes_straight_into_the_bucket(tmp_path: Path, threaded_sim: Any, s3: S3) -> None:
+    manifest = mixed_manifest(tmp_path, trainings=2, combined=1, plain_images=2)
+    job_ids = ["t000", "t001", "t000-img", "t001-img", "c000", "g000", "g001"]
+    with threaded_sim(fast_sim(checkpoint_bytes=BIG, seed=4)) as sim:
+        code, out = run(manifest, sim, s3)
+        assert code == 0, out
+        assert assert_campaign_in_bucket(sim, s3, "out/", "mixed", job_ids) >= 10
+        assert s3.url() in out  # the end summary says where the files are
+    summary = json.loads(s3.read("out/summary.json"))
+    assert summary["done"] is True and {j["id"] for j in summary["jobs"]} == set(job_ids)
+    assert not (tmp_path / "outputs").exists()  # nothing on local disk
+    assert [k for k in s3.keys() if "write-check" in k] == []  # the destination check cleaned up
+
+
+def test_a_kill_mid_upload_resumes_from_the_first_missing_part(tmp_path: Path, threaded_sim: Any, s3: S3) -> None:
+    manifest = one_training(tmp_path, lora=True)
+    size = 6 * 8 * MiB + 13  # seven parts
+    with threaded_sim(fast_sim(checkpoint_bytes=size, seed=2)) as sim:
+        code, _ = run(
+            manifest, sim, s3, "--connections-per-file", "1", env={"DREAMLOOK_BATCH_CRASH_AT": "part-uploaded:3"}
+        )
+        assert code == -signal.SIGKILL
+        (open_upload,) = s3.open_uploads()
+        assert open_upload not in s3.keys("out/t0/")  # the checkpoint is not visible before it is whole
+        served = len(sim.ledger.downloads)
+        code, out = run(manifest, sim, s3)
+        assert code == 0, out
+        assert_campaign_in_bucket(sim, s3, "out/", "one", ["t0"])
+        resumed = [
+            d for d in sim.ledger.downloads[served:] if d.path.endswith(".safetensors") and d.end - d.start > MiB
+        ]
+        assert resumed and min(d.start for d in resumed) == 3 * 8 * MiB  # parts 1-3 were not fetched again
+        assert len(sim.ledger.jobs) == 1
+
+
+def test_an_object_changed_under_an_unfinished_upload_starts_it_over(tmp_path: Path, threaded_sim: Any, s3: S3) -> None:
+    manifest = one_training(tmp_path)
+    # Storage gives no md5 (hash_max_bytes=0): only the ETag can tell the new generation from the old.
+    with threaded_sim(fast_sim(checkpoint_bytes=BIG, seed=3, hash_max_bytes=0)) as sim:
+        code, _ = run(
+            manifest, sim, s3, "--connections-per-file", "1", env={"DREAMLOOK_BATCH_CRASH_AT": "part-uploaded:1"}
+        )
+        assert code == -signal.SIGKILL
+        (path,) = {d.path for d in sim.ledger.downloads}
+        sim.service.generations[path] += 1  # the service rewrites the checkpoint (same size, other bytes)
+        code, out = run(manifest, sim, s3)
+        assert code == 0, out
+        assert_campaign_in_bucket(sim, s3, "out/", "one", ["t0"])  # the new bytes, whole
+
+
+@pytest.mark.parametrize("size", [BIG, MiB + 7], ids=["multipart", "one-put"])
+def test_a_key_already_taken_is_never_overwritten(tmp_path: Path, threaded_sim: Any, s3: S3, size: int) -> None:
+    manifest = one_training(tmp_path)
+    with threaded_sim(fast_sim(checkpoint_bytes=size, seed=5)) as sim:
+        code, out = run(manifest, sim, s3)
+        assert code == 0, out
+        names = [k for k in s3.keys("out/t0/") if k.endswith(".safetensors")]
+        # Another state (a lost state file, say) fetches the same files again: the objects are ours, kept.
+        code, out = run(manifest, sim, s3, "--state", str(tmp_path / "other.db"))
+        assert code == 0, out
+        assert_campaign_in_bucket(sim, s3, "out/", "one", ["t0"])
+        # A third finds another object under one of the keys: left alone, said plainly.
+        s3.client().delete_object(Bucket=s3.bucket, Key=names[0])
+        s3.client().put_object(Bucket=s3.bucket, Key=names[0], Body=b"someone else's file")
+        code, out = run(manifest, sim, s3, "--state", str(tmp_path / "third.db"))
+        assert code == 1, out
+        assert "already holds another object" in out and "left alone" in out
+        assert s3.read(names[0]) == b"someone else's file"
+        assert s3.open_uploads() == []
+        assert len(sim.ledger.jobs) == 1
+
+
+def test_a_missing_bucket_is_refused_before_anything_is_paid_for(
+    tmp_path: Path, threaded_sim: Any, s3: S3, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = one_training(tmp_path)
+    with threaded_sim(fast_sim()) as sim:
+        proc = cli_process(manifest, sim, "--out", f"s3://no-such-bucket-{sim.api_key[:6].lower()}/x/", env=s3.env())
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 2, out
+        assert "no such bucket" in out and "Nothing was sent" in out
+        assert sim.ledger.jobs == []
+        assert "testing" not in out  # no credential in the message
+    capsys.readouterr()
+    code = main(["plan", str(manifest), "--out", "s3://no-such-bucket-at-all/x/", "--s3-endpoint-url", s3.endpoint])
+    assert code == 2 and "no such bucket" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [BIG, MiB + 7], ids=["multipart", "one-put"])
+def test_wrong_bytes_of_the_right_length_never_reach_the_bucket(
+    tmp_path: Path, threaded_sim: Any, s3: S3, size: int
+) -> None:
+    """Only storage's md5: a body of the right length whose second half is wrong."""
+    garble = ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.GARBLE, nth=1, arg=100_000)
+    with threaded_sim(fast_sim(checkpoint_bytes=size, seed=6, faults=FaultPlan(script=(garble,)))) as sim:
+        code, out = run(one_training(tmp_path), sim, s3)
+        assert code == 0, out
+        assert [d.fault for d in sim.ledger.downloads].count("garble") == 1
+        assert_campaign_in_bucket(sim, s3, "out/", "one", ["t0"])
+
+
+@pytest.mark.parametrize("size", [BIG, MiB + 7], ids=["multipart", "one-put"])
+def test_a_broken_safetensors_header_is_never_made_visible(
+    tmp_path: Path, threaded_sim: Any, s3: S3, size: int
+) -> None:
+    """Only the header check: right size, and storage's md5 is of the broken object itself."""
+    broken = ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.CORRUPT_HEADER, nth=1)
+    with threaded_sim(fast_sim(checkpoint_bytes=size, seed=7, faults=FaultPlan(script=(broken,)))) as sim:
+        code, out = run(one_training(tmp_path), sim, s3)
+        assert sim.service.corrupt
+        assert code == 1, out
+        assert "safetensors header" in out
+        corrupt = next(iter(sim.service.corrupt)).rsplit("/", 1)[-1]
+        assert f"out/t0/{corrupt}" not in s3.keys("out/")
+        assert s3.open_uploads() == []  # its upload was aborted
+
+
+@pytest.mark.parametrize("size", [BIG, MiB + 7], ids=["multipart", "one-put"])
+def test_an_object_shorter_than_the_job_says_is_never_made_visible(
+    tmp_path: Path, threaded_sim: Any, s3: S3, size: int
+) -> None:
+    """Only the size check: the object is a whole, consistent safetensors file with its own md5."""
+    shorter = ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.REWRITE, nth=1, arg=-4096)
+    with threaded_sim(fast_sim(checkpoint_bytes=size, seed=8, faults=FaultPlan(script=(shorter,)))) as sim:
+        code, out = run(one_training(tmp_path), sim, s3)
+        assert sim.service.resized
+        assert code == 1, out
+        assert str(size) in out, out  # the size the job says, in the reason
+        assert [k for k in s3.keys("out/") if k.endswith(".safetensors")] == []
+        assert s3.open_uploads() == []
+
+
+def auth(s3: S3, after_requests: bytes) -> None:
+    """moto's signature checks: on after this many requests ("0": now; "inf": never)."""
+    ask = urllib.request.Request(
+        f"{s3.endpoint}/moto-api/reset-auth", data=after_requests, headers={"Content-Type": "text/plain"}
+    )
+    with urllib.request.urlopen(ask) as answer:
+        assert answer.status == 200
+
+
+def test_credentials_the_bucket_refuses_stop_the_run_before_anything_is_paid_for(
+    tmp_path: Path, threaded_sim: Any, s3: S3
+) -> None:
+    """moto checks signatures once asked to (`/moto-api/reset-auth`): a wrong secret is refused
+    by the destination check, with exit code 2, and no part of any credential in the output."""
+    secret = "wrong-secret-Zq81"
+    auth(s3, b"0")
+    try:
+        with threaded_sim(fast_sim()) as sim:
+            env = {**s3.env(), "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE", "AWS_SECRET_ACCESS_KEY": secret}
+            proc = cli_process(one_training(tmp_path), sim, "--out", s3.url(), env=env)
+            out = proc.communicate(timeout=60)[0]
+            assert proc.returncode == 2, out
+            assert "access denied" in out and "Nothing was sent" in out
+            assert sim.ledger.jobs == []
+            assert secret not in out and "AKIAFAKE" not in out
+    finally:
+        auth(s3, b"inf")
