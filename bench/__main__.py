@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import downloads, memory, simceiling, throughput, waiting, workers
+from . import bucket, downloads, memory, simceiling, throughput, waiting, workers
 from .common import machine
 
 Section = tuple[str, Callable[[bool], dict[str, object]], Callable[[dict[str, object]], list[str]]]
@@ -166,6 +166,7 @@ SECTIONS: list[Section] = [
     ("Throughput and scale against the naive script", throughput.measure, _throughput_lines),
     ("Memory of a 100,000-job campaign", memory.measure, _memory_lines),
     ("Several workers on PostgreSQL", workers.measure, workers.lines),
+    ("Into a bucket: streamed against download-then-upload", bucket.measure, bucket.lines),
 ]
 
 
