@@ -512,6 +512,7 @@ def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
         return ExitCode.OK
     rows, files, workers = anyio.run(commands.status_rows, paths)
     out.print(ui.status_table(rows, files, time.time()))
+    out.print(f"files in {paths.out_shown}")
     if workers:
         out.print(ui.workers_table(workers, time.time()))
     return ExitCode.OK

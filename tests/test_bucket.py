@@ -42,7 +42,9 @@ def run(manifest: Path, sim: Any, s3: S3, *extra: str, env: dict[str, str] | Non
     return proc.returncode, out
 
 
-def test_a_campaign_goes_straight_into_the_bucket(tmp_path: Path, threaded_sim: Any, s3: S3) -> None:
+def test_a_campaign_goes_straight_into_the_bucket(
+    tmp_path: Path, threaded_sim: Any, s3: S3, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = mixed_manifest(tmp_path, trainings=2, combined=1, plain_images=2)
     job_ids = ["t000", "t001", "t000-img", "t001-img", "c000", "g000", "g001"]
     with threaded_sim(fast_sim(checkpoint_bytes=BIG, seed=4)) as sim:
@@ -54,6 +56,14 @@ def test_a_campaign_goes_straight_into_the_bucket(tmp_path: Path, threaded_sim: 
     assert summary["done"] is True and {j["id"] for j in summary["jobs"]} == set(job_ids)
     assert not (tmp_path / "outputs").exists()  # nothing on local disk
     assert [k for k in s3.keys() if "write-check" in k] == []  # the destination check cleaned up
+    where = ["--out", s3.url(), "--s3-endpoint-url", s3.endpoint]
+    capsys.readouterr()
+    assert main(["status", str(manifest), *where]) == 0
+    assert f"files in {s3.url()}" in capsys.readouterr().out
+    assert main(["report", str(manifest), *where]) == 0
+    assert f"report: {s3.url()}report.html" in capsys.readouterr().out
+    page = s3.read("out/report.html").decode()
+    assert "t000" in page and s3.url() in page
 
 
 def test_a_kill_mid_upload_resumes_from_the_first_missing_part(tmp_path: Path, threaded_sim: Any, s3: S3) -> None:
