@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import VerificationFailed
-from orchestrator.transfer.verify import PartWriter, place
+from orchestrator.transfer.verify import PartWriter, check_safetensors_head, place
 
 
 def write_part(folder: Path, data: bytes) -> tuple[Path, Path, PartWriter]:
@@ -55,6 +55,20 @@ def test_a_header_length_beyond_the_end_of_the_file_is_refused(tmp_path: Path) -
     """The length claims one byte more than the file holds, though what is there parses."""
     assert not placed(tmp_path, safetensors(b"{}", length=3))
     assert not placed(tmp_path, safetensors(b"{}", length=10))
+    part, final, writer = write_part(tmp_path, safetensors(b"{}", length=10))
+    with pytest.raises(VerificationFailed, match="safetensors header length 10 is impossible"):
+        place(part, final, writer.hashes, size_bytes=10, md5=None)
+
+
+def test_the_first_part_of_a_good_file_passes_and_one_too_short_for_its_header_is_said_so() -> None:
+    """A bucket upload checks the header on the first part: the tensor bytes after the header
+    are not part of it; a header longer than the part is refused as such, not as bad JSON."""
+    header = json.dumps({"w": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    whole = safetensors(header, b"abcd")
+    check_safetensors_head("m.safetensors", whole, len(whole))
+    check_safetensors_head("m.safetensors", whole[: 8 + len(header) + 1], len(whole))
+    with pytest.raises(VerificationFailed, match="does not fit in its first part"):
+        check_safetensors_head("m.safetensors", whole[: 8 + len(header) - 1], len(whole))
 
 
 def test_a_header_length_with_its_top_bit_set_is_refused(tmp_path: Path) -> None:

@@ -128,3 +128,32 @@ def test_one_worker_at_a_time_reads_the_job_lists(tmp_path: Path, pg_url: str, t
         reads = sim.ledger.list_readers
     changes = [ua for i, ua in enumerate(reads) if i == 0 or ua != reads[i - 1]]
     assert len(reads) >= 10 and len(changes) <= 3, changes
+
+
+def test_max_new_jobs_holds_for_workers_that_start_together(tmp_path: Path, pg_url: str, threaded_sim: Any) -> None:
+    """Two `run --max-new-jobs 3` at once on one campaign of 10 jobs: 3 jobs paid in all, not 6
+    (the store checks the round's count in the transaction of each intent)."""
+    lines = ["campaign: capped", "jobs:"]
+    lines += [f"- {{id: j{i}, type: image_gen, prompt: p{i}, base_model: stable-diffusion-v1-5}}" for i in range(10)]
+    manifest = tmp_path / "capped.yaml"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with threaded_sim(fast_sim(seed=11)) as sim:
+        workers = [
+            cli_process(
+                manifest,
+                sim,
+                "--state",
+                pg_url,
+                "--out",
+                str(tmp_path / "out"),
+                "--max-new-jobs",
+                "3",
+                "--submit-rate",
+                "2",
+            )
+            for _ in range(2)
+        ]
+        said = [w.communicate(timeout=120)[0] for w in workers]
+        assert [w.returncode for w in workers] == [1, 1], said  # jobs left pending: exit 1, as on one machine
+        assert len(sim.ledger.jobs) == 3, said
+        assert all("7 pending, 3 done" in out for out in said), said

@@ -107,28 +107,31 @@ class PartWriter:
 def check_safetensors(path: Path, size: int) -> None:
     """The header of a .safetensors file parses and its tensors end where the file ends."""
     with path.open("rb") as fh:
-        head = fh.read(8)
-        length = _header_length(path.name, head, size)
-        check_safetensors_head(path.name, head + fh.read(length), size)
-
-
-def _header_length(name: str, head: bytes, size: int) -> int:
-    if len(head) < 8:
-        raise VerificationFailed(f"{name}: too short to be safetensors")
-    (length,) = struct.unpack("<Q", head[:8])
-    if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-        raise VerificationFailed(f"{name}: safetensors header length {length} is impossible")
-    return int(length)
+        length = _header_length(path.name, fh.read(8), size)
+        _check_header(path.name, length, fh.read(length), size)
 
 
 def check_safetensors_head(name: str, head: bytes, size: int) -> None:
     """The same check on the first bytes of a file of `size` bytes (a bucket upload's first
     part): they must hold the whole header."""
-    length = _header_length(name, head, size)
+    length = _header_length(name, head[:8], size)
     if len(head) < 8 + length:
         raise VerificationFailed(f"{name}: the safetensors header ({length} bytes) does not fit in its first part")
+    _check_header(name, length, head[8 : 8 + length], size)
+
+
+def _header_length(name: str, first8: bytes, size: int) -> int:
+    if len(first8) < 8:
+        raise VerificationFailed(f"{name}: too short to be safetensors")
+    (length,) = struct.unpack("<Q", first8)
+    if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+        raise VerificationFailed(f"{name}: safetensors header length {length} is impossible")
+    return int(length)
+
+
+def _check_header(name: str, length: int, header_bytes: bytes, size: int) -> None:
     try:
-        header = json.loads(head[8 : 8 + length])
+        header = json.loads(header_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VerificationFailed(f"{name}: the safetensors header is not JSON") from exc
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
