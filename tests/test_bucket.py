@@ -6,6 +6,7 @@ never overwritten; a bucket that is missing refused before anything is paid for.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import urllib.request
@@ -211,3 +212,27 @@ def test_credentials_the_bucket_refuses_stop_the_run_before_anything_is_paid_for
             assert secret not in out and "AKIAFAKE" not in out
     finally:
         auth(s3, b"inf")
+
+
+def test_a_file_the_service_deleted_mid_upload_has_its_upload_aborted(
+    tmp_path: Path, threaded_sim: Any, s3: S3
+) -> None:
+    """Killed mid-upload, and the service deletes the file before the next run: the job is lost,
+    said so, and the upload's parts are not left in the bucket to be paid for."""
+    manifest = one_training(tmp_path)
+    with threaded_sim(fast_sim(checkpoint_bytes=BIG, seed=9)) as sim:
+        code, _ = run(
+            manifest, sim, s3, "--connections-per-file", "1", env={"DREAMLOOK_BATCH_CRASH_AT": "part-uploaded:1"}
+        )
+        assert code == -signal.SIGKILL
+        assert len(s3.open_uploads()) == 1
+        (path,) = {d.path for d in sim.ledger.downloads}
+        for job in sim.service.jobs.values():
+            for checkpoint in job.checkpoints:
+                if checkpoint.file.path == path:  # gone: storage answers 404
+                    checkpoint.file = dataclasses.replace(checkpoint.file, deleted_at=0.0)
+        code, out = run(manifest, sim, s3)
+        assert code == 1, out
+        assert "lost" in out
+        assert s3.open_uploads() == []
+        assert [k for k in s3.keys("out/") if k.endswith(".safetensors")] == []

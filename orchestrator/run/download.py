@@ -193,7 +193,7 @@ class FetchStage:
         for file in pending:
             artifact = by_id.get(file.remote_id)
             if artifact is None or not artifact.available:
-                await self.store.file_lost(job_id, file.remote_id)
+                await self._lost(job_id, file.remote_id)
                 self.problem(job_id, f"lost {file.name}: the service no longer offers it")
             else:
                 self._enqueue(job_id, artifact, remote)
@@ -243,7 +243,7 @@ class FetchStage:
                     renew_margin_s=self.settings.url_renew_margin_s,
                 )
         except FileGone as exc:
-            await self.store.file_lost(job_id, remote_id)
+            await self._lost(job_id, remote_id)
             self.problem(job_id, f"lost {name}: {exc}")
             return
         except KeyTaken as exc:  # another object holds its key: never overwritten, no use trying again
@@ -268,6 +268,13 @@ class FetchStage:
             return
         await self.store.file_done(job_id, remote_id, got.sha256, got.size)
         log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
+
+    async def _lost(self, job_id: str, remote_id: str) -> None:
+        """The service deleted the file: recorded lost, and a bucket upload of it aborted (its
+        parts would be billed for nothing)."""
+        if self.to_bucket is not None:
+            await self.to_bucket.abandon(UploadLog(self.store, job_id, remote_id))
+        await self.store.file_lost(job_id, remote_id)
 
     def _let_go(self, job_id: str) -> None:
         """Another worker holds the job now: nothing of it stays queued here."""

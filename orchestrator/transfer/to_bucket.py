@@ -139,7 +139,7 @@ class BucketFetcher:
                 await source.renew_after(source.url)
                 raise
             except (ObjectChanged, VerificationFailed):
-                await self._drop(uploads)  # those bytes are no good: the next attempt starts over
+                await self.abandon(uploads)  # those bytes are no good: the next attempt starts over
                 raise
             except BucketError as exc:  # the bucket failed a request botocore already retried
                 raise DownloadError(str(exc)) from exc
@@ -150,10 +150,11 @@ class BucketFetcher:
         try:
             return await retry.file_attempts(attempt, self.file_retry, artifact.name)
         except (FileGone, KeyTaken):
-            await self._drop(uploads)  # it can never finish: no parts left to pay for
+            await self.abandon(uploads)  # it can never finish: no parts left to pay for
             raise
 
-    async def _drop(self, uploads: UploadLog) -> None:
+    async def abandon(self, uploads: UploadLog) -> None:
+        """Abort the file's upload, if one is recorded, and forget it (its bytes are of no use)."""
         record = await uploads.record()
         if record is not None:
             await self.bucket.abort(record.key, record.upload_id)
@@ -205,7 +206,7 @@ class BucketFetcher:
         first = next((n for n in range(1, count + 1) if n not in done), count + 1)
         digest = _digest_after(done[first - 1].hash_state) if first > 1 else _digest_after(None)
         if digest is None:  # a state this host cannot take up (no libcrypto, another layout)
-            await self._drop(uploads)
+            await self.abandon(uploads)
             record, done, first, digest = None, {}, 1, _digest_after(None) or Digest()
         start = (first - 1) * part_bytes
         transfer.counter[0] = start
@@ -246,7 +247,7 @@ class BucketFetcher:
         if record is None:
             return None
         if (record.key, record.size, record.part_bytes) != (key, size, part_bytes):
-            await self._drop(uploads)
+            await self.abandon(uploads)
             return None
         held = await self.bucket.uploaded_parts(key, record.upload_id)
         if held is None:  # completed, aborted, or expired by a lifecycle rule
