@@ -67,6 +67,7 @@ def test_the_first_part_of_a_good_file_passes_and_one_too_short_for_its_header_i
     whole = safetensors(header, b"abcd")
     check_safetensors_head("m.safetensors", whole, len(whole))
     check_safetensors_head("m.safetensors", whole[: 8 + len(header) + 1], len(whole))
+    check_safetensors_head("m.safetensors", whole[: 8 + len(header)], len(whole))  # the header to its last byte
     with pytest.raises(VerificationFailed, match="does not fit in its first part"):
         check_safetensors_head("m.safetensors", whole[: 8 + len(header) - 1], len(whole))
 
