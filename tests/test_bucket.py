@@ -17,10 +17,15 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault
+from orchestrator.store import SqliteStore
+from orchestrator.transfer.bucket import Bucket, BucketUrl
+from orchestrator.transfer.file import Downloader
+from orchestrator.transfer.to_bucket import BucketFetcher, UploadLog
 
 from .campaigns import mixed_manifest
 from .conftest import cli_process, fast_sim, write
 from .s3_server import S3, assert_campaign_in_bucket
+from .test_store_contract import FILE, a_file_to_fetch, started
 
 MiB = 1024 * 1024
 BIG = 20 * MiB + 13  # three parts of 8 MiB: a multipart upload
@@ -236,3 +241,19 @@ def test_a_file_the_service_deleted_mid_upload_has_its_upload_aborted(
         assert "lost" in out
         assert s3.open_uploads() == []
         assert [k for k in s3.keys("out/") if k.endswith(".safetensors")] == []
+
+
+@pytest.mark.anyio
+async def test_an_upload_the_bucket_will_not_abort_stays_on_record(tmp_path: Path, s3: S3) -> None:
+    """Aborting fails (the bucket is gone): no error escapes, and the upload stays on record, so
+    nothing claims it was cleaned up (the README's lifecycle rule is the second net)."""
+    store = await SqliteStore.open(tmp_path / "state.db")
+    try:
+        await a_file_to_fetch(store)
+        await started(store)
+        async with Bucket(BucketUrl.parse("s3://no-such-bucket-left/out/"), endpoint_url=s3.endpoint) as bucket:
+            async with Downloader() as downloader:
+                await BucketFetcher(bucket, downloader).abandon(UploadLog(store, "a", FILE))
+        assert await store.upload_record("a", FILE) is not None
+    finally:
+        await store.close()

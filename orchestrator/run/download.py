@@ -22,6 +22,7 @@ from .. import output
 from ..errors import (
     ApiError,
     AuthError,
+    BucketError,
     DownloadError,
     FileGone,
     KeyTaken,
@@ -163,6 +164,9 @@ class FetchStage:
         except (ApiError, TransportError) as exc:
             self.given_up.add(job_id)
             self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
+        except BucketError as exc:  # looking for its files in the bucket failed: nothing is lost, try later
+            self.given_up.add(job_id)
+            self.problem(job_id, f"{exc}; run again to retry")
         finally:
             self.preparing.discard(job_id)
             self.notify()

@@ -156,9 +156,14 @@ class BucketFetcher:
     async def abandon(self, uploads: UploadLog) -> None:
         """Abort the file's upload, if one is recorded, and forget it (its bytes are of no use)."""
         record = await uploads.record()
-        if record is not None:
+        if record is None:
+            return
+        try:
             await self.bucket.abort(record.key, record.upload_id)
-            await uploads.forget()
+        except BucketError as exc:  # kept on record; the lifecycle rule in the README is the second net
+            log.warning("upload.abort_failed key=%s error=%s", record.key, exc)
+            return
+        await uploads.forget()
 
     # -- one PUT ------------------------------------------------------------------------
 
