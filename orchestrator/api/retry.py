@@ -43,6 +43,7 @@ from ..config import STORE_CONFLICT_RETRY, RetryPolicy, RunSettings
 from ..errors import (
     DownloadError,
     FileGone,
+    KeyTaken,
     NoSpace,
     NotSent,
     ObjectChanged,
@@ -62,7 +63,7 @@ IDEMPOTENT_RETRYABLE = (ServerError, RateLimited, TransportError)
 SUBMISSION_RETRYABLE = (RateLimited, NotSent)
 # Downloads: what another attempt cannot mend goes up at once; what the attempt already
 # mended (a renewed URL, one stream instead of ranges, a fresh start) goes again at once.
-FILE_FINAL = (FileGone, NoSpace, VerificationFailed)
+FILE_FINAL = (FileGone, KeyTaken, NoSpace, VerificationFailed)
 RANGE_FINAL = (*FILE_FINAL, RangesIgnored, ObjectChanged)  # the file attempt decides
 NO_WAIT = (UrlExpired, RangesIgnored, ObjectChanged)
 

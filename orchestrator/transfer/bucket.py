@@ -126,14 +126,24 @@ class Bucket:
     # -- before anything is paid for --------------------------------------------------
 
     async def check_writable(self) -> None:
-        """The bucket answers and these credentials may write, read and delete under the prefix."""
+        """The bucket answers and these credentials may do all a run does under the prefix: write,
+        read back and delete an object; start, list and abort a multipart upload."""
         async with self._translated("reach the bucket"):
             await self.client.head_bucket(Bucket=self.url.bucket)
         probe = self.url.key(f"{PROBE_NAME}-{uuid.uuid4().hex[:8]}")
         async with self._translated("write a test object", probe):
             await self.client.put_object(Bucket=self.url.bucket, Key=probe, Body=b"", IfNoneMatch="*")
-        async with self._translated("delete the test object", probe):
-            await self.client.delete_object(Bucket=self.url.bucket, Key=probe)
+        try:
+            await self.read_digest(probe)
+            upload_id = await self.start_upload(probe)
+            try:
+                if await self.uploaded_parts(probe, upload_id) is None:
+                    raise BucketError(f"{self.url.url(probe)}: a multipart upload just started is not listed")
+            finally:
+                await self.abort(probe, upload_id)
+        finally:
+            async with self._translated("delete the test object", probe):
+                await self.client.delete_object(Bucket=self.url.bucket, Key=probe)
 
     # -- whole objects ----------------------------------------------------------------
 

@@ -217,7 +217,12 @@ class BucketFetcher:
         transfer.counter[0] = start
         upload_id = record.upload_id if record is not None else None
         md5 = None
-        if first <= count:
+        if first > count:  # every part is in the bucket: storage's ETag and md5 are still checked
+            async with self.downloader.session.get(source.url, headers={"Range": "bytes=0-0"}) as resp:
+                await storage.raise_for_status(resp, source.artifact.name)
+                _check_resume(resp, 0, size, record, resp.headers.get("ETag"))
+                md5 = storage.storage_md5(resp)
+        else:
             headers = {"Range": f"bytes={start}-"}
             async with self.downloader.session.get(source.url, headers=headers) as resp:
                 await storage.raise_for_status(resp, source.artifact.name)
@@ -310,8 +315,10 @@ class BucketFetcher:
                     transfer.counter[0] += length
                     if number == 1 and key.endswith(".safetensors"):
                         check_safetensors_head(key.rsplit("/", 1)[-1], data, size)
-                    if number in done:
-                        room.release()  # the bucket holds it (a part after a gap): read only for the digest
+                    if number in done and done[number].hash_state == digest.state():
+                        # The bucket holds it (a part after a gap) with these very bytes: the same state
+                        # after the same state before. Read only for the digest.
+                        room.release()
                         continue
                     tg.start_soon(upload, number, data, digest.state())
             except Exception as exc:  # raised as itself below, not in an exception group
@@ -366,7 +373,9 @@ def _check_resume(
             raise ObjectChanged(f"storage sent the whole file when asked from byte {start}: starting the upload over")
         return
     got = storage.content_range(resp)
-    if got is None or got.first != start or (got.total is not None and got.total != size):
+    if got is not None and got.total is not None and got.total != size:
+        raise ObjectChanged(f"storage now has {got.total} bytes, the job says {size}")
+    if got is None or got.first != start:
         shown = resp.headers.get("Content-Range")
         raise DownloadError(f"Content-Range {shown!r} does not continue the upload at byte {start} of {size}")
 
