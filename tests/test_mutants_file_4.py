@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,19 +36,11 @@ from .test_mutants_file import (
     sha,
     stored,
 )
-from .test_mutants_file_2 import free_bytes
+from .test_mutants_file_2 import DISK_MB, free_bytes, small_disk  # noqa: F401 (small_disk is a fixture)
 from .test_mutants_file_3 import storage_serving
 
 pytestmark = pytest.mark.anyio
 MiB = 1024 * 1024
-DISK_MB = 8
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A folder on a disk of its own: a real 8 MiB tmpfs (mounting needs root: skipped elsewhere)."""
-    with tmpfs_at(tmp_path / "disk", DISK_MB) as disk:
-        yield disk
 
 
 def names_in(folder: Path) -> list[str]:

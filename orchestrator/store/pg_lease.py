@@ -193,7 +193,7 @@ class PgLeases(PgBase):
             live_row = await cur.fetchone()
             live = max(1, int(live_row["n"]) if live_row else 1)
             holding = [state for _, state in renewed.values()]
-            room_checks = checks - sum(s in {x.value for x in AT_SERVICE} for s in holding)
+            room_checks = checks - sum(s in CHECKED for s in holding)
             room_downloads = downloads - sum(s in {x.value for x in TO_DOWNLOAD} for s in holding)
             if room_downloads > 0:  # an even share of all the files to fetch: the other workers fetch too
                 cur = await db.execute(

@@ -46,7 +46,12 @@ class BucketUrl:
         return self.prefix + "/".join(parts)
 
     def url(self, *parts: str) -> str:
-        return f"{SCHEME}{self.bucket}/{self.key(*parts)}"
+        """The URL of `parts` under the prefix."""
+        return self.url_of(self.key(*parts))
+
+    def url_of(self, key: str) -> str:
+        """The URL of a whole key (one that already holds the prefix)."""
+        return f"{SCHEME}{self.bucket}/{key}"
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.prefix}"
@@ -103,7 +108,7 @@ class Bucket:
         """botocore's errors as ours, naming the bucket and key (never a credential)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        where = self.url.url(key) if key else str(self.url)
+        where = self.url.url_of(key) if key else str(self.url)
         try:
             yield
         except ClientError as exc:
@@ -138,7 +143,7 @@ class Bucket:
             upload_id = await self.start_upload(probe)
             try:
                 if await self.uploaded_parts(probe, upload_id) is None:
-                    raise BucketError(f"{self.url.url(probe)}: a multipart upload just started is not listed")
+                    raise BucketError(f"{self.url.url_of(probe)}: a multipart upload just started is not listed")
             finally:
                 await self.abort(probe, upload_id)
         finally:

@@ -21,8 +21,6 @@ the key is taken, the bytes were wrong) is aborted: no orphaned parts to pay for
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -42,7 +40,7 @@ from .bucket import Bucket
 from .file import Downloader, Source, Transfer
 from .hashing import ResumableDigest
 from .urls import redact
-from .verify import check_safetensors_head
+from .verify import Hashes, check_safetensors_head
 
 log = logging.getLogger(__name__)
 PART_MIN_BYTES = 8 * 1024 * 1024  # S3 wants 5 MiB at least for every part but the last
@@ -126,15 +124,13 @@ class BucketFetcher:
         source = Source(artifact, renew)
         key = self.bucket.url.key(job_id, artifact.name)
         size = artifact.size_bytes
-        parts = None if size is None else part_size(size, self.part_bytes)
-        whole = size is None or parts is None or size <= parts
 
         async def attempt() -> Stored:
             await source.ensure_fresh(renew_margin_s)
             try:
-                if whole or size is None or parts is None:
+                if size is None or size <= part_size(size, self.part_bytes):
                     return await self._whole(source, key, transfer)
-                return await self._multipart(source, key, size, parts, uploads, transfer)
+                return await self._multipart(source, key, size, part_size(size, self.part_bytes), uploads, transfer)
             except UrlExpired:
                 await source.renew_after(source.url)
                 raise
@@ -188,14 +184,14 @@ class BucketFetcher:
         return self._stored(key, digest)
 
     def _stored(self, key: str, digest: Digest | ResumableDigest) -> Stored:
-        return Stored(f"s3://{self.bucket.url.bucket}/{key}", digest.size, digest.sha256_hex())
+        return Stored(self.bucket.url.url_of(key), digest.size, digest.sha256_hex())
 
     async def _keep_if_ours(self, key: str, size: int, sha256: str) -> None:
         """An object is already at `key`: an earlier run's, with these very bytes, is kept."""
         there = await self.bucket.read_digest(key)
         if there != (size, sha256):
             raise KeyTaken(
-                f"s3://{self.bucket.url.bucket}/{key} already holds another object ({there[0]} bytes, sha256 "
+                f"{self.bucket.url.url_of(key)} already holds another object ({there[0]} bytes, sha256 "
                 f"{there[1][:12]}...); it was left alone: move it away (or choose another --out) and run again"
             )
         log.info("upload.already_there key=%s", key)
@@ -339,24 +335,16 @@ def _digest_after(state: bytes | None) -> Digest | ResumableDigest | None:
         return None
 
 
-class Digest:
-    """sha256 and md5 of a file that comes in one piece, or where no libcrypto lets a digest's
-    state be saved (`state()` is then empty, and a resumed upload starts over)."""
+class Digest(Hashes):
+    """`verify.Hashes` (sha256 and md5) as `ResumableDigest` is used: for a file that comes in
+    one piece, or where no libcrypto lets a digest's state be saved (`state()` is then empty,
+    and a resumed upload starts over)."""
 
     def __init__(self) -> None:
-        self._sha, self._md5 = hashlib.sha256(), hashlib.md5()
-        self.size = 0
-
-    def update(self, data: bytes) -> None:
-        self._sha.update(data)
-        self._md5.update(data)
-        self.size += len(data)
+        super().__init__(md5=True)
 
     def sha256_hex(self) -> str:
-        return self._sha.hexdigest()
-
-    def md5_b64(self) -> str:
-        return base64.b64encode(self._md5.digest()).decode()
+        return self.sha.hexdigest()
 
     def state(self) -> bytes:
         return b""
