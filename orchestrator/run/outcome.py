@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 from ..models import BAD_ENDINGS, JobState
-from ..transfer.file import Transfer
+from ..transfer.progress import Transfer
 
 
 class ExitCode(enum.IntEnum):

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +46,7 @@ from ..errors import DownloadError, NoSpace, ObjectChanged, RangesIgnored, Space
 from ..models import Artifact
 from ..store.parts import PartLog, PartRecord
 from . import storage
+from .progress import Transfer
 from .ranges import fetch_ranges, part_size
 from .urls import expires_at, redact
 from .verify import DISK_FULL, Fetched, Hashes, PartWriter, place
@@ -62,20 +63,6 @@ MAX_RENEWALS = 3  # per attempt cycle: a URL refused right after renewal is not 
 FREE_SPACE_MARGIN_SHARE = 0.02
 FREE_SPACE_MARGIN_MIN_BYTES = 1024 * 1024
 FREE_SPACE_MARGIN_MAX_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class Transfer:
-    """One file being fetched, for progress displays."""
-
-    name: str
-    total: int | None
-    started: float = field(default_factory=time.monotonic)
-    counter: list[int] = field(default_factory=lambda: [0])  # bytes so far (shared with transfer/ranges.py)
-
-    @property
-    def done(self) -> int:
-        return self.counter[0]
 
 
 class Source:
@@ -210,7 +197,8 @@ class Downloader:
 
     @property
     def bytes_fetched(self) -> int:
-        return self._finished_bytes + sum(t.done for t in self.transfers.values())
+        """Bytes received over the network by this run, all files together."""
+        return self._finished_bytes + sum(t.received for t in self.transfers.values())
 
     async def _thread(self, func: Callable[..., T], *args: object) -> T:
         return await anyio.to_thread.run_sync(func, *args, limiter=self._io)
@@ -255,7 +243,7 @@ class Downloader:
         try:
             yield transfer
         finally:
-            self._finished_bytes += transfer.done
+            self._finished_bytes += transfer.received
             del self.transfers[key]
 
     @property
@@ -326,7 +314,7 @@ class Downloader:
             connections=self.connections_per_file,
             range_bytes=self.range_bytes,
             policy=self.range_retry,
-            counter=transfer.counter,
+            transfer=transfer,
             io=self._io,
         )
 
@@ -418,7 +406,7 @@ class Downloader:
         """Write the body into `part` from `start`, hashing as it goes, off the event loop;
         with `prove`, sync and record the prefix every `range_bytes` and at the end or a break."""
         writer = await self._thread(partial(PartWriter, part, start, md5=md5))
-        transfer.counter[0] = start
+        transfer.start_at(start)
         proven = start
         buffer = bytearray()
 
@@ -436,7 +424,7 @@ class Downloader:
                 if len(buffer) >= CHUNK_BYTES:
                     full, buffer = buffer, bytearray()  # hand the block over: no copy
                     await self._thread(writer.write, full)
-                    transfer.counter[0] += len(full)
+                    transfer.add(len(full))
                     if prove is not None and writer.position - proven >= self.range_bytes:
                         await sync_and_prove()
         finally:
@@ -445,7 +433,7 @@ class Downloader:
                 try:
                     if buffer:
                         await self._thread(writer.write, buffer)
-                        transfer.counter[0] += len(buffer)
+                        transfer.add(len(buffer))
                 finally:
                     try:
                         await sync_and_prove()  # what was written before a full disk is good too

@@ -24,6 +24,7 @@ from ..crashpoints import crash_point
 from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, UrlExpired
 from ..store.parts import PartLog, gaps, split
 from . import storage
+from .progress import Transfer
 from .verify import READ_BYTES, Hashes, write_at
 
 WRITE_BYTES = 1024 * 1024
@@ -66,15 +67,17 @@ async def fetch_ranges(
     connections: int,
     range_bytes: int,
     policy: RetryPolicy,
-    counter: list[int] | None = None,
+    transfer: Transfer | None = None,
     io: anyio.CapacityLimiter | None = None,
 ) -> tuple[Hashes, str | None]:
     """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
     covered, etag = await _proven_spans(part, size, log, io)
+    if transfer is not None:
+        transfer.start_at(sum(end - start for start, end in covered))
     todo = split(gaps(covered, size), range_bytes)
     fd = await anyio.to_thread.run_sync(os.open, part, os.O_RDWR)
     try:
-        fill = _RangeFill(session, source, fd, size, log, policy, counter, io, covered=covered, todo=todo, etag=etag)
+        fill = _RangeFill(session, source, fd, size, log, policy, transfer, io, covered=covered, todo=todo, etag=etag)
         hashes = await fill.run(connections)
     finally:
         os.close(fd)
@@ -109,7 +112,7 @@ class _RangeFill:
         size: int,
         log: PartLog,
         policy: RetryPolicy,
-        counter: list[int] | None,
+        transfer: Transfer | None,
         io: anyio.CapacityLimiter | None,
         *,
         covered: list[tuple[int, int]],
@@ -117,7 +120,7 @@ class _RangeFill:
         etag: str | None,
     ) -> None:
         self.session, self.source, self.fd, self.size, self.log = session, source, fd, size, log
-        self.policy, self.counter, self.io = policy, counter, io
+        self.policy, self.transfer, self.io = policy, transfer, io
         self.pieces = sorted([*covered, *todo])  # the whole file in order, for the hasher
         fetching = set(todo)
         self.done = {i for i, piece in enumerate(self.pieces) if piece not in fetching}
@@ -204,13 +207,13 @@ class _RangeFill:
                         full, buffer = buffer, bytearray()  # hand the block over: no copy
                         await anyio.to_thread.run_sync(write_at, self.fd, offset, full, limiter=self.io)
                         offset += len(full)
-                        if self.counter is not None:
-                            self.counter[0] += len(full)
+                        if self.transfer is not None:
+                            self.transfer.add(len(full))
                 if buffer:
                     await anyio.to_thread.run_sync(write_at, self.fd, offset, buffer, limiter=self.io)
                     offset += len(buffer)
-                    if self.counter is not None:
-                        self.counter[0] += len(buffer)
+                    if self.transfer is not None:
+                        self.transfer.add(len(buffer))
                 if offset != end:
                     raise DownloadError(f"range {start}-{end - 1} ended at {offset}")
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -37,8 +37,9 @@ from ..models import Artifact
 from ..store import Store, UploadedPart, UploadRecord
 from . import storage
 from .bucket import Bucket
-from .file import Downloader, Source, Transfer
+from .file import Downloader, Source
 from .hashing import ResumableDigest
+from .progress import Transfer
 from .urls import redact
 from .verify import Hashes, check_safetensors_head
 
@@ -171,7 +172,8 @@ class BucketFetcher:
                 raise DownloadError(f"{artifact.name}: storage answered {resp.status} to a request for the whole file")
             md5 = storage.storage_md5(resp)
             data = await resp.read()
-        transfer.counter[0] = len(data)
+        transfer.start_at(0)
+        transfer.add(len(data))
         digest = Digest()
         digest.update(data)
         _verify(artifact, digest, md5)
@@ -210,7 +212,7 @@ class BucketFetcher:
             await self.abandon(uploads)
             record, done, first, digest = None, {}, 1, _digest_after(None) or Digest()
         start = (first - 1) * part_bytes
-        transfer.counter[0] = start
+        transfer.start_at(start)
         upload_id = record.upload_id if record is not None else None
         md5 = None
         if first > count:  # every part is in the bucket: storage's ETag and md5 are still checked
@@ -308,7 +310,7 @@ class BucketFetcher:
                     await room.acquire()
                     data = await resp.content.readexactly(length)
                     digest.update(data)
-                    transfer.counter[0] += length
+                    transfer.add(length)
                     if number == 1 and key.endswith(".safetensors"):
                         check_safetensors_head(key.rsplit("/", 1)[-1], data, size)
                     if number in done and done[number].hash_state == digest.state():
