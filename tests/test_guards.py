@@ -2,9 +2,10 @@
 
 Every test here leaves exactly one guard between a faulty object and a wrong file on
 disk: the faults are chosen so that no other check can catch them (a consistent object
-of the wrong size; a header broken in a consistent object; no md5 from storage where
-the ETag is the guard). Files are 3 MiB, above the 1 MiB from which a part is recorded,
-and go in one stream or in 1 MiB ranges, so every path runs.
+of the wrong size; a header broken in a consistent object; only an md5, or only a crc32c
+(a composite object), from storage; no hash at all where the ETag is the guard). Files are
+3 MiB, above the 1 MiB from which a part is recorded, and go in one stream or in 1 MiB
+ranges, so every path runs.
 """
 
 from __future__ import annotations
@@ -65,11 +66,22 @@ async def test_a_broken_safetensors_header_is_never_placed(tmp_path: Path, path:
     assert placed(result.paths.out) == []  # neither a final file nor a part of wrong bytes
 
 
-@pytest.mark.parametrize("path", PATHS)
-async def test_wrong_bytes_of_the_right_length_are_fetched_again(tmp_path: Path, path: dict[str, int]) -> None:
-    """Only storage's md5: a body of the right length whose second half is wrong."""
+@pytest.mark.parametrize(
+    "path, hashes",
+    [
+        pytest.param(ONE_STREAM, {"crc32c": False}, id="one-stream-md5"),
+        pytest.param(RANGES, {"crc32c": False}, id="ranges-md5"),
+        # A composite object: storage gives its crc32c and no md5.
+        pytest.param(ONE_STREAM, {"hash_max_bytes": 0}, id="one-stream-crc32c"),
+        pytest.param(RANGES, {"hash_max_bytes": 0}, id="ranges-crc32c"),
+    ],
+)
+async def test_wrong_bytes_of_the_right_length_are_fetched_again(
+    tmp_path: Path, path: dict[str, int], hashes: dict[str, int]
+) -> None:
+    """Only storage's md5, or only its crc32c: a body of the right length whose second half is wrong."""
     plan = scripted((FaultKind.GARBLE, 1, 100_000))
-    async with Simulator(fast_sim(checkpoint_bytes=SIZE, faults=plan)) as sim:
+    async with Simulator(fast_sim(checkpoint_bytes=SIZE, faults=plan, **hashes)) as sim:
         result = await run(sim, manifest(tmp_path, trainings=1, lora=False), settings(path))
         assert result.outcome.exit_code == 0, result.outcome.problems
         assert [d.fault for d in sim.ledger.downloads].count("garble") == 1
@@ -79,7 +91,7 @@ async def test_wrong_bytes_of_the_right_length_are_fetched_again(tmp_path: Path,
 async def test_an_object_rewritten_under_a_resumed_part_is_fetched_again_whole(tmp_path: Path) -> None:
     """Only the ETag, in one stream: storage gives no md5, and the new generation has the same size."""
     plan = scripted((FaultKind.RESET, 1, 1_500_000), (FaultKind.REWRITE, 2, None))
-    async with Simulator(fast_sim(checkpoint_bytes=SIZE, hash_max_bytes=0, faults=plan)) as sim:
+    async with Simulator(fast_sim(checkpoint_bytes=SIZE, hash_max_bytes=0, crc32c=False, faults=plan)) as sim:
         result = await run(sim, manifest(tmp_path, trainings=1, lora=False), settings(ONE_STREAM))
         assert result.outcome.exit_code == 0, result.outcome.problems
         served = [(d.start, d.status, d.fault) for d in sim.ledger.downloads]
@@ -95,7 +107,7 @@ async def test_an_object_rewritten_under_a_resumed_part_is_fetched_again_whole(t
 async def test_an_object_rewritten_between_ranges_is_fetched_again_whole(tmp_path: Path) -> None:
     """Only the ETag, in ranges: the first range comes from one generation, the others from the next."""
     plan = scripted((FaultKind.REWRITE, 2, None))
-    async with Simulator(fast_sim(checkpoint_bytes=SIZE, hash_max_bytes=0, faults=plan)) as sim:
+    async with Simulator(fast_sim(checkpoint_bytes=SIZE, hash_max_bytes=0, crc32c=False, faults=plan)) as sim:
         result = await run(sim, manifest(tmp_path, trainings=1, lora=False), settings(RANGES))
         assert result.outcome.exit_code == 0, result.outcome.problems
         served = [(d.start, d.fault) for d in sim.ledger.downloads]

@@ -273,7 +273,9 @@ async def test_storage_refusing_every_fresh_url_is_renewed_exactly_max_renewals_
 
 
 def io_threads() -> set[int]:
-    return {t.ident or 0 for t in threading.enumerate() if t.name == "AnyIO worker thread"}
+    """Threads that may touch files: the downloads' pool, and anyio's (the loop's own resolve host names)."""
+    names = ("dreamlook-io", "AnyIO worker thread")
+    return {t.ident or 0 for t in threading.enumerate() if t.name.startswith(names)}
 
 
 async def test_disk_work_of_many_connections_stays_on_a_few_threads(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from orchestrator.run.download import StorePartLog
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, Simulator
 from orchestrator.store import SqliteDb
 from orchestrator.store.threaded import SqliteStore
-from orchestrator.transfer.ranges import WRITE_BYTES, _proven_spans, fetch_ranges
-from orchestrator.transfer.verify import Hashes
+from orchestrator.transfer.progress import Transfer
+from orchestrator.transfer.ranges import BLOCK_BYTES, _proven_spans, fetch_ranges
+from orchestrator.transfer.verify import Hashes, StorageHashes
 
 from .conftest import fast_sim
 from .simhttp import Http
@@ -29,7 +32,7 @@ from .test_sim_storage import trained
 
 pytestmark = pytest.mark.anyio
 
-RANGE = WRITE_BYTES + 1000  # each range: one full write block, then a tail
+RANGE = BLOCK_BYTES + 1000  # each range: one full block, then a tail
 SIZE = 2 * RANGE + 7  # three ranges; the last one only a tail
 QUICK = RetryPolicy(attempts=3, total_s=30.0, backoff_min_s=0.001, backoff_max_s=0.002)
 TWO_TRIES = RetryPolicy(attempts=2, total_s=30.0, backoff_min_s=0.001, backoff_max_s=0.002)
@@ -63,7 +66,7 @@ async def stored_checkpoint(sim: Simulator) -> Stored:
         url = job["dreambooth_result"]["checkpoints"][0]["url"]
         status, body, headers = await http.raw(url)
     assert status == 200 and len(body) == SIZE
-    md5 = headers["x-goog-hash"].split("md5=")[1]
+    md5 = dict(item.split("=", 1) for item in headers["x-goog-hash"].split(","))["md5"]
     assert base64.b64decode(md5) == hashlib.md5(body).digest()
     return Stored(url=url, body=body, etag=headers["ETag"], md5=md5)
 
@@ -75,23 +78,24 @@ async def fetch(
     *,
     size: int = SIZE,
     connections: int = 2,
-    counter: list[int] | None = None,
+    transfer: Transfer | None = None,
     policy: RetryPolicy = QUICK,
-    io: anyio.CapacityLimiter | None = None,
-) -> tuple[Hashes, str | None]:
-    async with aiohttp.ClientSession() as session:
-        return await fetch_ranges(
-            session,
-            FixedUrl(stored.url),
-            part,
-            size,
-            log,
-            connections=connections,
-            range_bytes=RANGE,
-            policy=policy,
-            counter=counter,
-            io=io,
-        )
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[Hashes, StorageHashes]:
+    with ThreadPoolExecutor(2) as own:
+        async with aiohttp.ClientSession() as session:
+            return await fetch_ranges(
+                session,
+                FixedUrl(stored.url),
+                part,
+                size,
+                log,
+                connections=connections,
+                range_bytes=RANGE,
+                policy=policy,
+                transfer=transfer,
+                pool=pool or own,
+            )
 
 
 async def open_log(tmp_path: Path) -> StorePartLog:
@@ -118,16 +122,17 @@ async def test_a_fresh_ranged_download_writes_the_file_records_its_etag_and_coun
         stored = await stored_checkpoint(sim)
         log = await open_log(tmp_path)
         part = tmp_path / "out" / "model.safetensors.part"
-        counter = [0]
+        transfer = Transfer("model", SIZE)
         try:
-            hashes, md5 = await fetch(stored, part, log, counter=counter)
+            hashes, expected = await fetch(stored, part, log, transfer=transfer)
             record = await log.record()
         finally:
             await close_log(log)
     assert part.read_bytes() == stored.body
     assert hashes.sha.hexdigest() == hashlib.sha256(stored.body).hexdigest()
-    assert md5 == stored.md5 and hashes.md5_b64() == stored.md5
-    assert counter == [SIZE]  # the progress figure: every byte fetched, once
+    assert expected.md5 == stored.md5 and hashes.md5_b64() == stored.md5
+    assert expected.crc32c is not None and hashes.crc32c_b64() == expected.crc32c
+    assert transfer.done == transfer.received == SIZE  # the progress figures: every byte fetched, once
     assert record is not None and record.etag == stored.etag  # a resume can tell a rewritten object
     assert record.size == SIZE and record.covered() == [(0, SIZE)]
 
@@ -160,7 +165,7 @@ async def test_a_part_proven_to_its_last_byte_is_hashed_without_asking_storage(t
             await log.set_etag(stored.etag)
             await log.prove(0, RANGE)
             await log.prove(RANGE, SIZE - RANGE)
-            hashes, md5 = await fetch(stored, part, log)
+            hashes, expected = await fetch(stored, part, log)
             record = await log.record()
         finally:
             await close_log(log)
@@ -168,7 +173,7 @@ async def test_a_part_proven_to_its_last_byte_is_hashed_without_asking_storage(t
     assert part.read_bytes() == stored.body
     assert hashes.sha.hexdigest() == hashlib.sha256(stored.body).hexdigest()
     # No answer, so no md5 from storage: none to compare with (an empty one would never match).
-    assert md5 is None and hashes.md5_b64() is None
+    assert expected == StorageHashes() and hashes.md5_b64() is None and hashes.crc32c_b64() is None
     assert record is not None and record.covered() == [(0, SIZE)]
 
 
@@ -198,7 +203,8 @@ async def test_starting_over_leaves_a_part_of_zeros_not_the_old_bytes(tmp_path: 
     try:
         db.part_start_over("job-1", "ckp_1", 999)  # proven of an object of another size
         db.part_prove("job-1", "ckp_1", 0, 999)
-        covered, etag = await _proven_spans(part, 600, log, None)
+        with ThreadPoolExecutor(1) as pool:
+            covered, etag = await _proven_spans(part, 600, log, pool)
         record = db.part_record("job-1", "ckp_1")
     finally:
         db.close()
@@ -258,13 +264,14 @@ def on_disk(part: Path) -> bytes | None:
 
 
 @pytest.mark.parametrize("scenario", ["fresh", "short-part", "head-missing"])
-async def test_a_ranged_download_touches_the_part_only_when_the_shared_disk_limiter_lets_it(
+async def test_a_ranged_download_touches_the_part_only_on_the_downloads_own_threads(
     tmp_path: Path, scenario: str
 ) -> None:
-    """The downloader bounds the threads that write and hash files (`IO_THREADS`) with one limiter
-    for all downloads. Holding its only token, the test lets the download take one disk step at a
-    time: while the test holds it, not a byte of the part may change. Resumed: a part shorter
-    than the file (to be extended), or one missing only its first 500 bytes (one short write)."""
+    """Every write, sync, read-back and hash of a part runs on the pool the download is given
+    (aiofiles' executor: a few threads for all downloads). Holding its only thread, the test lets
+    the download take one step of disk work at a time: while the test holds it, not a byte of
+    the part may change. Resumed: a part shorter than the file (to be extended), or one missing
+    only its first 500 bytes (one short write)."""
     async with Simulator(fast_sim(checkpoint_bytes=SIZE)) as sim:
         stored = await stored_checkpoint(sim)
         log = await open_log(tmp_path)
@@ -279,31 +286,43 @@ async def test_a_ranged_download_touches_the_part_only_when_the_shared_disk_limi
         elif scenario == "head-missing":
             part.write_bytes(bytes(500) + stored.body[500:])
             await log.prove(500, SIZE - 500)
-        io = anyio.CapacityLimiter(1)
-        await io.acquire()
-        result: list[tuple[Hashes, str | None]] = []
+        pool = ThreadPoolExecutor(1)
+        gate, holding = threading.Semaphore(0), threading.Event()
+
+        def hold() -> None:
+            holding.set()
+            gate.acquire()
+
+        pool.submit(hold)  # the test holds the only thread
+        result: list[tuple[Hashes, StorageHashes]] = []
         steps = 0
 
         async def download() -> None:
-            result.append(await fetch(stored, part, log, connections=1, io=io))
+            result.append(await fetch(stored, part, log, connections=1, pool=pool))
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(download)
-                with anyio.fail_after(30):
-                    while True:
-                        held = on_disk(part)  # the test holds the only token
-                        while not result and io.statistics().tasks_waiting == 0:  # noqa: ASYNC110
-                            await anyio.sleep(0.001)
-                        assert on_disk(part) == held, f"the part changed without the disk token (step {steps})"
-                        if result:
-                            break
-                        io.release()  # one disk step for the download
-                        await io.acquire()
-                        steps += 1
-                io.release()
+                try:
+                    with anyio.fail_after(30):
+                        while True:
+                            while not holding.is_set():  # noqa: ASYNC110
+                                await anyio.sleep(0.001)
+                            held = on_disk(part)
+                            while not result and pool._work_queue.qsize() == 0:  # noqa: ASYNC110
+                                await anyio.sleep(0.001)
+                            assert on_disk(part) == held, f"the part changed off the download's threads (step {steps})"
+                            if result:
+                                break
+                            holding.clear()
+                            pool.submit(hold)  # queued behind the download's next step: held again after it
+                            gate.release()  # one step of disk work for the download
+                            steps += 1
+                finally:
+                    gate.release(1000)  # let the download (shielded on its pool) and every hold still queued go
         finally:
+            pool.shutdown(cancel_futures=True)
             await close_log(log)
     assert part.read_bytes() == stored.body
     assert result[0][0].sha.hexdigest() == hashlib.sha256(stored.body).hexdigest()
-    assert steps >= 3  # it did wait for the token, step by step
+    assert steps >= 3  # it did wait for the thread, step by step

@@ -9,21 +9,34 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import pytest
 
 from orchestrator.errors import VerificationFailed
-from orchestrator.transfer.verify import PartWriter, check_safetensors_head, place
+from orchestrator.transfer import verify
+from orchestrator.transfer.verify import Hashes, StorageHashes, check_safetensors_head
 
 
-def write_part(folder: Path, data: bytes) -> tuple[Path, Path, PartWriter]:
-    """`data` written into `model.safetensors.part` as a download writes it."""
+def write_part(folder: Path, data: bytes) -> tuple[Path, Path, Hashes]:
+    """`data` written into `model.safetensors.part` (with its hashes, as a download takes them)."""
     part, final = folder / "model.safetensors.part", folder / "model.safetensors"
-    writer = PartWriter(part, 0, md5=False)
-    writer.write(data)
-    writer.close()
-    return part, final, writer
+    part.write_bytes(data)
+    hashes = Hashes(md5=False)
+    hashes.update(data)
+    return part, final, hashes
+
+
+def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int) -> None:
+    """`verify.place` as a download calls it, on a pool of its own."""
+
+    async def placing() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            await verify.place(part, final, hashes, size_bytes=size_bytes, expected=StorageHashes(), pool=pool)
+
+    anyio.run(placing)
 
 
 def placed(folder: Path, data: bytes) -> bool:
@@ -32,7 +45,7 @@ def placed(folder: Path, data: bytes) -> bool:
     folder.mkdir()
     part, final, writer = write_part(folder, data)
     try:
-        place(part, final, writer.hashes, size_bytes=len(data), md5=None)
+        place(part, final, writer, size_bytes=len(data))
     except VerificationFailed:
         assert not part.exists() and not final.exists()
         return False
@@ -57,7 +70,7 @@ def test_a_header_length_beyond_the_end_of_the_file_is_refused(tmp_path: Path) -
     assert not placed(tmp_path, safetensors(b"{}", length=10))
     part, final, writer = write_part(tmp_path, safetensors(b"{}", length=10))
     with pytest.raises(VerificationFailed, match="safetensors header length 10 is impossible"):
-        place(part, final, writer.hashes, size_bytes=10, md5=None)
+        place(part, final, writer, size_bytes=10)
 
 
 def test_the_first_part_of_a_good_file_passes_and_one_too_short_for_its_header_is_said_so() -> None:
@@ -84,7 +97,7 @@ def test_tensors_that_end_before_the_file_does_are_refused(tmp_path: Path) -> No
     assert not placed(tmp_path, safetensors(header, b"abcdefgh"))
     part, final, writer = write_part(tmp_path, safetensors(header, b"abcdefgh"))
     with pytest.raises(VerificationFailed, match=f"tensors end at {8 + len(header) + 4}, the file has"):
-        place(part, final, writer.hashes, size_bytes=8 + len(header) + 8, md5=None)
+        place(part, final, writer, size_bytes=8 + len(header) + 8)
 
 
 @pytest.fixture
@@ -99,5 +112,5 @@ def usual_umask() -> Iterator[None]:
 @pytest.mark.usefixtures("usual_umask")
 def test_a_placed_file_is_readable_and_not_executable(tmp_path: Path) -> None:
     part, final, writer = write_part(tmp_path, safetensors(b"{}"))
-    place(part, final, writer.hashes, size_bytes=10, md5=None)
+    place(part, final, writer, size_bytes=10)
     assert stat.S_IMODE(final.stat().st_mode) == 0o644

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import google_crc32c
 import pytest
 
 from orchestrator.sim import FileContent, Simulator, expected_sha256
@@ -36,8 +37,10 @@ async def test_checkpoint_bytes_are_deterministic_safetensors_with_the_expected_
             assert status == 200 and len(body) == ckp["size_bytes"] == int(headers["Content-Length"])
             name = urlsplit(ckp["url"]).path.rsplit("/", 1)[-1]
             assert hashlib.sha256(body).hexdigest() == expected[name]
-            md5 = headers["x-goog-hash"].split("md5=")[1]
-            assert base64.b64decode(md5) == hashlib.md5(body).digest()
+            # Uploaded whole (not composite): md5 and crc32c of the whole object, as GCS sends them.
+            hashes = dict(item.split("=", 1) for item in headers["x-goog-hash"].split(","))
+            assert base64.b64decode(hashes["md5"]) == hashlib.md5(body).digest()
+            assert base64.b64decode(hashes["crc32c"]) == google_crc32c.Checksum(body).digest()  # type: ignore[no-untyped-call]
             (length,) = struct.unpack("<Q", body[:8])
             header = json.loads(body[8 : 8 + length])
             assert 8 + length + header["weight"]["data_offsets"][1] == len(body)
@@ -127,12 +130,17 @@ async def test_multi_gb_file_streams_whole_without_being_held_in_memory() -> Non
         digest, received, largest = hashlib.sha256(), 0, 0
         async with aiohttp.ClientSession() as bare, bare.get(url) as resp:
             assert resp.status == 200 and int(resp.headers["Content-Length"]) == size
-            assert "x-goog-hash" not in resp.headers  # too big to hash cheaply
+            # A composite object (as large GCS uploads are): crc32c only, no md5.
+            (goog_hash,) = resp.headers.getall("x-goog-hash")
+            assert goog_hash.startswith("crc32c=") and "md5=" not in goog_hash
+            crc = google_crc32c.Checksum()  # type: ignore[no-untyped-call]
             async for chunk in resp.content.iter_chunked(1 << 20):
                 digest.update(chunk)
+                crc.update(chunk)  # type: ignore[no-untyped-call]
                 received += len(chunk)
                 largest = max(largest, len(chunk))
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         expected = sim.expected_files(job["job_id"])[name]
     assert received == size and digest.hexdigest() == expected  # every byte, the right bytes
+    assert goog_hash == "crc32c=" + base64.b64encode(crc.digest()).decode()  # type: ignore[no-untyped-call]
     assert after - before < 64 * 1024  # KiB: the server and this reader held chunks, never the file

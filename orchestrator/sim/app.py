@@ -18,7 +18,7 @@ import anyio
 from aiohttp import web
 
 from . import signing
-from .content import md5_b64, md5_b64_bytes, png_image
+from .content import crc32c_b64, crc32c_b64_bytes, md5_b64, md5_b64_bytes, png_image
 from .service import JobKind, Rejected, Served, StoredFile
 from .settings import LIST_DEFAULT_LIMIT, FaultKind, FaultPlan, FaultRates, Route, ScriptedFault
 
@@ -213,10 +213,16 @@ async def _send_file(
         "x-goog-generation": str(generation),
         "Content-Type": "image/png" if png is not None else "application/octet-stream",
     }
+    hashes = []  # crc32c of every object; md5 only of one uploaded whole (not composite)
     if png is not None:
-        headers["x-goog-hash"] = f"md5={md5_b64_bytes(png)}"
-    elif content is not None and size <= sim.settings.hash_max_bytes:
-        headers["x-goog-hash"] = f"md5={md5_b64(content)}"
+        hashes = [f"crc32c={crc32c_b64_bytes(png)}", f"md5={md5_b64_bytes(png)}"]
+    elif content is not None:
+        hashes = [f"crc32c={crc32c_b64(content)}"]
+        if size <= sim.settings.hash_max_bytes:
+            hashes.append(f"md5={md5_b64(content)}")
+    hashes = [h for h in hashes if sim.settings.crc32c or not h.startswith("crc32c=")]
+    if hashes:
+        headers["x-goog-hash"] = ",".join(hashes)
     start, end, status = 0, size, 200
     match = RANGE_RE.match(request.headers.get("Range", ""))
     if match and kind is not FaultKind.IGNORE_RANGE:

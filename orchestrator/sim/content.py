@@ -14,9 +14,14 @@ import hashlib
 import json
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
+
+import google_crc32c
+
+_extend = cast(Callable[[int, bytes], int], google_crc32c.extend)  # the library ships no type hints
 
 PATTERN_BYTES = 1024 * 1024 + 7
 CHUNK_BYTES = 1024 * 1024
@@ -89,6 +94,18 @@ def md5_b64(content: FileContent) -> str:
     for chunk in content.read(0, content.size):
         digest.update(chunk)
     return base64.b64encode(digest.digest()).decode()
+
+
+@lru_cache(maxsize=4096)
+def crc32c_b64(content: FileContent) -> str:
+    crc = 0
+    for chunk in content.read(0, content.size):
+        crc = _extend(crc, bytes(chunk))
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def crc32c_b64_bytes(data: bytes) -> str:
+    return base64.b64encode(_extend(0, data).to_bytes(4, "big")).decode()
 
 
 def md5_b64_bytes(data: bytes) -> str:

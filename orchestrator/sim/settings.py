@@ -28,7 +28,9 @@ CHECKPOINT_BYTES = 2_132_625_438  # the docs' example, SD 1.5
 SDXL_CHECKPOINT_BYTES = 6_938_040_682
 LORA_BYTES = 75_611_048  # the docs' example
 IMAGE_MAX_PX = 512
-HASH_MAX_BYTES = 64 * 1024 * 1024  # x-goog-hash md5 only where it is cheap to compute
+# Objects up to this size are uploaded whole (x-goog-hash gives md5 and crc32c); larger ones are
+# composite, as large uploads often are on GCS (crc32c only).
+HASH_MAX_BYTES = 64 * 1024 * 1024
 SLOW_ANSWER_S = 30.0  # real seconds: longer than any sane client timeout
 LATE_CREATE_S = 90.0  # real seconds: a late_create submission is answered, and its job made, this late
 LIST_DEFAULT_LIMIT = 50
@@ -124,7 +126,8 @@ class SimSettings:
     sdxl_checkpoint_bytes: int = SDXL_CHECKPOINT_BYTES
     lora_bytes: int = LORA_BYTES
     image_max_px: int = IMAGE_MAX_PX
-    hash_max_bytes: int = HASH_MAX_BYTES
+    hash_max_bytes: int = HASH_MAX_BYTES  # md5 only up to this size (non-composite objects)
+    crc32c: bool = True  # False: storage sends no hash at all (only size and ETag tell)
     tokens: int | None = None  # balance; None: unlimited
     # Variants of what api-notes.md calls uncertain, so clients can be tested on each.
     image_type_spelling: str = "image_gen"  # or "image-gen": the job object's job_type

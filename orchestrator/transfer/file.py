@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,12 +49,12 @@ from ..store.parts import PartLog, PartRecord
 from . import storage
 from .progress import Transfer
 from .ranges import fetch_ranges, part_size
+from .sink import PartFile, in_pool, pump
 from .urls import expires_at, redact
-from .verify import DISK_FULL, Fetched, Hashes, PartWriter, place
+from .verify import DISK_FULL, Fetched, Hashes, StorageHashes, place
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CHUNK_BYTES = 1024 * 1024  # bytes handed to the writer thread at once
 RECORD_MIN_BYTES = 1024 * 1024  # one stream records proven bytes only for files larger than this
 READ_BUFFER_BYTES = 256 * 1024  # aiohttp's buffer per connection
 IO_THREADS = 4  # file writes and hashes of all downloads; more threads only add malloc arenas (RSS)
@@ -160,10 +161,6 @@ def _epoch_of(part_name: str, name: str) -> int | None:
     return int(middle) if middle.isdigit() and part_name != middle else None
 
 
-def _place(part: Path, final: Path, hashes: Hashes, size: int | None, md5: str | None) -> Fetched:
-    return place(part, final, hashes, size_bytes=size, md5=md5)
-
-
 @dataclass(frozen=True, slots=True)
 class _Resume:
     have: int  # proven bytes one stream resumes after
@@ -191,7 +188,7 @@ class Downloader:
         self.file_retry = file_retry
         self.range_retry = range_retry
         self._session: aiohttp.ClientSession | None = None
-        self._io: anyio.CapacityLimiter | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self.transfers: dict[str, Transfer] = {}  # in flight, by "job/name"
         self._finished_bytes = 0
 
@@ -200,11 +197,17 @@ class Downloader:
         """Bytes received over the network by this run, all files together."""
         return self._finished_bytes + sum(t.received for t in self.transfers.values())
 
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads that write and hash files, for all downloads (aiofiles' executor)."""
+        assert self._pool is not None, "use Downloader in `async with`"
+        return self._pool
+
     async def _thread(self, func: Callable[..., T], *args: object) -> T:
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._io)
+        return await in_pool(self.pool, func, *args)
 
     async def __aenter__(self) -> Downloader:
-        self._io = anyio.CapacityLimiter(IO_THREADS)
+        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="dreamlook-io")
         # A read timeout per chunk, never a total: a 6 GB checkpoint may take an hour.
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._timeouts.connect_s, sock_read=self._timeouts.download_read_s
@@ -222,6 +225,8 @@ class Downloader:
     ) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._pool is not None:
+            await anyio.to_thread.run_sync(self._pool.shutdown)
 
     async def fetch(
         self,
@@ -275,8 +280,8 @@ class Downloader:
                     record = await part_log.record()
                     proven = record.proven_bytes() if record is not None and record.size == size else 0
                     await self._thread(_prepare, folder, part, size, proven)
-                    hashes, md5 = await self._ranged(source, part, size, part_log, transfer)
-                    return await self._thread(_place, part, final, hashes, size, md5)
+                    hashes, expected = await self._ranged(source, part, size, part_log, transfer)
+                    return await place(part, final, hashes, size_bytes=size, expected=expected, pool=self.pool)
                 return await self._one_stream(source, folder, part, final, part_log, transfer)
             except RangesIgnored:
                 log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
@@ -303,7 +308,7 @@ class Downloader:
 
     async def _ranged(
         self, source: Source, part: Path, size: int, part_log: PartLog, transfer: Transfer
-    ) -> tuple[Hashes, str | None]:
+    ) -> tuple[Hashes, StorageHashes]:
         assert self._session is not None, "use Downloader in `async with`"
         return await fetch_ranges(
             self._session,
@@ -315,7 +320,7 @@ class Downloader:
             range_bytes=self.range_bytes,
             policy=self.range_retry,
             transfer=transfer,
-            io=self._io,
+            pool=self.pool,
         )
 
     async def _one_stream(
@@ -327,9 +332,9 @@ class Downloader:
         resume = await self._resume_point(folder, part, size, part_log)
         if resume.have and resume.have == size:
             # Every byte is proven (killed before its rename): check it and place it, no request.
-            writer = await self._thread(partial(PartWriter, part, resume.have, md5=False))
-            await self._thread(writer.close)
-            return await self._thread(_place, part, final, writer.hashes, size, None)
+            writer = await PartFile.open(part, resume.have, hashes=Hashes(md5=False), pool=self.pool)
+            await writer.close()
+            return await place(part, final, writer.hashes, size_bytes=size, expected=StorageHashes(), pool=self.pool)
         headers = {"Range": f"bytes={resume.have}-"} if resume.have else {}
         try:
             async with self._session.get(artifact.url, headers=headers) as resp:
@@ -343,13 +348,13 @@ class Downloader:
                     )
                 await storage.raise_for_status(resp, artifact.name)
                 start = await self._body_start(resp, resume, artifact, part_log)
-                md5 = storage.storage_md5(resp)
+                expected = storage.storage_hashes(resp)
                 prove = part_log.prove if resume.recorded else None
-                writer = await self._stream(resp, part, start, transfer, md5=md5 is not None, prove=prove)
+                writer = await self._stream(resp, part, start, transfer, expected=expected, prove=prove)
         except (aiohttp.ClientError, TimeoutError) as exc:
             where = redact(artifact.url)
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
-        return await self._thread(_place, part, final, writer.hashes, size, md5)
+        return await place(part, final, writer.hashes, size_bytes=size, expected=expected, pool=self.pool)
 
     async def _resume_point(self, folder: Path, part: Path, size: int | None, part_log: PartLog) -> _Resume:
         """Where one stream starts: the end of the proven prefix, if the part still holds it."""
@@ -400,43 +405,37 @@ class Downloader:
         start: int,
         transfer: Transfer,
         *,
-        md5: bool,
+        expected: StorageHashes,
         prove: Callable[[int, int], Awaitable[None]] | None,
-    ) -> PartWriter:
-        """Write the body into `part` from `start`, hashing as it goes, off the event loop;
+    ) -> PartFile:
+        """Write the body into `part` from `start`, hashing beside the writes, off the event loop;
         with `prove`, sync and record the prefix every `range_bytes` and at the end or a break."""
-        writer = await self._thread(partial(PartWriter, part, start, md5=md5))
+        hashes = Hashes(md5=expected.md5 is not None, crc32c=expected.crc32c is not None)
+        writer = await PartFile.open(part, start, hashes=hashes, pool=self.pool)
         transfer.start_at(start)
         proven = start
-        buffer = bytearray()
 
         async def sync_and_prove() -> None:
             nonlocal proven
-            await self._thread(writer.sync)
+            await writer.sync()
             if prove is not None and writer.position > proven:
                 await prove(0, writer.position)  # only after the bytes are synced
                 proven = writer.position
                 crash_point("span-proven")
 
+        async def sink(block: memoryview) -> None:
+            await writer.write(block)
+            transfer.add(len(block))
+            if prove is not None and writer.position - proven >= self.range_bytes:
+                await sync_and_prove()
+
         try:
-            async for piece in resp.content.iter_chunked(CHUNK_BYTES):
-                buffer += piece
-                if len(buffer) >= CHUNK_BYTES:
-                    full, buffer = buffer, bytearray()  # hand the block over: no copy
-                    await self._thread(writer.write, full)
-                    transfer.add(len(full))
-                    if prove is not None and writer.position - proven >= self.range_bytes:
-                        await sync_and_prove()
+            await pump(resp.content, sink)
         finally:
-            # Bytes that arrived before a break are good bytes: keep them to resume after.
+            # Bytes written before a break, a stop or a full disk are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):
                 try:
-                    if buffer:
-                        await self._thread(writer.write, buffer)
-                        transfer.add(len(buffer))
+                    await sync_and_prove()
                 finally:
-                    try:
-                        await sync_and_prove()  # what was written before a full disk is good too
-                    finally:
-                        await self._thread(writer.close)
+                    await writer.close()
         return writer

@@ -1,5 +1,5 @@
 """Digests of a file that is fetched in several sittings: sha256 (what `SHA256SUMS` lists)
-and md5 (what storage's `x-goog-hash` says), whose running state can be saved after a
+and md5 and crc32c (what storage's `x-goog-hash` says), whose running state can be saved after a
 part and taken up again by another process, so a resumed upload into a bucket hashes
 only the bytes it fetches.
 
@@ -16,7 +16,9 @@ import ctypes
 import ctypes.util
 import functools
 
-STATE_TAG = b"dlb-ossl-1"  # saved with the state: a state from another layout is never taken up
+from .verify import crc32c_extend
+
+STATE_TAG = b"dlb-ossl-2"  # saved with the state: a state from another layout is never taken up
 SHA256_CTX_BYTES = 112  # unsigned int h[8], Nl, Nh, data[16], num, md_len
 MD5_CTX_BYTES = 92  # unsigned int A, B, C, D, Nl, Nh, data[16], num
 
@@ -37,7 +39,7 @@ def _libcrypto() -> ctypes.CDLL | None:
 
 
 class ResumableDigest:
-    """sha256 and md5 of the bytes given so far, in order; `state()` after any of them."""
+    """sha256, md5 and crc32c of the bytes given so far, in order; `state()` after any of them."""
 
     def __init__(self, state: bytes | None = None) -> None:
         lib = _libcrypto()
@@ -47,16 +49,18 @@ class ResumableDigest:
         self._sha = ctypes.create_string_buffer(SHA256_CTX_BYTES)
         self._md5 = ctypes.create_string_buffer(MD5_CTX_BYTES)
         self.size = 0
+        self.crc32c = 0
         if state is None:
             lib.SHA256_Init(self._sha)
             lib.MD5_Init(self._md5)
             return
-        tag, size, sha, md5 = _unpack(state)  # ValueError: not a state this build saved
+        tag, size, sha, md5, crc = _unpack(state)  # ValueError: not a state this build saved
         if tag != STATE_TAG:
             raise ValueError("a digest state saved by another build")
         ctypes.memmove(self._sha, sha, SHA256_CTX_BYTES)
         ctypes.memmove(self._md5, md5, MD5_CTX_BYTES)
         self.size = size
+        self.crc32c = crc
 
     @staticmethod
     def available() -> bool:
@@ -65,11 +69,14 @@ class ResumableDigest:
     def update(self, data: bytes) -> None:
         self._lib.SHA256_Update(self._sha, data, ctypes.c_size_t(len(data)))
         self._lib.MD5_Update(self._md5, data, ctypes.c_size_t(len(data)))
+        self.crc32c = crc32c_extend(self.crc32c, data)
         self.size += len(data)
 
     def state(self) -> bytes:
-        """222 bytes: a tag, the byte count, then the two C structures as they stand."""
-        return STATE_TAG + self.size.to_bytes(8, "little") + self._sha.raw + self._md5.raw
+        """226 bytes: a tag, the byte count, the two C structures as they stand, the crc32c."""
+        return (
+            STATE_TAG + self.size.to_bytes(8, "little") + self._sha.raw + self._md5.raw + self.crc32c.to_bytes(4, "big")
+        )
 
     def sha256_hex(self) -> str:
         out = ctypes.create_string_buffer(32)
@@ -81,10 +88,15 @@ class ResumableDigest:
         self._lib.MD5_Final(out, ctypes.create_string_buffer(self._md5.raw, MD5_CTX_BYTES))
         return base64.b64encode(out.raw).decode()
 
+    def crc32c_b64(self) -> str:
+        return base64.b64encode(self.crc32c.to_bytes(4, "big")).decode()
 
-def _unpack(state: bytes) -> tuple[bytes, int, bytes, bytes]:
+
+def _unpack(state: bytes) -> tuple[bytes, int, bytes, bytes, int]:
     tag, raw = state[: len(STATE_TAG)], state[len(STATE_TAG) :]
-    if len(raw) != 8 + SHA256_CTX_BYTES + MD5_CTX_BYTES:
+    if len(raw) != 8 + SHA256_CTX_BYTES + MD5_CTX_BYTES + 4:
         raise ValueError("a digest state of the wrong length")
     size = int.from_bytes(raw[:8], "little")
-    return tag, size, raw[8 : 8 + SHA256_CTX_BYTES], raw[8 + SHA256_CTX_BYTES :]
+    md5_end = 8 + SHA256_CTX_BYTES + MD5_CTX_BYTES
+    crc = int.from_bytes(raw[md5_end:], "big")
+    return tag, size, raw[8 : 8 + SHA256_CTX_BYTES], raw[8 + SHA256_CTX_BYTES : md5_end], crc

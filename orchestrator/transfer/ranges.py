@@ -4,17 +4,22 @@
 What is proven of the `.part` (see `store/parts.py`) is reused exactly: only the gaps are
 fetched, cut into ranges of the current `range_bytes`. Every finished range is synced
 and then recorded as a span, so a restart, even after SIGKILL, fetches only bytes that
-were never proven. A hasher follows the file in order, reading back the proven bytes
-(from an earlier run too) and each range just written, so sha256 and md5 are of the
-whole file and ready when the last range lands.
+were never proven. The hashes (sha256, and storage's md5/crc32c where given) follow the
+file in order (`InOrderHashes`): the range at the hasher's position is hashed as it
+arrives, beside its write; blocks that arrive ahead are kept for it within
+`HASH_AHEAD_BYTES`; only what did not fit, and what earlier runs proved, is read back.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import aiofiles
+import aiofiles.os
 import aiohttp
 import anyio
 
@@ -25,9 +30,11 @@ from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgno
 from ..store.parts import PartLog, gaps, split
 from . import storage
 from .progress import Transfer
-from .verify import READ_BYTES, Hashes, write_at
+from .sink import in_pool, pump, write_at
+from .verify import READ_BYTES, Hashes, StorageHashes
 
-WRITE_BYTES = 1024 * 1024
+BLOCK_BYTES = 512 * 1024  # a range's block: written and hashed at once (smaller than one stream's: many in flight)
+HASH_AHEAD_BYTES = 4 * 1024 * 1024  # per file: blocks that arrived ahead of the hashes, kept for them
 
 
 class Renewable(Protocol):
@@ -67,90 +74,181 @@ async def fetch_ranges(
     connections: int,
     range_bytes: int,
     policy: RetryPolicy,
+    pool: ThreadPoolExecutor,
     transfer: Transfer | None = None,
-    io: anyio.CapacityLimiter | None = None,
-) -> tuple[Hashes, str | None]:
-    """Fill `part` (of `size` bytes) range by range; its hashes and storage's md5, if given."""
-    covered, etag = await _proven_spans(part, size, log, io)
+) -> tuple[Hashes, StorageHashes]:
+    """Fill `part` (of `size` bytes) range by range; its hashes and storage's, where given."""
+    covered, etag = await _proven_spans(part, size, log, pool)
+    todo = split(gaps(covered, size), range_bytes)
     if transfer is not None:
         transfer.start_at(sum(end - start for start, end in covered))
-    todo = split(gaps(covered, size), range_bytes)
-    fd = await anyio.to_thread.run_sync(os.open, part, os.O_RDWR)
+    fd = await in_pool(pool, os.open, part, os.O_RDWR)
     try:
-        fill = _RangeFill(session, source, fd, size, log, policy, transfer, io, covered=covered, todo=todo, etag=etag)
-        hashes = await fill.run(connections)
+        fill = _RangeFill(session, source, fd, part, size, log, policy, transfer, pool, todo=todo, etag=etag)
+        hashes = await fill.run(connections, covered)
     finally:
         os.close(fd)
-    return hashes, fill.md5
+    assert fill.expected is not None, "the hashes end only after storage's first answer, or with nothing to ask"
+    return hashes, fill.expected
 
 
 async def _proven_spans(
-    part: Path, size: int, log: PartLog, io: anyio.CapacityLimiter | None
+    part: Path, size: int, log: PartLog, pool: ThreadPoolExecutor
 ) -> tuple[list[tuple[int, int]], str | None]:
     """The spans proven of `part` that it still holds, and their object's ETag; with none, a
     fresh sparse part (the record forgotten first, then the file)."""
-    on_disk = await anyio.to_thread.run_sync(part_size, part, limiter=io)
+    on_disk = await in_pool(pool, part_size, part)
     record = await log.record()
     covered = record.covered() if record is not None and record.size == size else []
     if not covered or on_disk is None or on_disk > size or covered[-1][1] > min(on_disk, size):
         await log.start_over(size)
-        await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=True), limiter=io)
+        await in_pool(pool, lambda: _allocate(part, size, fresh=True))
         return [], None
-    await anyio.to_thread.run_sync(lambda: _allocate(part, size, fresh=False), limiter=io)
+    await in_pool(pool, lambda: _allocate(part, size, fresh=False))
     return covered, record.etag if record is not None else None
+
+
+class InOrderHashes:
+    """The hashes of a file filled in any order, taken in order: a block at the current
+    position is hashed as it comes (beside its write); one ahead is kept while the kept ones
+    fit in `ahead_bytes`; the rest, and spans proven by earlier runs, are read back from the
+    part once everything before them is hashed."""
+
+    def __init__(self, fd: int, size: int, pool: ThreadPoolExecutor, *, ahead_bytes: int = HASH_AHEAD_BYTES) -> None:
+        self.fd, self.size, self.pool, self.ahead_bytes = fd, size, pool, ahead_bytes
+        self.hashes: Hashes | None = None  # made once storage's first answer says which hashes it gives
+        self.position = 0  # every byte before it is hashed
+        self.read_back = 0  # bytes hashed from the part rather than as they came (for the bench)
+        self._written: list[tuple[int, int]] = []  # spans on the part not yet hashed, sorted, apart
+        self._kept: dict[int, bytes] = {}
+        self._kept_bytes = 0
+        self._lock = anyio.Lock()
+        self._changed = anyio.Event()
+
+    def start(self, expected: StorageHashes) -> None:
+        if self.hashes is None:
+            self.hashes = Hashes(md5=expected.md5 is not None, crc32c=expected.crc32c is not None)
+            self._wake()
+
+    def written(self, start: int, end: int) -> None:
+        """Bytes [start, end) are on the part (proven earlier, or just written)."""
+        i = bisect.bisect_left(self._written, (start, end))
+        self._written.insert(i, (max(start, self.position), end))
+        merged: list[tuple[int, int]] = []
+        for a, b in self._written:
+            if b <= self.position or a >= b:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._written = merged
+        self._wake()
+
+    async def arrived(
+        self, offset: int, block: memoryview, write: anyio.abc.ObjectSendStream[None] | None = None
+    ) -> None:
+        """A block that is being written at `offset`: hashed now if it is next, else kept if it fits."""
+        end = offset + len(block)
+        async with self._lock:
+            if self.hashes is not None and offset <= self.position < end:
+                await self.hashes.update_beside(block[self.position - offset :], self.pool)
+                self.position = end
+                self._wake()
+            elif (
+                offset > self.position
+                and offset not in self._kept
+                and self._kept_bytes + len(block) <= self.ahead_bytes
+            ):
+                self._kept[offset] = bytes(block)  # the block's buffer is reused once this returns
+                self._kept_bytes += len(block)
+
+    async def run(self) -> Hashes:
+        """Follow the part to its end: kept blocks first, else read back what is written."""
+        while True:
+            async with self._lock:
+                if self.hashes is not None and self.position >= self.size:
+                    return self.hashes
+                step = self._next() if self.hashes is not None else None
+                if step is not None:
+                    await self._take(*step)
+                    continue
+                changed = self._changed = anyio.Event()
+            await changed.wait()
+
+    def _next(self) -> tuple[int, bytes | None] | None:
+        kept = self._kept.pop(self.position, None)
+        if kept is not None:
+            self._kept_bytes -= len(kept)
+            return self.position + len(kept), kept
+        for start, end in self._written:
+            if start <= self.position < end:
+                ahead = [k for k in self._kept if k > self.position]
+                return min(end, self.position + READ_BYTES, *ahead), None
+        return None
+
+    async def _take(self, end: int, kept: bytes | None) -> None:
+        assert self.hashes is not None
+        if kept is not None:
+            await in_pool(self.pool, self.hashes.update, kept)
+        else:
+            await in_pool(self.pool, _hash_range, self.fd, self.position, end, self.hashes)
+            self.read_back += end - self.position
+        self.position = end
+        for offset in [k for k in self._kept if k < end]:  # kept blocks this read covered
+            self._kept_bytes -= len(self._kept.pop(offset))
+
+    def _wake(self) -> None:
+        self._changed.set()
 
 
 class _RangeFill:
     """One ranged fill of a part: workers fetch the gaps (each range under `range_attempts`),
-    a hasher follows the whole file in order as ranges are proven."""
+    the hashes follow the whole file in order."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         source: Renewable,
         fd: int,
+        part: Path,
         size: int,
         log: PartLog,
         policy: RetryPolicy,
         transfer: Transfer | None,
-        io: anyio.CapacityLimiter | None,
+        pool: ThreadPoolExecutor,
         *,
-        covered: list[tuple[int, int]],
         todo: list[tuple[int, int]],
         etag: str | None,
     ) -> None:
-        self.session, self.source, self.fd, self.size, self.log = session, source, fd, size, log
-        self.policy, self.transfer, self.io = policy, transfer, io
-        self.pieces = sorted([*covered, *todo])  # the whole file in order, for the hasher
-        fetching = set(todo)
-        self.done = {i for i, piece in enumerate(self.pieces) if piece not in fetching}
+        self.session, self.source, self.fd, self.part, self.size, self.log = session, source, fd, part, size, log
+        self.policy, self.transfer, self.pool = policy, transfer, pool
+        self.todo = todo
         self.etag = etag
-        self.md5: str | None = None
-        self.headers_seen = anyio.Event()  # set by the first answer: we then know if an md5 is coming
-        self.progress = anyio.Event()
-        self._hashes: Hashes | None = None
+        self.expected: StorageHashes | None = None
+        self.order = InOrderHashes(fd, size, pool)
 
-    async def run(self, connections: int) -> Hashes:
-        queue = [i for i in range(len(self.pieces)) if i not in self.done]
+    async def run(self, connections: int, covered: list[tuple[int, int]]) -> Hashes:
+        for start, end in covered:
+            self.order.written(start, end)
+        queue = list(self.todo)
         if not queue:
-            self.headers_seen.set()  # nothing to ask: no md5 is coming
+            self.expected = StorageHashes()  # nothing to ask: no hash of storage's is coming
+            self.order.start(self.expected)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._hash_all)
                 for _ in range(min(connections, len(queue))):
                     tg.start_soon(self._worker, queue)
+                hashes = await self.order.run()
         except BaseExceptionGroup as group:
             raise _decisive(group) from None
-        assert self._hashes is not None
-        return self._hashes
+        return hashes
 
-    async def _worker(self, queue: list[int]) -> None:
+    async def _worker(self, queue: list[tuple[int, int]]) -> None:
         while queue:
-            await self._fetch(queue.pop(0))
+            await self._fetch(*queue.pop(0))
 
-    async def _fetch(self, i: int) -> None:
-        start, end = self.pieces[i]
-
+    async def _fetch(self, start: int, end: int) -> None:
         async def attempt() -> None:
             url = self.source.url
             try:
@@ -160,27 +258,15 @@ class _RangeFill:
                 raise
 
         await retry.range_attempts(attempt, self.policy, f"bytes {start}-{end - 1}")
-        await anyio.to_thread.run_sync(os.fdatasync, self.fd, limiter=self.io)
+        await in_pool(self.pool, os.fdatasync, self.fd)
         await self.log.prove(start, end - start)  # only after the bytes are synced
         crash_point("span-proven")
-        self.done.add(i)
-        self.progress.set()
-
-    async def _hash_all(self) -> None:
-        await self.headers_seen.wait()
-        hashes = Hashes(md5=self.md5 is not None)
-        for i, (start, end) in enumerate(self.pieces):
-            while i not in self.done:
-                self.progress = anyio.Event()
-                if i in self.done:
-                    break
-                await self.progress.wait()
-            await anyio.to_thread.run_sync(_hash_range, self.fd, start, end, hashes, limiter=self.io)
-        self._hashes = hashes
 
     async def _get(self, url: str, start: int, end: int) -> None:
         """One range into the part; the part's object (size, ETag) checked on every answer."""
         headers = {"Range": f"bytes={start}-{end - 1}"}
+        got_here = 0  # bytes of this attempt counted as on hand: dropped again if it fails
+        finished = False
         try:
             async with self.session.get(url, headers=headers) as resp:
                 await storage.raise_for_status(resp, f"bytes {start}-{end - 1}")
@@ -197,27 +283,35 @@ class _RangeFill:
                     await self.log.set_etag(got)
                 elif got and got != self.etag:
                     raise ObjectChanged(f"the stored object changed (ETag {self.etag} -> {got})")
-                self.md5 = self.md5 or storage.storage_md5(resp)
-                self.headers_seen.set()
+                if self.expected is None:
+                    self.expected = storage.storage_hashes(resp)
+                    self.order.start(self.expected)
                 offset = start
-                buffer = bytearray()
-                async for piece in resp.content.iter_chunked(WRITE_BYTES):
-                    buffer += piece
-                    if len(buffer) >= WRITE_BYTES:
-                        full, buffer = buffer, bytearray()  # hand the block over: no copy
-                        await anyio.to_thread.run_sync(write_at, self.fd, offset, full, limiter=self.io)
-                        offset += len(full)
+                async with aiofiles.open(self.part, "r+b", buffering=0, executor=self.pool) as fh:
+
+                    async def sink(block: memoryview) -> None:
+                        nonlocal offset, got_here
+                        if offset + len(block) > end:
+                            raise DownloadError(f"range {start}-{end - 1} sent more than asked")
+                        with anyio.CancelScope(shield=True):  # the block's buffer is reused once this returns
+                            async with anyio.create_task_group() as tg:
+                                tg.start_soon(write_at, fh, offset, block)
+                                tg.start_soon(self.order.arrived, offset, block)
+                        self.order.written(offset, offset + len(block))
+                        offset += len(block)
+                        got_here += len(block)
                         if self.transfer is not None:
-                            self.transfer.add(len(full))
-                if buffer:
-                    await anyio.to_thread.run_sync(write_at, self.fd, offset, buffer, limiter=self.io)
-                    offset += len(buffer)
-                    if self.transfer is not None:
-                        self.transfer.add(len(buffer))
+                            self.transfer.add(len(block))
+
+                    await pump(resp.content, sink, block_bytes=BLOCK_BYTES)
                 if offset != end:
                     raise DownloadError(f"range {start}-{end - 1} ended at {offset}")
+                finished = True
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"range {start}-{end - 1} broke ({type(exc).__name__})") from exc
+        finally:
+            if not finished and self.transfer is not None:
+                self.transfer.drop(got_here)  # the range comes again whole
 
 
 # When several connections fail at once, the caller acts on the most decisive reason.

@@ -1,5 +1,5 @@
 """What storage's answers say, read once for both download paths (one stream, ranges):
-its status as an error, its `Content-Range`, and its md5 of the whole object.
+its status as an error, its `Content-Range`, and its hashes of the whole object.
 
 A 400, 401 or 403 is a signed URL that expired or was refused (renew it); a 404 or 410
 a file the service deleted (the job is lost); anything else but 200 and 206 is worth
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from ..errors import DownloadError, FileGone, UrlExpired
+from .verify import StorageHashes
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 EXPIRED = frozenset({400, 401, 403})
@@ -47,14 +48,16 @@ def content_range(resp: aiohttp.ClientResponse) -> ContentRange | None:
     return ContentRange(int(match.group(1)), int(match.group(2)) + 1, total)
 
 
-def storage_md5(resp: aiohttp.ClientResponse) -> str | None:
-    """Storage's md5 of the whole object, from its `x-goog-hash` headers (`crc32c=...,md5=...`)."""
+def storage_hashes(resp: aiohttp.ClientResponse) -> StorageHashes:
+    """Storage's hashes of the whole object, from its `x-goog-hash` headers (`crc32c=...,md5=...`,
+    in one header or several)."""
+    found: dict[str, str] = {}
     for header in resp.headers.getall("x-goog-hash", []):
         for item in header.split(","):
             name, _, value = item.strip().partition("=")
-            if name == "md5" and value:
-                return value
-    return None
+            if name in ("md5", "crc32c") and value:
+                found.setdefault(name, value)
+    return StorageHashes(md5=found.get("md5"), crc32c=found.get("crc32c"))
 
 
 def _xml_code(body: str) -> str:

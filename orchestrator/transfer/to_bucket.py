@@ -41,7 +41,7 @@ from .file import Downloader, Source
 from .hashing import ResumableDigest
 from .progress import Transfer
 from .urls import redact
-from .verify import Hashes, check_safetensors_head
+from .verify import Hashes, StorageHashes, check_safetensors_head
 
 log = logging.getLogger(__name__)
 PART_MIN_BYTES = 8 * 1024 * 1024  # S3 wants 5 MiB at least for every part but the last
@@ -170,13 +170,13 @@ class BucketFetcher:
             await storage.raise_for_status(resp, artifact.name)
             if resp.status != 200:
                 raise DownloadError(f"{artifact.name}: storage answered {resp.status} to a request for the whole file")
-            md5 = storage.storage_md5(resp)
+            expected = storage.storage_hashes(resp)
             data = await resp.read()
         transfer.start_at(0)
         transfer.add(len(data))
         digest = Digest()
         digest.update(data)
-        _verify(artifact, digest, md5)
+        _verify(artifact, digest, expected)
         if artifact.name.endswith(".safetensors"):
             check_safetensors_head(artifact.name, data, len(data))
         try:
@@ -214,19 +214,19 @@ class BucketFetcher:
         start = (first - 1) * part_bytes
         transfer.start_at(start)
         upload_id = record.upload_id if record is not None else None
-        md5 = None
+        expected = StorageHashes()
         if first > count:  # every part is in the bucket: storage's ETag and md5 are still checked
             async with self.downloader.session.get(source.url, headers={"Range": "bytes=0-0"}) as resp:
                 await storage.raise_for_status(resp, source.artifact.name)
                 _check_resume(resp, 0, size, record, resp.headers.get("ETag"))
-                md5 = storage.storage_md5(resp)
+                expected = storage.storage_hashes(resp)
         else:
             headers = {"Range": f"bytes={start}-"}
             async with self.downloader.session.get(source.url, headers=headers) as resp:
                 await storage.raise_for_status(resp, source.artifact.name)
                 etag = resp.headers.get("ETag")
                 _check_resume(resp, start, size, record, etag)
-                md5 = storage.storage_md5(resp)
+                expected = storage.storage_hashes(resp)
                 if upload_id is None:
                     upload_id = await self.bucket.start_upload(key)
                     await uploads.started(
@@ -236,7 +236,7 @@ class BucketFetcher:
                     resp, key, upload_id, first, count, part_bytes, size, digest, done, uploads, transfer
                 )
         assert upload_id is not None
-        _verify(source.artifact, digest, md5)
+        _verify(source.artifact, digest, expected)
         try:
             await self.bucket.complete(key, upload_id, [(n, p.etag) for n, p in done.items()])
         except KeyTaken:
@@ -343,7 +343,7 @@ class Digest(Hashes):
     and a resumed upload starts over)."""
 
     def __init__(self) -> None:
-        super().__init__(md5=True)
+        super().__init__(md5=True, crc32c=True)
 
     def sha256_hex(self) -> str:
         return self.sha.hexdigest()
@@ -370,9 +370,13 @@ def _check_resume(
         raise DownloadError(f"Content-Range {shown!r} does not continue the upload at byte {start} of {size}")
 
 
-def _verify(artifact: Artifact, digest: Digest | ResumableDigest, md5: str | None) -> None:
-    """Before the object becomes visible: the job's size, storage's md5."""
+def _verify(artifact: Artifact, digest: Digest | ResumableDigest, expected: StorageHashes) -> None:
+    """Before the object becomes visible: the job's size, storage's md5 and crc32c."""
     if artifact.size_bytes is not None and digest.size != artifact.size_bytes:
         raise VerificationFailed(f"{artifact.name}: {digest.size} bytes, the job says {artifact.size_bytes}")
-    if md5 is not None and digest.md5_b64() != md5:
-        raise VerificationFailed(f"{artifact.name}: md5 does not match storage's x-goog-hash; fetching it again")
+    for name, theirs, ours in (
+        ("md5", expected.md5, digest.md5_b64()),
+        ("crc32c", expected.crc32c, digest.crc32c_b64()),
+    ):
+        if theirs is not None and ours != theirs:
+            raise VerificationFailed(f"{artifact.name}: {name} does not match storage's x-goog-hash; fetching it again")

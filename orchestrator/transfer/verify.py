@@ -1,30 +1,48 @@
 """Checking a downloaded file and putting it in place (rule 4): nothing unverified ever
 stands under a final name.
 
-`PartWriter` hashes bytes as they are written (sha256 for SHA256SUMS, md5 to compare
-with storage's `x-goog-hash`); `place` checks size, md5 and the safetensors header,
-syncs, renames and syncs the folder.
+`Hashes` are of the bytes as they are written (sha256 for SHA256SUMS, md5 and crc32c to
+compare with storage's `x-goog-hash`); `place` checks size, those hashes and the safetensors
+header, then renames.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
+
+import aiofiles.os
+import google_crc32c
 
 from ..crashpoints import crash_point
-from ..errors import DownloadError, NoSpace, VerificationFailed
+from ..errors import DownloadError, VerificationFailed
 
 READ_BYTES = 1024 * 1024
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# google-crc32c's C extension (hardware CRC32C); the library ships no type hints.
+crc32c_extend = cast(Callable[[int, bytes], int], google_crc32c.extend)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageHashes:
+    """Storage's hashes of the whole object (`x-goog-hash`), base64 as GCS sends them: md5 for
+    an object uploaded whole, crc32c for every object (a composite one has only that)."""
+
+    md5: str | None = None
+    crc32c: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,73 +53,47 @@ class Fetched:
 
 
 class Hashes:
-    """sha256 always (for SHA256SUMS); md5 only when storage gave one to compare with."""
+    """sha256 always (for SHA256SUMS); md5 and crc32c only when storage gave one to compare with."""
 
-    def __init__(self, *, md5: bool) -> None:
+    def __init__(self, *, md5: bool, crc32c: bool = False) -> None:
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5() if md5 else None
+        self.crc32c: int | None = 0 if crc32c else None
         self.size = 0
 
     def update(self, chunk: bytes | bytearray | memoryview) -> None:
-        self.sha.update(chunk)
+        self._sha_and_crc(chunk)
         if self.md5 is not None:
             self.md5.update(chunk)
         self.size += len(chunk)
 
+    async def update_beside(self, chunk: memoryview, pool: Executor) -> None:
+        """`update` on `pool`, sha256 and md5 in threads of their own (md5 is the slower)."""
+        loop = asyncio.get_running_loop()
+        sha = loop.run_in_executor(pool, self._sha_and_crc, chunk)
+        if self.md5 is not None:
+            await loop.run_in_executor(pool, self.md5.update, chunk)
+        await sha
+        self.size += len(chunk)
+
+    def _sha_and_crc(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.sha.update(chunk)
+        if self.crc32c is not None:
+            self.crc32c = crc32c_extend(self.crc32c, bytes(chunk))  # bytes only; a copy costs far less than the hash
+
     def md5_b64(self) -> str | None:
         return base64.b64encode(self.md5.digest()).decode() if self.md5 is not None else None
 
+    def crc32c_b64(self) -> str | None:
+        return base64.b64encode(self.crc32c.to_bytes(4, "big")).decode() if self.crc32c is not None else None
 
-def write_at(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-    """All of `data` at `offset`; a full disk is `NoSpace` (the bytes before it stay good)."""
-    view = memoryview(data)
-    try:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
-    except OSError as exc:
-        if exc.errno in DISK_FULL:
-            raise NoSpace(f"the disk is full ({exc.strerror})") from exc
-        raise
-
-
-class PartWriter:
-    """A .part file written from `start` on, hashed as it goes (the bytes before `start`
-    are hashed once, from disk, when resuming; whatever follows them is cut off)."""
-
-    def __init__(self, path: Path, start: int, *, md5: bool) -> None:
-        self.path = path
-        self.hashes = Hashes(md5=md5)
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        while self.hashes.size < start:
-            chunk = os.pread(self._fd, min(READ_BYTES, start - self.hashes.size), self.hashes.size)
-            if not chunk:
-                os.close(self._fd)
-                raise DownloadError(f"{path.name} ends at {self.hashes.size}, before the {start} bytes proven")
-            self.hashes.update(chunk)
-        os.ftruncate(self._fd, start)
-
-    @property
-    def position(self) -> int:
-        """Bytes in the file, all written and hashed (synced only after `sync` or `close`)."""
-        return self.hashes.size
-
-    def write(self, chunk: bytes | bytearray) -> None:
-        assert self._fd is not None, "write after close"
-        write_at(self._fd, self.hashes.size, chunk)
-        self.hashes.update(chunk)
-
-    def sync(self) -> None:
-        assert self._fd is not None, "sync after close"
-        os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    def mismatch(self, expected: StorageHashes) -> str | None:
+        """Which of storage's hashes of the whole object these bytes fail, if any."""
+        if expected.md5 is not None and self.md5_b64() not in (None, expected.md5):
+            return "md5"
+        if expected.crc32c is not None and self.crc32c_b64() not in (None, expected.crc32c):
+            return "crc32c"
+        return None
 
 
 def check_safetensors(path: Path, size: int) -> None:
@@ -147,8 +139,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, md5: str | None) -> Fetched:
-    """Check the synced `part`, then rename it to `final` and sync the folder.
+async def place(
+    part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, expected: StorageHashes, pool: Executor
+) -> Fetched:
+    """Check the synced `part`, then rename it to `final` (the folder is synced once per job,
+    when its files are all placed).
 
     A wrong file is deleted (its bytes are not worth resuming on); a short one is kept
     for the next attempt to resume.
@@ -157,17 +152,18 @@ def place(part: Path, final: Path, hashes: Hashes, *, size_bytes: int | None, md
     if size_bytes is not None and size != size_bytes:
         if size < size_bytes:
             raise DownloadError(f"{final.name}: got {size} of {size_bytes} bytes")
-        part.unlink()
+        await aiofiles.os.remove(part, executor=pool)
         raise VerificationFailed(f"{final.name}: {size} bytes, the job says {size_bytes}")
-    if md5 is not None and hashes.md5_b64() not in (None, md5):
-        part.unlink()
-        raise DownloadError(f"{final.name}: md5 does not match storage's x-goog-hash; fetching it again")
+    failed = hashes.mismatch(expected)
+    if failed is not None:
+        await aiofiles.os.remove(part, executor=pool)
+        raise DownloadError(f"{final.name}: {failed} does not match storage's x-goog-hash; fetching it again")
     if final.suffix == ".safetensors":
         try:
-            check_safetensors(part, size)
+            await asyncio.get_running_loop().run_in_executor(pool, check_safetensors, part, size)
         except VerificationFailed:
-            part.unlink()
+            await aiofiles.os.remove(part, executor=pool)
             raise
     crash_point("before-rename")
-    os.replace(part, final)  # the folder is synced once per job, when its files are all placed
+    await aiofiles.os.replace(part, final, executor=pool)
     return Fetched(final, size, hashes.sha.hexdigest())
