@@ -140,11 +140,14 @@ def test_numeric_options_that_make_no_sense_are_usage_errors(
     keyed: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    manifest = write(tmp_path / "m.yaml", f"jobs:\n  - {{id: a, {DB}}}\n")
+    # One more mistake, found later (a manifest's, a fault's): were the option let through, this
+    # test would fail at once instead of running a campaign paced by it, or serving for ever.
+    manifest = write(tmp_path / "m.yaml", f"jobs:\n  - {{id: a, {DB}, steps: -1}}\n")
     with threaded_sim(fast_sim()) as sim:
         keyed(sim)
+        later = ["--fault", "no-such-fault=1"] if argv[0] == "sim" else []
         with pytest.raises(SystemExit) as exited:
-            main([str(manifest) if a == "M" else a for a in argv])
+            main([*(str(manifest) if a == "M" else a for a in argv), *later])
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert said in err and "usage:" in err, err
@@ -154,7 +157,8 @@ def test_numeric_options_that_make_no_sense_are_usage_errors(
 
 def test_a_fault_rate_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     for rate in ("nan", "2", "-0.1"):
-        code, _, err = run(["sim", "--fault", f"slow={rate}"], capsys)
+        # A second, unknown fault after it: were the rate let through, this fails instead of serving for ever.
+        code, _, err = run(["sim", "--fault", f"slow={rate}", "--fault", "no-such-fault=1"], capsys)
         assert code == 2 and f"--fault 'slow={rate}'" in err and "give a number from 0 to 1" in err, err
 
 
