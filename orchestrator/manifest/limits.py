@@ -34,26 +34,33 @@ class Rule:
 
 
 RULES: Mapping[str, Rule] = {
-    # dreambooth. steps: training steps; a count below 1 trains nothing (guess: refused, as the
-    # simulator does); the docs' examples use 100 and 1200; ~100 per training image is usual.
+    # Each: unit; the error and its source; the warning and its source. "guess: refused" means
+    # the service is taken to answer 422, and the simulator does.
+    # training steps; < 1 trains nothing (guess: refused); > 4000: the docs use 100 and 1200, and
+    # DreamBooth takes ~100 per training image, so more is likely a typo that costs tokens.
     "steps": Rule(what="training steps", usual="the docs use 1200", low=1, above=4000, refused=True),
-    # learning rates, per step: 0 trains nothing; the docs use 1e-6 (SD 1.x and the text encoder).
+    # per step; 0 trains nothing, a negative rate untrains (clearly wrong); > 1e-4: the docs use
+    # 1e-6, and DreamBooth fine-tunes at 1e-6 to 1e-5 (a rate for LoRA training is ~1e-4).
     "learning_rate": Rule(what="a learning rate", usual="the docs use 1e-06", low=0, low_open=True, above=1e-4),
+    # per step, text encoders; 0 leaves the encoder as it is (legal), negative is wrong; as above.
     "learning_rate_te": Rule(what="a learning rate", usual="the docs use 1e-06, or 0 to leave it", low=0, above=1e-4),
     "learning_rate_te1": Rule(what="a learning rate", usual="about 1e-06, or 0 to leave it", low=0, above=1e-4),
     "learning_rate_te2": Rule(what="a learning rate", usual="0 (SDXL needs 0)", low=0, above=1e-4),
-    # image_gen. num_samples: images per job; below 1 is no job (refused, as the simulator does);
-    # each image costs tokens, and more than 32 from one prompt is rare.
+    # images per job; < 1 is no job (guess: refused); > 32: each image costs tokens, and so many
+    # from one prompt is rare (the simulator refuses more than 64, its own assumption).
     "num_samples": Rule(what="images", usual="1 to 8 is usual", low=1, above=32, refused=True),
-    # width, height: pixels; below 1 is no image (guess: refused); Stable Diffusion works in 8-pixel
-    # blocks and was trained at 512 (SD 1.x) or 1024 (SDXL) px.
-    "width": Rule(what="pixels", usual="512 or 1024 is usual", low=1, below=256, above=2048, multiple=8, refused=True),
-    "height": Rule(what="pixels", usual="512 or 1024 is usual", low=1, below=256, above=2048, multiple=8, refused=True),
-    # num_inference_steps: denoising steps; below 1 makes no image (guess: refused); 20 to 50 is usual.
+    # pixels; < 1 is no image (guess: refused); > 2048 or not a multiple of 8: Stable Diffusion
+    # works in 8-pixel blocks and was trained at 512 (SD 1.x) or 1024 (SDXL).
+    "width": Rule(what="pixels", usual="512 or 1024 is usual", low=1, above=2048, multiple=8, refused=True),
+    "height": Rule(what="pixels", usual="512 or 1024 is usual", low=1, above=2048, multiple=8, refused=True),
+    # denoising steps; < 1 makes no image (guess: refused); > 150: 20 to 50 is usual, more adds
+    # time and nothing visible.
     "num_inference_steps": Rule(what="denoising steps", usual="20 to 50 is usual", low=1, above=150, refused=True),
-    # guidance_scale: classifier-free guidance, a factor; below 1 ignores the prompt; 5 to 10 is usual.
+    # a factor (classifier-free guidance); no error: any number is legal; < 1 ignores the prompt,
+    # > 30 burns the image; 5 to 10 is usual.
     "guidance_scale": Rule(what="a guidance factor", usual="5 to 10 is usual", below=1, above=30),
-    # seed: -1 draws one at random (notes); below that is no seed (refused); generators take 32 bits.
+    # a seed; -1 draws one at random (api-notes), below that is no seed (guess: refused);
+    # > 2**32 - 1: generators usually take 32 bits.
     "seed": Rule(what="a seed", usual="-1 for random, or 0 to 4294967295", low=-1, above=2**32 - 1, refused=True),
 }
 
