@@ -183,7 +183,7 @@ def test_edge_values_that_make_sense_are_accepted() -> None:
     assert (args.port, args.seed, args.failure_rate, args.tokens) == (0, -7, 1.0, 0)
 
 
-def test_a_directory_as_the_manifest_is_named_as_such(
+def test_a_folder_as_the_manifest_is_named_as_such_with_the_manifests_inside(
     tmp_path: Path, threaded_sim: Any, keyed: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "campaigns"
@@ -193,7 +193,7 @@ def test_a_directory_as_the_manifest_is_named_as_such(
         for command in COMMANDS:
             code, _, err = run([*command, str(folder)], capsys)
             assert code == 2
-            assert f"{folder}: is a directory, not a manifest file: name the file itself (it holds spring.yaml)" in err
+            assert f"{folder}: is a folder, not a manifest: name the file itself (it holds spring.yaml)" in err
             assert "no such file" not in err and "nothing was sent" in err
         assert sum(sim.ledger.requests.values()) == 0
     assert not (folder / ".dreamlook-batch").exists() and not (tmp_path / ".dreamlook-batch").exists()

@@ -54,7 +54,7 @@ def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     problems: list[Problem] = []
     if not path.is_file():  # a folder, a missing file: read_text says which, precisely
-        read_text(path, problems, "manifest file")
+        read_text(path, problems, "manifest")
         raise ManifestError(problems or [Problem(str(path), None, None, "not a regular file")])
     default_campaign = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem) or "campaign"
     if path.suffix.lower() == ".jsonl":

@@ -73,7 +73,7 @@ def read_text(path: Path, problems: list[Problem], what: str = "file") -> str | 
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*") if p.suffix.lower() in MANIFEST_SUFFIXES)[:5]
         hint = f" (it holds {', '.join(inside)})" if inside else ""
-        problems.append(Problem(str(path), None, None, f"is a directory, not a {what}: name the file itself{hint}"))
+        problems.append(Problem(str(path), None, None, f"is a folder, not a {what}: name the file itself{hint}"))
         return None
     try:
         data = path.read_bytes()
@@ -114,7 +114,7 @@ def read_text(path: Path, problems: list[Problem], what: str = "file") -> str | 
 
 def load_document(path: Path, problems: list[Problem]) -> Any:
     """A YAML or JSON file as data with LineDicts; syntax errors become problems."""
-    text = read_text(path, problems, "manifest file")
+    text = read_text(path, problems, "manifest")
     if text is None:
         return None
     if path.suffix.lower() == ".json":
