@@ -128,8 +128,7 @@ def coerce_text(field: str, text: str) -> Any:
         elif check is _bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
             value = text.lower() in ("true", "1", "yes")
         elif check is _strs:
-            value = _LIST_SPLIT.split(text) if joined_by_commas(field, text) else text.replace("|", " ").split()
-            value = [item.strip(",") for item in value if item.strip(",")]
+            value = [item.strip(",") for item in _LIST_SPLIT.split(text) if item.strip(",")]
         elif check is _ints:
             value = [int(x) for x in text.replace("|", " ").replace(",", " ").split()]
     except ValueError:
