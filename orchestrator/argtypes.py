@@ -11,6 +11,9 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from .api.callbacks import parse_listen
+from .errors import UsageError
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Number:
@@ -54,3 +57,12 @@ PORT = Number(kind=int, low=0, high=65535)  # 0: any free port
 POSITIVE = Number(kind=float, low=0, open_low=True)  # rates, timeouts, time scales, sizes
 NON_NEGATIVE = Number(kind=float, low=0)  # a grace or threshold that may be 0
 SHARE = Number(kind=float, low=0, high=1)  # a fault or failure rate
+
+
+def host_port(text: str) -> str:
+    """`--listen HOST:PORT`, checked before anything runs (the run itself parses it again)."""
+    try:
+        parse_listen(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--listen {text!r}: ")) from None
+    return text

@@ -179,6 +179,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--listen",
+        type=argtypes.host_port,
         metavar="HOST:PORT",
         help="receive the API's callbacks here (each is only a hint, confirmed with a GET)",
     )
@@ -475,9 +476,13 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
 
 def _default_listen(public_url: str) -> str:
     parts = urlsplit(public_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port  # ValueError: not a port from 0 to 65535
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise UsageError(f"--callback-url {public_url!r}: give an http(s) URL that reaches this machine")
-    return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return f"0.0.0.0:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> int:

@@ -155,6 +155,22 @@ def test_numeric_options_that_make_no_sense_are_usage_errors(
     assert not (tmp_path / ".dreamlook-batch").exists()
 
 
+def test_a_port_out_of_range_in_listen_or_callback_url_is_a_usage_error(
+    tmp_path: Path, threaded_sim: Any, keyed: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(tmp_path / "m.yaml", f"jobs:\n  - {{id: a, {DB}}}\n")
+    with threaded_sim(fast_sim()) as sim:
+        keyed(sim)
+        with pytest.raises(SystemExit) as exited:
+            main(["run", str(manifest), *FAST, "--listen", "127.0.0.1:99999"])
+        assert exited.value.code == 2
+        assert "argument --listen: give HOST:PORT (a port from 0 to 65535)" in capsys.readouterr().err
+        url = "http://example.com:99999/cb"
+        code, _, err = run(["run", str(manifest), *FAST, "--callback-url", url], capsys)
+        assert code == 2 and f"--callback-url '{url}': give an http(s) URL that reaches this machine" in err, err
+        assert sum(sim.ledger.requests.values()) == 0
+
+
 def test_a_fault_rate_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     for rate in ("nan", "2", "-0.1"):
         # A second, unknown fault after it: were the rate let through, this fails instead of serving for ever.
