@@ -246,6 +246,17 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark_runs_with_its_first_column(
     assert {"key": "dreamlook-batch", "value": "bulk/subject-ada"} in job.tags
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_european_spreadsheet_csv_with_semicolons_or_tabs_reads_as_it_should(tmp_path: Path, separator: str) -> None:
+    m = write(tmp_path / "bulk.yaml", BULK)
+    rows = ["name", "token", "steps", "photos"], ["ada", "ukj", "100", "https://e.com/1.jpg|https://e.com/2.jpg"]
+    text = "\r\n".join(separator.join(row) for row in rows) + "\r\n"
+    (tmp_path / "subjects.csv").write_bytes(codecs.BOM_UTF8 + text.encode())
+    [job] = load_manifest(m).jobs
+    assert job.id == "subject-ada" and job.payload["steps"] == 100
+    assert job.payload["image_urls"] == ["https://e.com/1.jpg", "https://e.com/2.jpg"]
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".json", ".jsonl"])
 def test_a_byte_order_mark_is_dropped_from_every_manifest_kind(tmp_path: Path, suffix: str) -> None:
     job = {"id": "a", "type": "image_gen", "prompt": "p", "base_model": "stable-diffusion-v1-5"}

@@ -161,8 +161,12 @@ def iter_csv_rows(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
     text = read_text(path, problems, "CSV file")
     if text is None:
         return
+    # A spreadsheet set to a European locale separates cells with ";" (or saves tabs): read its
+    # header's separator when that header holds no comma.
+    header = text.partition("\n")[0]
+    delimiter = next((d for d in (";", "\t") if d in header and "," not in header), ",")
     with io.StringIO(text, newline="") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             problems.append(Problem(str(path), 1, None, "the CSV file has no header row"))
             return
