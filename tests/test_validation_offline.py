@@ -181,21 +181,10 @@ def test_a_fault_rate_out_of_range_is_a_usage_error(capsys: pytest.CaptureFixtur
 def test_edge_values_that_make_sense_are_accepted() -> None:
     parser = build_parser()
     args = parser.parse_args(
-        [
-            "run",
-            "m.yaml",
-            "--max-new-jobs",
-            "0",
-            "--reconcile-grace",
-            "0",
-            "--parallel-min-mb",
-            "0",
-            "--max-active",
-            "1",
-        ]
+        "run m.yaml --max-new-jobs 0 --reconcile-grace 0 --parallel-min-mb 0 --max-active 1".split()
     )
     assert (args.max_new_jobs, args.reconcile_grace, args.parallel_min_mb, args.max_active) == (0, 0.0, 0.0, 1)
-    args = parser.parse_args(["sim", "--port", "0", "--seed", "-7", "--failure-rate", "1", "--tokens", "0"])
+    args = parser.parse_args("sim --port 0 --seed -7 --failure-rate 1 --tokens 0".split())
     assert (args.port, args.seed, args.failure_rate, args.tokens) == (0, -7, 1.0, 0)
 
 
