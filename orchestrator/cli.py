@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import anyio
 from rich.console import Console
 
-from . import commands, logs, ui
+from . import argtypes, commands, logs, ui
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -132,53 +132,54 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="send dry_run: true; nothing is charged, polled or saved")
     p.add_argument(
         "--max-active",
-        type=int,
+        type=argtypes.COUNT,
         default=Limits().max_active,
         help="jobs submitted and not finished (default %(default)s)",
     )
     p.add_argument(
         "--submit-rate",
-        type=float,
+        type=argtypes.POSITIVE,
         default=Limits().submit_rate_per_s,
         help="submissions per second (default %(default)s)",
     )
     p.add_argument(
         "--max-downloads",
-        type=int,
+        type=argtypes.COUNT,
         default=Limits().max_downloads,
         help="files downloading at once (default %(default)s)",
     )
     p.add_argument(
         "--max-new-jobs",
-        type=int,
+        type=argtypes.ALLOWANCE,
         help="submit at most this many jobs in this run, a spending guard (a shared state: in all runs that overlap)",
     )
     p.add_argument(
         "--requests-per-s",
-        type=float,
+        type=argtypes.POSITIVE,
         default=Limits().api_requests_per_s,
         help="API requests per second, all kinds (default %(default)s)",
     )
     p.add_argument(
         "--parallel-min-mb",
-        type=float,
+        type=argtypes.NON_NEGATIVE,
         default=RunSettings().parallel_min_bytes / 2**20,
         help="files this large (MiB) download over several connections (default %(default)g)",
     )
     p.add_argument(
         "--range-mb",
-        type=float,
+        type=argtypes.POSITIVE,
         default=RunSettings().range_bytes / 2**20,
         help="size of each range of a parallel download, MiB (default %(default)g)",
     )
     p.add_argument(
         "--connections-per-file",
-        type=int,
+        type=argtypes.COUNT,
         default=RunSettings().connections_per_file,
         help="connections for one large file (default %(default)s)",
     )
     p.add_argument(
         "--listen",
+        type=argtypes.host_port,
         metavar="HOST:PORT",
         help="receive the API's callbacks here (each is only a hint, confirmed with a GET)",
     )
@@ -189,13 +190,13 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--api-timeout",
-        type=float,
+        type=argtypes.POSITIVE,
         default=RunSettings().timeouts.api_read_s,
         help="seconds to wait for one API answer (default %(default)g)",
     )
     p.add_argument(
         "--lease-s",
-        type=float,
+        type=argtypes.POSITIVE,
         help="with a postgresql:// --state: how long this worker holds a job without renewing; a worker that "
         "stops renewing (killed, frozen, cut off) loses its jobs to the others this long after "
         "(default: 60 s, or twice a POST's whole timeout if longer: 2 x (10 s connect + --api-timeout + 5 s), "
@@ -203,14 +204,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--reconcile-grace",
-        type=float,
+        type=argtypes.NON_NEGATIVE,
         metavar="S",
         help="after an answer is lost, wait this long more before looking for the job in the job list "
         "(the service may still be creating it; default: one more --api-timeout)",
     )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=argtypes.POSITIVE,
         default=1.0,
         help="divide every wait by this, to rehearse against `dreamlook-batch sim --time-scale` of the same value",
     )
@@ -231,7 +232,7 @@ def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get")
     pl = jobs.add_parser("list")
     pl.add_argument("type")
-    pl.add_argument("--limit", type=int)
+    pl.add_argument("--limit", type=argtypes.COUNT)
     pl.add_argument("--json", action="store_true")
     pg = jobs.add_parser("get")
     pg.add_argument("type")
@@ -243,19 +244,25 @@ def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8750)
-    p.add_argument("--time-scale", type=float, default=1.0, help="how many times faster than the real service")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--failure-rate", type=float, default=0.0, help="share of jobs that end in failure")
-    p.add_argument("--tokens", type=int, help="token balance (default: unlimited)")
-    p.add_argument("--capacity", type=int, help="jobs running at once; more wait queued")
+    p.add_argument("--port", type=argtypes.PORT, default=8750)
+    p.add_argument(
+        "--time-scale", type=argtypes.POSITIVE, default=1.0, help="how many times faster than the real service"
+    )
+    p.add_argument("--seed", type=argtypes.WHOLE, default=0)
+    p.add_argument("--failure-rate", type=argtypes.SHARE, default=0.0, help="share of jobs that end in failure")
+    p.add_argument("--tokens", type=argtypes.ALLOWANCE, help="token balance (default: unlimited)")
+    p.add_argument("--capacity", type=argtypes.COUNT, help="jobs running at once; more wait queued")
     p.add_argument("--api-key", dest="sim_keys", action="append", help="a key the simulator accepts (repeatable)")
     p.add_argument("--small-files", action="store_true", help="checkpoints of a few MiB instead of GBs")
     p.add_argument(
-        "--job-seconds", type=float, help="every job queues 0 s and runs this long (service seconds), whatever its size"
+        "--job-seconds",
+        type=argtypes.NON_NEGATIVE,
+        help="every job queues 0 s and runs this long (service seconds), whatever its size",
     )
-    p.add_argument("--checkpoint-bytes", type=int, help="size of a full SD 1.5 checkpoint (default: the docs' 2.1 GB)")
-    p.add_argument("--lora-bytes", type=int, help="size of an extracted LoRA (default: the docs' 75 MB)")
+    p.add_argument(
+        "--checkpoint-bytes", type=argtypes.COUNT, help="size of a full SD 1.5 checkpoint (default: the docs' 2.1 GB)"
+    )
+    p.add_argument("--lora-bytes", type=argtypes.COUNT, help="size of an extracted LoRA (default: the docs' 75 MB)")
     p.add_argument(
         "--fault",
         action="append",
@@ -263,9 +270,13 @@ def _sim_options(p: argparse.ArgumentParser) -> None:
         metavar="NAME=RATE",
         help="a fault rate, e.g. server_error=0.05, rate_limited=0.1, ghost_submit=0.02, reset_download=0.1",
     )
-    p.add_argument("--requests-per-s", dest="sim_rps", type=float, help="per-key limit; over it: 429 with Retry-After")
     p.add_argument(
-        "--bandwidth-mb", type=float, help="each download connection sends at most this many MB/s (as a real link)"
+        "--requests-per-s", dest="sim_rps", type=argtypes.POSITIVE, help="per-key limit; over it: 429 with Retry-After"
+    )
+    p.add_argument(
+        "--bandwidth-mb",
+        type=argtypes.POSITIVE,
+        help="each download connection sends at most this many MB/s (as a real link)",
     )
 
 
@@ -280,9 +291,9 @@ def _sim_settings(args: argparse.Namespace) -> Any:
                 f"--fault {item!r}: unknown fault; choose from {', '.join(FaultRates.__dataclass_fields__)}"
             )
         try:
-            rates[name] = float(value)
-        except ValueError as exc:
-            raise UsageError(f"--fault {item!r}: the rate must be a number between 0 and 1") from exc
+            rates[name] = argtypes.SHARE(value)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--fault {item!r}: {exc}") from exc
     base = SimSettings.for_demo() if args.small_files else SimSettings()
     keys = tuple(args.sim_keys) if args.sim_keys else base.api_keys
     sizes: dict[str, Any] = {
@@ -403,15 +414,6 @@ def _manifest(args: argparse.Namespace) -> Manifest:
 
 
 def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
-    for name in ("max_active", "max_downloads", "connections_per_file"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.submit_rate, args.requests_per_s, args.time_scale, args.api_timeout) <= 0:
-        raise UsageError("--submit-rate, --requests-per-s, --time-scale and --api-timeout must be positive")
-    if args.max_new_jobs is not None and args.max_new_jobs < 0:
-        raise UsageError("--max-new-jobs must be 0 or more (0: submit nothing, only check and download)")
-    if args.reconcile_grace is not None and args.reconcile_grace < 0:
-        raise UsageError("--reconcile-grace must be 0 or more seconds")
     needs = RunSettings(timeouts=Timeouts(api_read_s=args.api_timeout)).post_needs_s
     if args.lease_s is not None and args.lease_s <= needs:
         raise UsageError(
@@ -474,9 +476,13 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
 
 def _default_listen(public_url: str) -> str:
     parts = urlsplit(public_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port  # ValueError: not a port from 0 to 65535
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise UsageError(f"--callback-url {public_url!r}: give an http(s) URL that reaches this machine")
-    return f"0.0.0.0:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return f"0.0.0.0:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> int:

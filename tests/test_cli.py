@@ -91,11 +91,12 @@ def test_no_key_is_a_usage_error(
 
 def test_a_negative_limit_is_a_usage_error(example: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for option, said in [
-        ("--max-new-jobs", "--max-new-jobs must be 0 or more"),
-        ("--max-active", "--max-active must be at least 1"),
+        ("--max-new-jobs", "argument --max-new-jobs: '-1': give a whole number of at least 0"),
+        ("--max-active", "argument --max-active: '-1': give a whole number of at least 1"),
     ]:
-        code, _, err = run(["run", str(example), option, "-1"], capsys)
-        assert code == 2 and said in err
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            main(["run", str(example), option, "-1"])
+        assert exited.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_a_bad_key_stops_with_3_and_never_prints_the_key(

@@ -157,8 +157,8 @@ bulk:
     )
     found = problems(path)
     assert found == [
-        f"{tmp_path / 'rows.csv'}:2: the template uses column 'nope', which this row lacks",
-        f"{tmp_path / 'rows.csv'}:3: the template uses column 'nope', which this row lacks",
+        f"{tmp_path / 'rows.csv'}:2: the template uses column 'nope', which this row lacks (it has: name, steps)",
+        f"{tmp_path / 'rows.csv'}:3: the template uses column 'nope', which this row lacks (it has: name, steps)",
     ]
     path.write_text(path.read_text().replace(', seed: "{nope}"', ""))
     assert problems(path) == [f"{tmp_path / 'rows.csv'}:3: job 's-bob': field steps should be an integer, not 'many'"]

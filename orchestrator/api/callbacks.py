@@ -47,8 +47,8 @@ def callback_url(base: str, secret: str, job_id: str) -> str:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--listen {value!r}: give HOST:PORT, e.g. 0.0.0.0:8765")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {value!r}: give HOST:PORT (a port from 0 to 65535), e.g. 0.0.0.0:8765")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -7,10 +7,13 @@ the docs forbid is an error. Which base models exist is the server's call.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..models import JobType
+from . import limits
 
 Check = Callable[[Any], bool]
 
@@ -125,12 +128,24 @@ def coerce_text(field: str, text: str) -> Any:
         elif check is _bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
             value = text.lower() in ("true", "1", "yes")
         elif check is _strs:
-            value = text.replace("|", " ").split()
+            value = [item.strip(",") for item in _LIST_SPLIT.split(text) if item.strip(",")]
         elif check is _ints:
             value = [int(x) for x in text.replace("|", " ").replace(",", " ").split()]
     except ValueError:
         return text  # left as text: the type check reports it with its place
     return value
+
+
+# Spaces and | separate a CSV cell's list; a comma only where a URL follows it, since a comma
+# can be part of a URL (image CDNs put them in paths).
+_LIST_SPLIT = re.compile(r"[\s|]+|,(?=\s*https?://)", re.IGNORECASE)
+
+
+def joined_by_commas(field: str, text: str) -> bool:
+    """A CSV cell of a list of URLs whose URLs are separated by commas (not how CSV lists are written)."""
+    if {**DREAMBOOTH, **IMAGE_GEN}.get(field, (None, ""))[0] is not _strs:
+        return False
+    return any(limits.joined_by_comma(item) for item in text.replace("|", " ").split())
 
 
 def check_payload(job_type: JobType, payload: Mapping[str, Any], prefix: str = "") -> tuple[list[str], list[str]]:
@@ -146,10 +161,17 @@ def check_payload(job_type: JobType, payload: Mapping[str, Any], prefix: str = "
             errors.append(f"field {prefix}{name} is not allowed: {FORBIDDEN[name]}")
         elif name in known:
             check, wanted = known[name]
-            if value is not None and not check(value):
+            if isinstance(value, float) and not math.isfinite(value):
+                errors.append(f"field {prefix}{name} is {value}: give a finite number")
+            elif value is not None and not check(value):
                 errors.append(f"field {prefix}{name} should be {wanted}, not {value!r:.60}")
+            elif value is not None:
+                e, w = limits.check_value(name, value, prefix)
+                errors, warnings = errors + e, warnings + w
         elif job_type is not JobType.DREAMBOOTH_IMAGE_GEN or name not in ("dreambooth", "image_gen"):
             warnings.append(f"unknown field {prefix}{name} is sent as written (check its spelling)")
+    if job_type is JobType.DREAMBOOTH:
+        errors += limits.check_checkpoint_steps(payload, prefix)
     if job_type is JobType.DREAMBOOTH and payload.get("base_model") in SDXL_MODELS:
         if payload.get("learning_rate_te2") not in (None, 0, 0.0):
             errors.append(f"field {prefix}learning_rate_te2 must be 0 for SDXL models")

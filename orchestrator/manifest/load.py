@@ -286,19 +286,22 @@ def _expand_bulk(
     reader = iter_json_lines if rows_path.suffix.lower() == ".jsonl" else iter_csv_rows
     template = block["template"]
     for row in reader(rows_path, problems):
-        rendered = _render(template, row, from_csv=reader is iter_csv_rows, field="")
+        notes: list[str] = []  # what a cell got wrong, said with the job it became
+        rendered = _render(template, row, from_csv=reader is iter_csv_rows, field="", notes=notes)
         if isinstance(rendered, _Missing):
             problems.append(
                 Problem(
                     str(rows_path),
                     row.line,
                     None,
-                    f"the template uses column {rendered.column!r}, which this row lacks",
+                    f"the template uses column {rendered.column!r}, which this row lacks (it has: {', '.join(row)})",
                 )
             )
             continue
         rendered = LineDict(rendered)
         rendered.line = row.line
+        job_id = rendered.get("id") if isinstance(rendered.get("id"), str) else None
+        problems.extend(Problem(str(rows_path), row.line, job_id, note) for note in notes)
         spec = _read_job(str(rows_path), rendered, defaults, problems)
         if spec is not None:
             yield spec
@@ -312,17 +315,17 @@ class _Missing:
 _FORMATTER = string.Formatter()
 
 
-def _render(value: Any, row: Mapping[str, Any], *, from_csv: bool, field: str) -> Any:
+def _render(value: Any, row: Mapping[str, Any], *, from_csv: bool, field: str, notes: list[str]) -> Any:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            rendered = _render(v, row, from_csv=from_csv, field=k)
+            rendered = _render(v, row, from_csv=from_csv, field=k, notes=notes)
             if isinstance(rendered, _Missing):
                 return rendered
             out[k] = rendered
         return out
     if isinstance(value, list):
-        items = [_render(v, row, from_csv=from_csv, field=field) for v in value]
+        items = [_render(v, row, from_csv=from_csv, field=field, notes=notes) for v in value]
         missing = next((i for i in items if isinstance(i, _Missing)), None)
         return missing if missing else items
     if not isinstance(value, str) or "{" not in value:
@@ -333,8 +336,15 @@ def _render(value: Any, row: Mapping[str, Any], *, from_csv: bool, field: str) -
             return _Missing(name)
     whole = re.fullmatch(r"\{(\w+)\}", value)
     if whole:  # the cell itself, typed: a JSON row keeps its lists, a CSV cell is coerced
-        cell = row[whole.group(1)]
-        return fields.coerce_text(field, cell) if from_csv and isinstance(cell, str) else cell
+        column, cell = whole.group(1), row[whole.group(1)]
+        if not (from_csv and isinstance(cell, str)):
+            return cell
+        if fields.joined_by_commas(field, cell):
+            notes.append(
+                f"column {column!r} separates its URLs with commas; separate several URLs with spaces or | "
+                "(a comma can be part of a URL)"
+            )
+        return fields.coerce_text(field, cell)
     return value.format_map(row)
 
 

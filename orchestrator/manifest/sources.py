@@ -6,6 +6,7 @@ and CSV rows carry their line too. Nothing here knows what a job is.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from ..errors import Problem
+
+MANIFEST_SUFFIXES = frozenset({".yaml", ".yml", ".json", ".jsonl", ".csv"})
 
 
 class LineDict(dict[str, Any]):
@@ -68,7 +71,9 @@ def read_text(path: Path, problems: list[Problem], what: str = "file") -> str | 
     """The file as UTF-8 text, or None with a problem naming the file, and the line and
     column of the first byte that is not UTF-8 (a spreadsheet's export is often Latin-1)."""
     if path.is_dir():
-        problems.append(Problem(str(path), None, None, f"is a folder, not a {what}: name the file itself"))
+        inside = sorted(p.name for p in path.glob("*") if p.suffix.lower() in MANIFEST_SUFFIXES)[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        problems.append(Problem(str(path), None, None, f"is a folder, not a {what}: name the file itself{hint}"))
         return None
     try:
         data = path.read_bytes()
@@ -78,8 +83,20 @@ def read_text(path: Path, problems: list[Problem], what: str = "file") -> str | 
     except OSError as exc:
         problems.append(Problem(str(path), None, None, f"cannot read this {what}: {exc.strerror}"))
         return None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        problems.append(
+            Problem(
+                str(path),
+                None,
+                None,
+                'is UTF-16 text (a spreadsheet\'s "Unicode text"); save it as UTF-8 ("CSV UTF-8", or '
+                "`iconv -f utf-16 -t utf-8`) and run again",
+            )
+        )
+        return None
     try:
-        return data.decode("utf-8")
+        # A spreadsheet's "CSV UTF-8" starts with a byte-order mark: not part of the first column's name.
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
@@ -144,8 +161,12 @@ def iter_csv_rows(path: Path, problems: list[Problem]) -> Iterator[LineDict]:
     text = read_text(path, problems, "CSV file")
     if text is None:
         return
+    # A spreadsheet set to a European locale separates cells with ";" (or saves tabs): read its
+    # header's separator when that header holds no comma.
+    header = text.partition("\n")[0]
+    delimiter = next((d for d in (";", "\t") if d in header and "," not in header), ",")
     with io.StringIO(text, newline="") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             problems.append(Problem(str(path), 1, None, "the CSV file has no header row"))
             return

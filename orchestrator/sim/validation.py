@@ -21,6 +21,17 @@ SD1_MODELS = frozenset(
 SDXL_MODELS = frozenset({"stable-diffusion-xl-v1-0", "realism-engine-sdxl-v3-0"})
 MODEL_TYPES = {**{m: "sd-v1" for m in SD1_MODELS}, **{m: "sdxl-v1" for m in SDXL_MODELS}}
 
+# Integer ranges (least, greatest) the service is taken to enforce: a count below 1 is no job, a seed
+# below -1 no seed (-1 draws one, api-notes). The upper bounds are this simulator's own assumption.
+RANGES: dict[str, tuple[int, int | None]] = {
+    "steps": (1, 10_000),  # training steps
+    "num_samples": (1, 64),  # images per job
+    "width": (1, None),  # pixels
+    "height": (1, None),  # pixels
+    "num_inference_steps": (1, None),  # denoising steps
+    "seed": (-1, None),
+}
+
 Error = dict[str, Any]
 Check = Callable[[Any], "tuple[str, str] | None"]  # (type, msg) when invalid
 
@@ -154,10 +165,7 @@ def check_dreambooth(body: Mapping[str, Any], loc: list[str | int]) -> list[Erro
         te2 = body.get("learning_rate_te2")
         if te2 not in (None, 0, 0.0):
             errors.append(_err([*loc, "learning_rate_te2"], "value_error", "learning_rate_te2 must be 0 for SDXL"))
-    steps = body.get("steps")
-    if isinstance(steps, int) and not 1 <= steps <= 10_000:
-        errors.append(_err([*loc, "steps"], "value_error.number", "steps must be between 1 and 10000"))
-    return errors
+    return errors + _check_ranges(body, loc, ("steps",))
 
 
 def check_image_gen(
@@ -174,9 +182,19 @@ def check_image_gen(
         why = checkpoint_ok(body["checkpoint_id"])
         if why:
             errors.append(_err([*loc, "checkpoint_id"], "value_error.checkpoint", why))
-    samples = body.get("num_samples")
-    if isinstance(samples, int) and not 1 <= samples <= 64:
-        errors.append(_err([*loc, "num_samples"], "value_error.number", "num_samples must be between 1 and 64"))
+    return errors + _check_ranges(body, loc, ("num_samples", "width", "height", "num_inference_steps", "seed"))
+
+
+def _check_ranges(body: Mapping[str, Any], loc: list[str | int], names: tuple[str, ...]) -> list[Error]:
+    errors = []
+    for name in names:
+        value, (low, high) = body.get(name), RANGES[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue  # absent, or the type check has said it
+        if value < low:
+            errors.append(_err([*loc, name], "value_error.number.not_ge", f"ensure this value is >= {low}"))
+        elif high is not None and value > high:
+            errors.append(_err([*loc, name], "value_error.number.not_le", f"ensure this value is <= {high}"))
     return errors
 
 
