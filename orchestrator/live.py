@@ -1,0 +1,323 @@
+"""The live view of a run in a terminal: what the jobs at the service are doing and when they
+should end, the files in flight, and the latest events told as sentences.
+
+It is drawn from the event loop four times a second from the engine's `Snapshot` (it never
+reads the store). Used only when stdout is a terminal; otherwise the log lines are the record.
+
+What its figures mean (its footer says it too):
+- a job's progress is the API's `percentage_done`, carried forward between looks at the job's
+  own pace so far (never to 100%: only the API says a job ended); its end is the prediction the
+  engine schedules its next look by (run/schedule.py);
+- a file's share is the bytes of it on hand over its size (bytes a broken range lost are not
+  counted twice);
+- every speed is bytes received over the network in the last `SPEED_WINDOW_S` seconds, a file's
+  and the total alike (so the total is the sum of the files' speeds).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .logs import scrub
+from .models import JobState
+from .run.outcome import JobProgress, Snapshot
+from .transfer.progress import Transfer
+from .ui import STATE_ORDER, STATE_STYLE, human_bytes, human_seconds
+
+if TYPE_CHECKING:
+    from .run.engine import Engine
+
+REFRESH_S = 0.25
+EVENTS_SHOWN = 8
+JOBS_SHOWN = 8
+FILES_SHOWN = 8
+SPEED_WINDOW_S = 3.0  # speeds: bytes received in this many seconds, over them
+BAR_CELLS = 20
+FOOTER = (
+    f"speeds: bytes received in the last {SPEED_WINDOW_S:g} s; job %: the API's percentage_done, "
+    "carried forward at the job's pace; ends: predicted from that pace or from similar jobs"
+)
+_PAIR = re.compile(r"(\w+)=(\S+)")  # as logs.py reads a record's fields
+
+# -- events as sentences ------------------------------------------------------------------
+
+Fields = Mapping[str, str]
+_SENTENCES: dict[str, Callable[[Fields, str], str]] = {
+    "job.submitted": lambda f, _: f"{f['job_id']} submitted (remote id {f['remote_id']})",
+    "job.succeeded": lambda f, _: f"{f['job_id']} finished at the service; {_files(f['files'])} to fetch",
+    "job.done": lambda f, _: f"{f['job_id']} done: {_files(f['files'])} saved and checked",
+    "file.done": lambda f, _: f"{f['file']} saved ({human_bytes(float(f['bytes']))})",
+    "job.problem": lambda f, tail: f"{f['job_id']}: {tail}",
+    "job.problem_again": lambda f, tail: f"{f['job_id']}: {tail}",
+    "job.adopted": lambda f, _: f"{f['job_id']} found at the service as {f['remote_id']}: not sent again",
+    "job.not_sent": lambda f, tail: f"{f['job_id']} not sent: {f.get('why') or tail}",
+    "job.reconcile_waiting": lambda f, _: (
+        f"{f['job_id']}: the answer to its submission was lost; it is looked for in the job list after {f['until']}"
+    ),
+    "job.reconciled": lambda f, tail: f"{f['job_id']}: {f['verdict']} ({_rest(f, 'why', tail)})",
+    "job.submit_unclear": lambda f, tail: (
+        f"{f['job_id']}: its submission got no clear answer ({_rest(f, 'error', tail)}); "
+        "it is looked for, never sent again blindly"
+    ),
+    "job.check_failed": lambda f, tail: (
+        f"{f['job_id']}: could not read its state ({_rest(f, 'error', tail)}); will look again"
+    ),
+    "job.unknown_state": lambda f, _: f"{f['job_id']}: the API reports a state it does not document ({f['state']})",
+    "job.duplicate": lambda f, _: (
+        f"{f['job_id']} exists twice at the service (paid twice): {f['remote_id']} is kept, also {f['duplicate_ids']}"
+    ),
+    "job.taken_over": lambda f, _: f"{f['job_id']}: another worker holds it now",
+    "job.answer_after_takeover": lambda f, _: f"{f['job_id']}: answered after another worker took it over",
+    "file.requeued": lambda f, tail: (
+        f"{f['file']} ({f['job_id']}) failed: {_rest(f, 'error', tail)}; it is fetched again"
+    ),
+    "file.missing": lambda f, _: f"{f['file']} ({f['job_id']}) is missing on disk; fetching it again",
+    "download.url_renewed": lambda f, _: f"{f['file']}: its link expired; fetched a fresh one",
+    "download.object_changed": lambda f, _: f"{f['file']} changed at the service; starting it over",
+    "download.ranges_ignored": lambda f, _: f"{f['file']}: the server ignores ranges; one stream instead",
+    "api.retry": lambda f, tail: (
+        f"{f['what']}: attempt {f['attempt']} failed ({_rest(f, 'error', tail)}); again in {f['wait_s']} s"
+    ),
+    "api.retry_after_capped": lambda f, _: f"the API asked for a pause of {f['asked_s']} s; pausing {f['used_s']} s",
+    "callback.accepted": lambda f, _: f"callback: {f['job_id']} is {f['state']}; looking at it now",
+    "callback.rejected": lambda f, _: f"a callback was refused ({f['reason']})",
+    "callback.listening": lambda f, _: f"listening for callbacks at {f['url']}",
+    "campaign.adopted": lambda f, _: f"{f['count']} job(s) found at the service from an earlier run: not sent again",
+    "check.list_failed": lambda f, tail: (
+        f"could not read the {f['type']} job list ({_rest(f, 'error', tail)}); reading each job instead"
+    ),
+    "worker.claimed": lambda f, _: f"took {f['jobs']} job(s) to work on ({f['taken_over']} from a stopped worker)",
+    "worker.lost": lambda f, _: f"another worker holds {f['jobs']} of this worker's jobs now",
+}
+
+
+def _files(count: str) -> str:
+    return "1 file" if count == "1" else f"{count} files"
+
+
+def _rest(fields: Fields, key: str, tail: str) -> str:
+    """A last field whose value has spaces (an error message): its first word and what follows."""
+    return " ".join(p for p in (fields.get(key, ""), tail) if p)
+
+
+def sentence(message: str) -> str:
+    """A log line (`event key=value ... free text`) as a person reads it in the live view."""
+    event, _, rest = message.partition(" ")
+    pairs = list(_PAIR.finditer(rest))
+    fields = {m.group(1): m.group(2).rstrip(":;,") for m in pairs}
+    tail = rest[pairs[-1].end() :] if pairs else rest
+    tail = tail.lstrip(":; ").strip()
+    tell = _SENTENCES.get(event)
+    if tell is not None:
+        try:
+            return tell(fields, tail)
+        except (KeyError, ValueError):
+            pass  # a line whose fields changed: told plainly below
+    words = event.replace(".", " ").replace("_", " ")
+    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
+    return ": ".join(p for p in (words, shown, tail) if p)
+
+
+class _Events(logging.Handler):
+    """The latest events of the run, as sentences, for the live view."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: deque[tuple[int, str]] = deque(maxlen=200)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, sentence(scrub(record.getMessage()))))
+
+
+# -- speeds ---------------------------------------------------------------------------------
+
+
+class _Rate:
+    """Bytes a second over the last `SPEED_WINDOW_S`, from a counter that only grows."""
+
+    def __init__(self, since: float, start: int = 0) -> None:
+        self.samples: deque[tuple[float, int]] = deque([(since, start)])
+
+    def update(self, now: float, count: int) -> float:
+        self.samples.append((now, count))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - SPEED_WINDOW_S:
+            self.samples.popleft()
+        then, before = self.samples[0]
+        return (count - before) / (now - then) if now > then else 0.0
+
+
+# -- the view ---------------------------------------------------------------------------------
+
+
+class LiveView:
+    def __init__(self, engine: Engine, console: Console) -> None:
+        self.engine = engine
+        self.console = console
+        self.started = time.monotonic()
+        self._events = _Events()
+        self._total = _Rate(self.started)
+        self._files: dict[str, _Rate] = {}
+        self._live: Live | None = None
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> LiveView:
+        logger = logging.getLogger("orchestrator")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)  # the view shows events; the stderr handler keeps its own level
+        logger.addHandler(self._events)
+        self._live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
+        self._live.__enter__()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._refresh)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._tg is not None and self._live is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        try:
+            self._live.update(self._render(), refresh=True)
+        finally:
+            self._live.__exit__(et, e, tb)
+            logger = logging.getLogger("orchestrator")
+            logger.removeHandler(self._events)
+            logger.setLevel(self._level)
+
+    async def _refresh(self) -> None:
+        assert self._live is not None
+        while True:
+            await anyio.sleep(REFRESH_S)
+            self._live.update(self._render(), refresh=True)
+
+    def _render(self) -> Group:
+        snapshot = self.engine.snapshot
+        head = Text.assemble(
+            ("dreamlook-batch ", "bold"),
+            (f"campaign {self.engine.manifest.campaign}", "cyan"),
+            f"  {human_seconds(time.monotonic() - self.started)}  ",
+            (f"(stopping: {snapshot.stopped_by})" if snapshot.stopped_by else "", "yellow"),
+        )
+        states = Text()
+        for state in STATE_ORDER:
+            if snapshot.counts.get(state):
+                states.append(f"{state.value} {snapshot.counts[state]}  ", style=STATE_STYLE.get(state, ""))
+        parts: list[Text | Table] = [head, states or Text("no jobs")]
+        now = self.engine.now()
+        if snapshot.jobs:
+            parts.append(self._jobs(snapshot, now))
+        parts.append(Text(campaign_line(snapshot, now)))
+        if snapshot.transfers:
+            parts.append(self._downloads(snapshot))
+        parts.append(self._recent())
+        parts.append(Text(FOOTER, style="dim"))
+        return Group(*parts)
+
+    def _jobs(self, snapshot: Snapshot, now: float) -> Table:
+        jobs = sorted(snapshot.jobs, key=lambda j: (not j.running, j.ends_at or float("inf"), j.job_id))
+        table = Table(box=None, pad_edge=False, show_header=False, title="at the service", title_justify="left")
+        table.add_column(no_wrap=True)  # a job id is never cut: other columns give way
+        for _ in range(4):
+            table.add_column(no_wrap=True, overflow="ellipsis")
+        for job in jobs[:JOBS_SHOWN]:
+            table.add_row(job.job_id, job.type, *job_cells(job, now))
+        if len(jobs) > JOBS_SHOWN:
+            table.add_row(f"... and {len(jobs) - JOBS_SHOWN} more", "", "", "", "")
+        return table
+
+    def _downloads(self, snapshot: Snapshot) -> Table:
+        now = time.monotonic()
+        rates = {t.name: self._rate_of(t, now) for t in snapshot.transfers}
+        for name in set(self._files) - set(rates):
+            del self._files[name]
+        total = self._total.update(now, snapshot.bytes_fetched)
+        table = Table(
+            box=None,
+            pad_edge=False,
+            show_header=False,
+            title=f"downloads: {len(rates)} file(s), {human_bytes(total)}/s",
+            title_justify="left",
+        )
+        table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
+        for _ in range(4):
+            table.add_column(no_wrap=True, justify="right")
+        for t in sorted(snapshot.transfers, key=lambda t: t.name)[:FILES_SHOWN]:
+            table.add_row(t.name, *file_cells(t, rates[t.name]))
+        if len(rates) > FILES_SHOWN:
+            table.add_row(f"... and {len(rates) - FILES_SHOWN} more", "", "", "", "")
+        return table
+
+    def _rate_of(self, transfer: Transfer, now: float) -> float:
+        rate = self._files.get(transfer.name)
+        if rate is None:
+            rate = self._files[transfer.name] = _Rate(transfer.started)
+        return rate.update(now, transfer.received)
+
+    def _recent(self) -> Text:
+        records = list(self._events.records)
+        bad = [m for level, m in records if level >= logging.WARNING][-EVENTS_SHOWN:]
+        room = EVENTS_SHOWN - len(bad)
+        rest = [m for level, m in records if level < logging.WARNING][-room:] if room else []
+        events = Text(no_wrap=True, overflow="ellipsis")
+        for message in bad:
+            events.append(f"! {message}\n", style="red")
+        for message in rest:
+            events.append(f"  {message}\n")
+        events.rstrip()
+        return events
+
+
+def job_cells(job: JobProgress, now: float) -> tuple[str, str, str, str]:
+    """State, a progress bar, the percentage, and the predicted time left of one job at the service."""
+    pct = job.percentage_at(now)
+    bar = "" if pct is None else "█" * round(BAR_CELLS * pct / 100) + "░" * (BAR_CELLS - round(BAR_CELLS * pct / 100))
+    shown = "" if pct is None else f"{pct:.0f}%"
+    return "running" if job.running else "queued", bar, shown, ends_in(job.ends_at, now)
+
+
+def ends_in(ends_at: float | None, now: float) -> str:
+    if ends_at is None:
+        return "end not known yet"
+    left = ends_at - now
+    return f"ends in ~{human_seconds(left)}" if left > 0 else "should end any moment"
+
+
+def campaign_line(snapshot: Snapshot, now: float) -> str:
+    """How far the campaign is, and when the jobs at the service should end."""
+    counts = snapshot.counts
+    total = sum(counts.values())
+    finished = sum(n for s, n in counts.items() if s.terminal)
+    line = f"campaign: {finished} of {total} jobs finished"
+    if snapshot.jobs:
+        if snapshot.campaign_ends_at is not None:
+            line += f"; the jobs at the service {ends_in(snapshot.campaign_ends_at, now)}"
+        else:
+            line += "; the end of the jobs at the service is not known yet"
+    waiting = counts.get(JobState.PENDING, 0)
+    if waiting:
+        line += f"; {waiting} not submitted yet"
+    return line
+
+
+def file_cells(transfer: Transfer, rate: float) -> tuple[str, str, str, str]:
+    """Bytes on hand of the size, the share, the speed, and the time left of one file."""
+    done, total = transfer.done, transfer.total
+    size = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
+    share = f"{100 * done / total:.0f}%" if total else ""
+    left = human_seconds((total - done) / rate) if total and rate > 0 else ""
+    return size, share, f"{human_bytes(rate)}/s", left
