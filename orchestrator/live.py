@@ -55,11 +55,11 @@ _PAIR = re.compile(r"(\w+)=(\S+)")  # as logs.py reads a record's fields
 # -- events as sentences ------------------------------------------------------------------
 
 Fields = Mapping[str, str]
-_SENTENCES: dict[str, Callable[[Fields, str], str]] = {
+_SENTENCES: dict[str, Callable[[Fields, str], str | None]] = {
     "job.submitted": lambda f, _: f"{f['job_id']} submitted (remote id {f['remote_id']})",
     "job.succeeded": lambda f, _: f"{f['job_id']} finished at the service; {_files(f['files'])} to fetch",
     "job.done": lambda f, _: f"{f['job_id']} done: {_files(f['files'])} saved and checked",
-    "file.done": lambda f, _: f"{f['file']} saved ({human_bytes(float(f['bytes']))})",
+    "file.done": lambda f, _: f"{f['job_id']}: {f['file']} saved ({human_bytes(float(f['bytes']))})",
     "job.problem": lambda f, tail: f"{f['job_id']}: {tail}",
     "job.problem_again": lambda f, tail: f"{f['job_id']}: {tail}",
     "job.adopted": lambda f, _: f"{f['job_id']} found at the service as {f['remote_id']}: not sent again",
@@ -95,7 +95,9 @@ _SENTENCES: dict[str, Callable[[Fields, str], str]] = {
     "callback.accepted": lambda f, _: f"callback: {f['job_id']} is {f['state']}; looking at it now",
     "callback.rejected": lambda f, _: f"a callback was refused ({f['reason']})",
     "callback.listening": lambda f, _: f"listening for callbacks at {f['url']}",
-    "campaign.adopted": lambda f, _: f"{f['count']} job(s) found at the service from an earlier run: not sent again",
+    "campaign.adopted": lambda f, _: (
+        f"{f['count']} job(s) found at the service from an earlier run: not sent again" if f["count"] != "0" else None
+    ),
     "check.list_failed": lambda f, tail: (
         f"could not read the {f['type']} job list ({_rest(f, 'error', tail)}); reading each job instead"
     ),
@@ -113,8 +115,9 @@ def _rest(fields: Fields, key: str, tail: str) -> str:
     return " ".join(p for p in (fields.get(key, ""), tail) if p)
 
 
-def sentence(message: str) -> str:
-    """A log line (`event key=value ... free text`) as a person reads it in the live view."""
+def sentence(message: str) -> str | None:
+    """A log line (`event key=value ... free text`) as a person reads it in the live view
+    (None: nothing worth telling, e.g. no jobs adopted)."""
     event, _, rest = message.partition(" ")
     pairs = list(_PAIR.finditer(rest))
     fields = {m.group(1): m.group(2).rstrip(":;,") for m in pairs}
@@ -139,7 +142,9 @@ class _Events(logging.Handler):
         self.records: deque[tuple[int, str]] = deque(maxlen=200)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelno, sentence(scrub(record.getMessage()))))
+        told = sentence(scrub(record.getMessage()))
+        if told is not None:
+            self.records.append((record.levelno, told))
 
 
 # -- speeds ---------------------------------------------------------------------------------
@@ -221,11 +226,15 @@ class LiveView:
         now = self.engine.now()
         if snapshot.jobs:
             parts.append(self._jobs(snapshot, now))
-        parts.append(Text(campaign_line(snapshot, now)))
-        if snapshot.transfers:
-            parts.append(self._downloads(snapshot))
+        parts.append(Text(campaign_line(snapshot, now), no_wrap=False, overflow="fold"))
+        # The files in flight are read live: the engine publishes its snapshot only when it wakes,
+        # while bytes arrive all the time (a stale total beside live files would disagree).
+        downloader = self.engine.downloader
+        transfers = tuple(downloader.transfers.values())
+        if transfers:
+            parts.append(self._downloads(transfers, downloader.bytes_fetched))
         parts.append(self._recent())
-        parts.append(Text(FOOTER, style="dim"))
+        parts.append(Text(FOOTER, style="dim", no_wrap=False, overflow="fold"))
         return Group(*parts)
 
     def _jobs(self, snapshot: Snapshot, now: float) -> Table:
@@ -240,12 +249,12 @@ class LiveView:
             table.add_row(f"... and {len(jobs) - JOBS_SHOWN} more", "", "", "", "")
         return table
 
-    def _downloads(self, snapshot: Snapshot) -> Table:
+    def _downloads(self, transfers: tuple[Transfer, ...], fetched: int) -> Table:
         now = time.monotonic()
-        rates = {t.name: self._rate_of(t, now) for t in snapshot.transfers}
+        rates = {t.name: self._rate_of(t, now) for t in transfers}
         for name in set(self._files) - set(rates):
             del self._files[name]
-        total = self._total.update(now, snapshot.bytes_fetched)
+        total = self._total.update(now, fetched)
         table = Table(
             box=None,
             pad_edge=False,
@@ -253,11 +262,15 @@ class LiveView:
             title=f"downloads: {len(rates)} file(s), {human_bytes(total)}/s",
             title_justify="left",
         )
-        table.add_column(no_wrap=True, overflow="ellipsis", ratio=1)
-        for _ in range(4):
-            table.add_column(no_wrap=True, justify="right")
-        for t in sorted(snapshot.transfers, key=lambda t: t.name)[:FILES_SHOWN]:
-            table.add_row(t.name, *file_cells(t, rates[t.name]))
+        shown = sorted(transfers, key=lambda t: t.name)[:FILES_SHOWN]
+        rows = [file_cells(t, rates[t.name]) for t in shown]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        room = self.console.width - sum(widths) - 2 * len(widths)  # a column is padded one cell each side
+        table.add_column(overflow="fold")  # fitted to `room`; folded, never cut, on a screen too narrow
+        for width in widths:
+            table.add_column(no_wrap=True, justify="right", min_width=width)
+        for t, row in zip(shown, rows, strict=True):
+            table.add_row(fit_name(t.name, room), *row)
         if len(rates) > FILES_SHOWN:
             table.add_row(f"... and {len(rates) - FILES_SHOWN} more", "", "", "", "")
         return table
@@ -273,7 +286,7 @@ class LiveView:
         bad = [m for level, m in records if level >= logging.WARNING][-EVENTS_SHOWN:]
         room = EVENTS_SHOWN - len(bad)
         rest = [m for level, m in records if level < logging.WARNING][-room:] if room else []
-        events = Text(no_wrap=True, overflow="ellipsis")
+        events = Text(no_wrap=False, overflow="fold")  # wrapped, never cut: a file's name is told whole
         for message in bad:
             events.append(f"! {message}\n", style="red")
         for message in rest:
@@ -285,16 +298,19 @@ class LiveView:
 def job_cells(job: JobProgress, now: float) -> tuple[str, str, str, str]:
     """State, a progress bar, the percentage, and the predicted time left of one job at the service."""
     pct = job.percentage_at(now)
-    bar = "" if pct is None else "█" * round(BAR_CELLS * pct / 100) + "░" * (BAR_CELLS - round(BAR_CELLS * pct / 100))
+    cells = 0 if pct is None else int(BAR_CELLS * pct / 100)
+    bar = "" if pct is None else "█" * cells + "░" * (BAR_CELLS - cells)
     shown = "" if pct is None else f"{pct:.0f}%"
-    return "running" if job.running else "queued", bar, shown, ends_in(job.ends_at, now)
+    end = ends_in(job.ends_at, now)
+    return "running" if job.running else "queued", bar, shown, end if job.ends_at is None else f"should end {end}"
 
 
 def ends_in(ends_at: float | None, now: float) -> str:
+    """When a predicted end comes, as `should end ...` completes it."""
     if ends_at is None:
         return "end not known yet"
     left = ends_at - now
-    return f"ends in ~{human_seconds(left)}" if left > 0 else "should end any moment"
+    return f"in ~{human_seconds(left)}" if left > 0 else "any moment now"
 
 
 def campaign_line(snapshot: Snapshot, now: float) -> str:
@@ -305,7 +321,7 @@ def campaign_line(snapshot: Snapshot, now: float) -> str:
     line = f"campaign: {finished} of {total} jobs finished"
     if snapshot.jobs:
         if snapshot.campaign_ends_at is not None:
-            line += f"; the jobs at the service {ends_in(snapshot.campaign_ends_at, now)}"
+            line += f"; the jobs at the service should end {ends_in(snapshot.campaign_ends_at, now)}"
         else:
             line += "; the end of the jobs at the service is not known yet"
     waiting = counts.get(JobState.PENDING, 0)
@@ -314,10 +330,23 @@ def campaign_line(snapshot: Snapshot, now: float) -> str:
     return line
 
 
+def fit_name(name: str, width: int) -> str:
+    """`job/file` in `width` cells: the job id whole, the file's name cut in its middle (its
+    end tells files apart: checkpoint id and extension)."""
+    if len(name) <= width:
+        return name
+    job, _, file = name.rpartition("/")
+    room = width - len(job) - 2  # the slash and the ellipsis
+    if room < 8:
+        return name  # no room to cut usefully: whole (folded)
+    head = room // 3
+    return f"{job}/{file[:head]}…{file[len(file) - (room - head) :]}"
+
+
 def file_cells(transfer: Transfer, rate: float) -> tuple[str, str, str, str]:
     """Bytes on hand of the size, the share, the speed, and the time left of one file."""
     done, total = transfer.done, transfer.total
     size = f"{human_bytes(done)} / {human_bytes(total)}" if total else human_bytes(done)
     share = f"{100 * done / total:.0f}%" if total else ""
-    left = human_seconds((total - done) / rate) if total and rate > 0 else ""
+    left = human_seconds((total - done) / rate) if total and done < total and rate > 0 else ""
     return size, share, f"{human_bytes(rate)}/s", left

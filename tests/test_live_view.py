@@ -1,0 +1,129 @@
+"""The live view as a user sees it: the real CLI in a real pseudo-terminal, mid-run, against
+the simulator with trainings slow enough to watch and downloads that break and resume."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.live import sentence
+from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, SimSettings
+
+from .conftest import ROOT, write
+
+SCALE = 20  # a 100-step training (110 service seconds) runs about 5 real seconds
+IDS = [f"subject-portrait-campaign-2026-alpha-{n:04d}" for n in (1, 2)]  # 41 characters, a common prefix
+UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+FILE_ROW = re.compile(r"(\d+(?:\.\d)?) (B|kB|MB|GB) / (\d+(?:\.\d)?) (B|kB|MB|GB)\s+(\d+)%")
+JOB_ROW = re.compile(r"(\S+)\s+dreambooth\s+running\s+[█░]+\s+(\d+)%\s+should end")
+
+
+def slow_sim() -> SimSettings:
+    """Trainings of a few real seconds; files of MBs at 2 MB/s a connection, broken off midway
+    (they resume: their bytes must not count twice)."""
+    return SimSettings(
+        time_scale=SCALE,
+        retention_s=1e9,
+        checkpoint_bytes=6_000_000 + 17,
+        lora_bytes=1_500_000 + 3,
+        image_max_px=24,
+        download_bytes_per_s=2e6,
+        # The first download arrives wrong after its middle (found out, fetched again from the start);
+        # eight after it break midway (whole files and ranges) and resume.
+        faults=FaultPlan(
+            script=(
+                ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.GARBLE, nth=1),
+                ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.RESET, nth=2, count=8),
+            )
+        ),
+    )
+
+
+def run_in_terminal(manifest: Path, sim: Any, columns: int = 120) -> tuple[int, str]:
+    """`dreamlook-batch run` in a pseudo-terminal; everything it drew, escape codes and all."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal of `columns` columns
+        os.chdir(ROOT)
+        os.environ.update(
+            {"COLUMNS": str(columns), "LINES": "50", "TERM": "xterm-256color", "DREAMLOOK_API_KEY": sim.api_key}
+        )
+        # Large files in ranges of 1 MiB over several connections: a broken range's bytes come again.
+        args = ["run", str(manifest), "--api-url", sim.url, "--time-scale", str(SCALE)]
+        args += ["--parallel-min-mb", "2", "--range-mb", "1"]
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])
+    screen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def test_mid_run_the_view_shows_training_progress_and_no_file_past_its_size(tmp_path: Path, threaded_sim: Any) -> None:
+    manifest = write(
+        tmp_path / "watch.yaml",
+        "campaign: watch\n"
+        "defaults:\n"
+        "  dreambooth: {base_model: stable-diffusion-v1-5, steps: 100, instance_prompt: p, image_urls: [u]}\n"
+        "jobs:\n" + "".join(f"  - {{id: {job_id}, type: dreambooth}}\n" for job_id in IDS),
+    )
+    with threaded_sim(slow_sim()) as sim:
+        code, screen = run_in_terminal(manifest, sim)
+        faults = [d.fault for d in sim.ledger.downloads if d.fault]
+    text = plain(screen)
+    assert code == 0, text[-3000:]
+    # Training progress, mid-run: a job at the service with the API's percentage and its predicted end.
+    trainings = [(job, int(pct)) for job, pct in JOB_ROW.findall(text)]
+    assert trainings, text[-3000:]
+    assert {job for job, _ in trainings} <= set(IDS)  # whole ids, never cut
+    assert all(0 <= pct <= 99 for _, pct in trainings)  # only the API says a job ended
+    assert "the jobs at the service should end in ~" in text  # the campaign's predicted end
+    # Files: bytes on hand never past the size, the share never past 100%, though downloads broke.
+    rows = FILE_ROW.findall(text)
+    assert rows, text[-3000:]
+    for done, done_unit, total, total_unit, share in rows:
+        assert float(done) * UNITS[done_unit] <= float(total) * UNITS[total_unit] and int(share) <= 100, rows
+    assert faults == ["garble"] + ["reset"] * 8  # downloads went wrong midway (and were fetched again)
+    # Events are sentences; the speed has one definition, said on screen.
+    assert f"{IDS[0]} submitted (remote id " in text
+    assert "job.submitted" not in text and "job_id=" not in text
+    assert "speeds: bytes received in the last 3 s" in text
+    assert "run finished in" in text and "2 done" in text
+    for job_id in IDS:
+        assert (tmp_path / "outputs" / "watch" / job_id / "SHA256SUMS").exists()
+
+
+def test_log_lines_become_sentences_and_unknown_ones_stay_readable() -> None:
+    assert sentence("job.submitted job_id=alice remote_id=db_1") == "alice submitted (remote id db_1)"
+    assert sentence("file.done job_id=alice file=model.safetensors bytes=2000000") == (
+        "alice: model.safetensors saved (2.0 MB)"
+    )
+    assert sentence("file.requeued job_id=alice file=m.bin error=Connection reset by peer") == (
+        "m.bin (alice) failed: Connection reset by peer; it is fetched again"
+    )
+    assert sentence("job.problem job_id=bob failed: the API reports failure") == (
+        "bob: failed: the API reports failure"
+    )
+    assert sentence("campaign.adopted count=0 checked=3") is None  # nothing happened: nothing told
+    # A line the view has no sentence for (or whose fields changed): its words, not key=value.
+    assert sentence("disk.low_space free_mb=12 where=/tmp") == "disk low space: free mb 12, where /tmp"
+    assert sentence("job.submitted job=alice") == "job submitted: job alice"
