@@ -158,12 +158,13 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
     for row in cells:
         table.add_row(*(row[name] for name in shown))
     duplicates = sum(1 for r in rows if r.duplicate_ids)
-    table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
     if duplicates:
-        table.caption += f"; {duplicates} paid twice (duplicate)"
+        caption += f"; {duplicates} paid twice (duplicate)"
     left_out = [n for n in STATUS_COLUMNS if n not in shown and any(row[n] for row in cells)]
     if left_out:
-        table.caption += f"; too narrow for {', '.join(left_out)} (`status --json` has every field)"
+        caption += f"; too narrow for {', '.join(left_out)} (`status --json` has every field)"
+    table.caption, table.caption_justify = Text(caption, no_wrap=False, overflow="fold"), "left"
     return table
 
 
