@@ -10,8 +10,9 @@ What its figures mean (its footer says it too):
   engine schedules its next look by (run/schedule.py);
 - a file's share is the bytes of it on hand over its size (bytes a broken range lost are not
   counted twice);
-- every speed is bytes received over the network in the last `SPEED_WINDOW_S` seconds, a file's
-  and the total alike (so the total is the sum of the files' speeds).
+- every speed is bytes received over the network in the last `SPEED_WINDOW_S` seconds, over
+  them, a file's and the total alike: the total is the sum of the files' speeds (with the files
+  that ended within those seconds).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ from .ui import STATE_ORDER, STATE_STYLE, human_bytes, human_seconds
 if TYPE_CHECKING:
     from .run.engine import Engine
 
+log = logging.getLogger(__name__)
 REFRESH_S = 0.25
 EVENTS_SHOWN = 8
 JOBS_SHOWN = 8
@@ -47,10 +50,12 @@ FILES_SHOWN = 8
 SPEED_WINDOW_S = 3.0  # speeds: bytes received in this many seconds, over them
 BAR_CELLS = 20
 FOOTER = (
-    f"speeds: bytes received in the last {SPEED_WINDOW_S:g} s; job %: the API's percentage_done, "
-    "carried forward at the job's pace; ends: predicted from that pace or from similar jobs"
+    f"speeds: bytes received in the last {SPEED_WINDOW_S:g} s (the total also counts files that ended in them); "
+    "job %: the API's percentage_done, carried forward at the job's pace; ends: predicted from that pace or "
+    "from similar jobs"
 )
-_PAIR = re.compile(r"(\w+)=(\S+)")  # as logs.py reads a record's fields
+_FROM_URL = re.compile(r" from https?://\S+")
+_PAIR = re.compile(r"(\w+)=(\S+)")  # a record's fields, as logs.py finds them
 
 # -- events as sentences ------------------------------------------------------------------
 
@@ -89,8 +94,10 @@ _SENTENCES: dict[str, Callable[[Fields, str], str | None]] = {
     "download.object_changed": lambda f, _: f"{f['file']} changed at the service; starting it over",
     "download.ranges_ignored": lambda f, _: f"{f['file']}: the server ignores ranges; one stream instead",
     "api.retry": lambda f, tail: (
-        f"{f['what']}: attempt {f['attempt']} failed ({_rest(f, 'error', tail)}); again in {f['wait_s']} s"
+        f"{f['what']}: attempt {f['attempt']} failed ({_rest(f, 'error', tail)}); {_again(f['wait_s'])}"
     ),
+    "download.retry": lambda f, tail: _SENTENCES["api.retry"](f, tail),
+    "store.retry": lambda f, tail: _SENTENCES["api.retry"](f, tail),
     "api.retry_after_capped": lambda f, _: f"the API asked for a pause of {f['asked_s']} s; pausing {f['used_s']} s",
     "callback.accepted": lambda f, _: f"callback: {f['job_id']} is {f['state']}; looking at it now",
     "callback.rejected": lambda f, _: f"a callback was refused ({f['reason']})",
@@ -106,13 +113,22 @@ _SENTENCES: dict[str, Callable[[Fields, str], str | None]] = {
 }
 
 
+def _again(wait_s: str) -> str:
+    return "again at once" if float(wait_s) < 0.1 else f"again in {float(wait_s):.1f} s"
+
+
 def _files(count: str) -> str:
     return "1 file" if count == "1" else f"{count} files"
 
 
 def _rest(fields: Fields, key: str, tail: str) -> str:
-    """A last field whose value has spaces (an error message): its first word and what follows."""
-    return " ".join(p for p in (fields.get(key, ""), tail) if p)
+    """A last field whose value has spaces (an error message): its first word and what follows,
+    without the address it came from or the file's name again (the sentence has it)."""
+    text = _FROM_URL.sub("", " ".join(p for p in (fields.get(key, ""), tail) if p))
+    for name in (fields.get("file"), fields.get("what")):
+        if name and text.startswith(f"{name} "):
+            text = text[len(name) + 1 :]
+    return text
 
 
 def sentence(message: str) -> str | None:
@@ -120,9 +136,12 @@ def sentence(message: str) -> str | None:
     (None: nothing worth telling, e.g. no jobs adopted)."""
     event, _, rest = message.partition(" ")
     pairs = list(_PAIR.finditer(rest))
-    fields = {m.group(1): m.group(2).rstrip(":;,") for m in pairs}
-    tail = rest[pairs[-1].end() :] if pairs else rest
-    tail = tail.lstrip(":; ").strip()
+    # A value runs to the next key (`what=list dreambooth attempt=2`); the last one is a word,
+    # and what follows it is the line's free text.
+    fields = {a.group(1): rest[a.start(2) : b.start()].strip() for a, b in pairwise(pairs)}
+    if pairs:
+        fields[pairs[-1].group(1)] = pairs[-1].group(2).rstrip(":;,")
+    tail = (rest[pairs[-1].end() :] if pairs else rest).lstrip(":; ").strip()
     tell = _SENTENCES.get(event)
     if tell is not None:
         try:
@@ -151,17 +170,19 @@ class _Events(logging.Handler):
 
 
 class _Rate:
-    """Bytes a second over the last `SPEED_WINDOW_S`, from a counter that only grows."""
+    """Bytes a second over a window, from a counter that only grows and was 0 before `origin`.
+    Every speed of the view is taken over the same window, so the files' speeds add up to
+    the total (a file that started within the window counts 0 bytes before it started)."""
 
-    def __init__(self, since: float, start: int = 0) -> None:
-        self.samples: deque[tuple[float, int]] = deque([(since, start)])
+    def __init__(self, origin: float) -> None:
+        self.samples: deque[tuple[float, int]] = deque([(origin, 0)])
 
-    def update(self, now: float, count: int) -> float:
+    def update(self, now: float, count: int, since: float) -> float:
+        """Bytes a second from `since` to `now`."""
         self.samples.append((now, count))
-        while len(self.samples) > 2 and self.samples[1][0] <= now - SPEED_WINDOW_S:
+        while len(self.samples) > 1 and self.samples[1][0] <= since:
             self.samples.popleft()
-        then, before = self.samples[0]
-        return (count - before) / (now - then) if now > then else 0.0
+        return (count - self.samples[0][1]) / (now - since) if now > since else 0.0
 
 
 # -- the view ---------------------------------------------------------------------------------
@@ -208,6 +229,10 @@ class LiveView:
         assert self._live is not None
         while True:
             await anyio.sleep(REFRESH_S)
+            try:
+                await self.engine.refresh_snapshot()
+            except Exception:  # a display never stops a run: the last snapshot stays
+                log.debug("live.snapshot_failed", exc_info=True)
             self._live.update(self._render(), refresh=True)
 
     def _render(self) -> Group:
@@ -226,7 +251,8 @@ class LiveView:
         now = self.engine.now()
         if snapshot.jobs:
             parts.append(self._jobs(snapshot, now))
-        parts.append(Text(campaign_line(snapshot, now), no_wrap=False, overflow="fold"))
+        if snapshot.counts:
+            parts.append(Text(campaign_line(snapshot, now), no_wrap=False, overflow="fold"))
         # The files in flight are read live: the engine publishes its snapshot only when it wakes,
         # while bytes arrive all the time (a stale total beside live files would disagree).
         downloader = self.engine.downloader
@@ -251,10 +277,11 @@ class LiveView:
 
     def _downloads(self, transfers: tuple[Transfer, ...], fetched: int) -> Table:
         now = time.monotonic()
-        rates = {t.name: self._rate_of(t, now) for t in transfers}
+        since = max(now - SPEED_WINDOW_S, self.started)
+        rates = {t.name: self._rate_of(t, now, since) for t in transfers}
         for name in set(self._files) - set(rates):
             del self._files[name]
-        total = self._total.update(now, fetched)
+        total = self._total.update(now, fetched, since)
         table = Table(
             box=None,
             pad_edge=False,
@@ -275,11 +302,11 @@ class LiveView:
             table.add_row(f"... and {len(rates) - FILES_SHOWN} more", "", "", "", "")
         return table
 
-    def _rate_of(self, transfer: Transfer, now: float) -> float:
+    def _rate_of(self, transfer: Transfer, now: float, since: float) -> float:
         rate = self._files.get(transfer.name)
         if rate is None:
             rate = self._files[transfer.name] = _Rate(transfer.started)
-        return rate.update(now, transfer.received)
+        return rate.update(now, transfer.received, since)
 
     def _recent(self) -> Text:
         records = list(self._events.records)
@@ -310,7 +337,7 @@ def ends_in(ends_at: float | None, now: float) -> str:
     if ends_at is None:
         return "end not known yet"
     left = ends_at - now
-    return f"in ~{human_seconds(left)}" if left > 0 else "any moment now"
+    return f"in ~{human_seconds(left)}" if left >= 1 else "any moment now"
 
 
 def campaign_line(snapshot: Snapshot, now: float) -> str:

@@ -123,6 +123,13 @@ def test_log_lines_become_sentences_and_unknown_ones_stay_readable() -> None:
     assert sentence("job.problem job_id=bob failed: the API reports failure") == (
         "bob: failed: the API reports failure"
     )
+    assert sentence("api.retry what=list dreambooth attempt=2 wait_s=1.50 error=HTTP 503: busy") == (
+        "list dreambooth: attempt 2 failed (HTTP 503: busy); again in 1.5 s"
+    )
+    assert sentence(
+        "download.retry what=m.bin attempt=1 wait_s=0.01 error=m.bin transfer broke (ClientPayloadError) "
+        "from http://storage.example/models/m.bin?<redacted>"
+    ) == ("m.bin: attempt 1 failed (transfer broke (ClientPayloadError)); again at once")
     assert sentence("campaign.adopted count=0 checked=3") is None  # nothing happened: nothing told
     # A line the view has no sentence for (or whose fields changed): its words, not key=value.
     assert sentence("disk.low_space free_mb=12 where=/tmp") == "disk low space: free mb 12, where /tmp"

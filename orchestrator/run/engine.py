@@ -189,6 +189,11 @@ class Engine:
                     await self.resolve.adopt()
                     self.events.notify()
 
+    async def refresh_snapshot(self) -> None:
+        """For a watcher that draws more often than the engine wakes (it may sleep for seconds
+        while files stream): a fresh `snapshot`, at most every SNAPSHOT_EVERY_S."""
+        await self._publish()
+
     async def _publish(self, *, now: bool = False) -> None:
         """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
         if not now and time.monotonic() - self._published_at < SNAPSHOT_EVERY_S:
