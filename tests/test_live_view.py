@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.live import sentence
+from orchestrator.api.jobs import parse_job
+from orchestrator.live import job_cells, sentence
+from orchestrator.run.outcome import JobProgress
+from orchestrator.run.schedule import remaining_s
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, SimSettings
 
 from .conftest import ROOT, write
@@ -134,3 +137,23 @@ def test_log_lines_become_sentences_and_unknown_ones_stay_readable() -> None:
     # A line the view has no sentence for (or whose fields changed): its words, not key=value.
     assert sentence("disk.low_space free_mb=12 where=/tmp") == "disk low space: free mb 12, where /tmp"
     assert sentence("job.submitted job=alice") == "job submitted: job alice"
+
+
+def test_a_percentage_the_api_could_not_mean_is_no_reading_and_the_view_says_so() -> None:
+    def running(pct: object) -> Any:
+        return parse_job({"job_id": "db_1", "state": "running", "percentage_done": pct, "running_duration": 30})
+
+    for odd in (None, "50", 150, -3, float("nan"), float("inf"), True):
+        job = running(odd)
+        assert job.percentage_done is None, odd
+        assert remaining_s(job, age_s=40, typical_s=None) is None  # no reading, no similar jobs: no end
+    assert remaining_s(running(None), age_s=40, typical_s=100) == 60  # from what similar jobs took
+    assert running(25).percentage_done == 25 and remaining_s(running(25), age_s=40, typical_s=None) == 90
+    unknown = JobProgress(
+        job_id="a", type="dreambooth", running=True, percentage=None, pace=None, seen_at=0, ends_at=None
+    )
+    assert job_cells(unknown, now=5) == ("running", "", "", "end not known yet")
+    # Carried forward at its pace between looks, never to 100%: only the API says a job ended.
+    seen = JobProgress(job_id="a", type="dreambooth", running=True, percentage=50, pace=1.0, seen_at=0, ends_at=50)
+    assert job_cells(seen, now=10)[2:] == ("60%", "should end in ~40s")
+    assert job_cells(seen, now=500)[2:] == ("99%", "should end any moment now")

@@ -66,6 +66,9 @@ class RunOutcome:
         return ExitCode.OK
 
 
+PROGRESS_CAP = 99.0  # a job carried forward never shows as finished: only the API says that
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobProgress:
     """A job at the service as its last look found it (kept in memory, for the live view)."""
@@ -83,9 +86,6 @@ class JobProgress:
         if self.percentage is None or self.pace is None:
             return self.percentage
         return min(PROGRESS_CAP, max(self.percentage, self.percentage + self.pace * (now - self.seen_at)))
-
-
-PROGRESS_CAP = 99.0  # a job carried forward never shows as finished: only the API says that
 
 
 @dataclass(frozen=True, kw_only=True)
