@@ -207,7 +207,6 @@ class Engine:
             transfers=tuple(self.downloader.transfers.values()),
             bytes_fetched=self.downloader.bytes_fetched,
             jobs=jobs,
-            at=self.now(),
             # The campaign's end: the last predicted end of the jobs at the service, once each has one.
             campaign_ends_at=max(e for e in ends if e is not None) if ends and None not in ends else None,
         )

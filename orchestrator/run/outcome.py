@@ -97,5 +97,4 @@ class Snapshot:
     transfers: tuple[Transfer, ...]  # files being fetched (their byte counters move on)
     bytes_fetched: int
     jobs: tuple[JobProgress, ...] = ()  # jobs at the service, as last seen
-    at: float = 0.0  # when it was taken (the engine's clock)
     campaign_ends_at: float | None = None  # the predicted end of the jobs known, None without an estimate
