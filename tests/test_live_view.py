@@ -3,12 +3,7 @@ the simulator with trainings slow enough to watch and downloads that break and r
 
 from __future__ import annotations
 
-import os
-import pty
 import re
-import select
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +13,7 @@ from orchestrator.run.outcome import JobProgress
 from orchestrator.run.schedule import remaining_s
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault, SimSettings
 
-from .conftest import ROOT, write
+from .conftest import ROOT, in_terminal, write
 
 SCALE = 20  # a 100-step training (110 service seconds) runs about 5 real seconds
 IDS = [f"subject-portrait-campaign-2026-alpha-{n:04d}" for n in (1, 2)]  # 41 characters, a common prefix
@@ -49,32 +44,12 @@ def slow_sim() -> SimSettings:
 
 
 def run_in_terminal(manifest: Path, sim: Any, columns: int = 120) -> tuple[int, str]:
-    """`dreamlook-batch run` in a pseudo-terminal; everything it drew, escape codes and all."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a terminal of `columns` columns
-        os.chdir(ROOT)
-        os.environ.update(
-            {"COLUMNS": str(columns), "LINES": "50", "TERM": "xterm-256color", "DREAMLOOK_API_KEY": sim.api_key}
-        )
-        # Large files in ranges of 1 MiB over several connections: a broken range's bytes come again.
-        args = ["run", str(manifest), "--api-url", sim.url, "--time-scale", str(SCALE)]
-        args += ["--parallel-min-mb", "2", "--range-mb", "1"]
-        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])
-    screen = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1.0)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
+    """`dreamlook-batch run` against `sim` in a pseudo-terminal of `columns` columns."""
+    # Large files in ranges of 1 MiB over several connections: a broken range's bytes come again.
+    args = ["run", str(manifest), "--api-url", sim.url, "--time-scale", str(SCALE)]
+    args += ["--parallel-min-mb", "2", "--range-mb", "1"]
+    env = {"COLUMNS": str(columns), "LINES": "50", "TERM": "xterm-256color", "DREAMLOOK_API_KEY": sim.api_key}
+    return in_terminal(args, ROOT, env)
 
 
 def plain(text: str) -> str:
