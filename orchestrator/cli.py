@@ -37,7 +37,7 @@ from .models import JobType
 from .report import write_report
 from .run import preflight
 from .run.outcome import ExitCode
-from .state import given_state, joined_manifest
+from .state import given_state, is_database, joined_manifest
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -533,8 +533,17 @@ def _campaign_args(args: argparse.Namespace) -> str:
         words.append("--simulate")
     for option in ("state", "out"):
         if getattr(args, option, None):
-            words += [f"--{option}", getattr(args, option)]
+            words += [f"--{option}", _shown_state(getattr(args, option))]
     return shlex.join(words)
+
+
+def _shown_state(value: str) -> str:
+    """A location as a message may show it: a database URL without its password."""
+    if not is_database(value):
+        return value
+    from .store.pg_base import safe_url  # only with the extra installed
+
+    return safe_url(value)
 
 
 def _check_rehearsal(args: argparse.Namespace, paths: commands.Paths) -> None:

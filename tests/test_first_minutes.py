@@ -142,3 +142,22 @@ def test_status_through_a_pipe_keeps_the_other_columns_when_they_fit(tmp_path: P
     for column in ("files", "remote id", "type", "age"):
         assert column in header
     assert "too narrow" not in done.stdout
+
+
+def test_the_summary_shows_a_database_state_without_its_password(
+    tmp_path: Path, threaded_sim: Any, pg_url: str
+) -> None:
+    scheme, rest = pg_url.split("://", 1)
+    host = rest.rsplit("@", 1)[-1]
+    with_password = f"{scheme}://postgres:pw-never-shown@{host}"  # trust auth: the password is not checked
+    manifest = write(
+        tmp_path / "pg.yaml",
+        "campaign: pg\njobs:\n  - {id: doomed, type: image_gen, prompt: p, base_model: stable-diffusion-v1-5}\n",
+    )
+    plan = FaultPlan(script=(ScriptedFault(route=Route.SUBMIT, kind=FaultKind.FAIL_JOB, nth=1),))
+    with threaded_sim(fast_sim(faults=plan)) as sim:
+        proc = cli_process(manifest, sim, "--state", with_password)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "pw-never-shown" not in out
+    assert f"`dreamlook-batch status {manifest} --state postgresql://postgres@{host}`" in out
