@@ -1,10 +1,10 @@
 """When to look at a job next, and the one primitive every wait of the engine goes through.
 
 A running job with progress is checked shortly before its predicted end (from
-`percentage_done` and `running_duration`; the live view shows the same prediction),
-then shortly after it; a job with no
-progress yet is predicted from what similar jobs of this campaign took; without any
-estimate, a jittered exponential backoff. Always within [min_s, max_s]. Training and
+`percentage_done` and `running_duration`), then shortly after it; a job with no
+progress yet is predicted from what similar jobs of this campaign took (`remaining_s`:
+the live view shows the same prediction); without any estimate, a jittered
+exponential backoff. Always within [min_s, max_s]. Training and
 image jobs have their own policies (config.py).
 """
 
