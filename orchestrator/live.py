@@ -264,15 +264,24 @@ class LiveView:
         return Group(*parts)
 
     def _jobs(self, snapshot: Snapshot, now: float) -> Table:
-        jobs = sorted(snapshot.jobs, key=lambda j: (not j.running, j.ends_at or float("inf"), j.job_id))
+        jobs = sorted(snapshot.jobs, key=lambda j: (not j.running, j.ends_at or float("inf"), j.job_id))[:JOBS_SHOWN]
+        rows = [(job.job_id, job.type, *job_cells(job, now)) for job in jobs]
+        if len(snapshot.jobs) > JOBS_SHOWN:
+            rows.append((f"... and {len(snapshot.jobs) - JOBS_SHOWN} more", "", "", "", "", ""))
+        # A job id is never cut: on a narrow screen the type, then the bar, then the state give way.
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        shown = [0, 2, 3, 4, 5, 1]  # id, state, bar, %, end, type: the last is left out first
+        for dropped in (1, 3, 2):
+            if sum(widths[i] + 2 for i in shown) <= self.console.width:
+                break
+            shown.remove(dropped)
+        shown.sort()
         table = Table(box=None, pad_edge=False, show_header=False, title="at the service", title_justify="left")
-        table.add_column(no_wrap=True)  # a job id is never cut: other columns give way
-        for _ in range(4):
-            table.add_column(no_wrap=True, overflow="ellipsis")
-        for job in jobs[:JOBS_SHOWN]:
-            table.add_row(job.job_id, job.type, *job_cells(job, now))
-        if len(jobs) > JOBS_SHOWN:
-            table.add_row(f"... and {len(jobs) - JOBS_SHOWN} more", "", "", "", "")
+        for i in shown:
+            # The id is never cut nor wrapped; the predicted end wraps rather than being cut.
+            table.add_column(no_wrap=i not in (0, 5), overflow="fold", min_width=widths[i] if i == 0 else None)
+        for row in rows:
+            table.add_row(*(row[i] for i in shown))
         return table
 
     def _downloads(self, transfers: tuple[Transfer, ...], fetched: int) -> Table:
@@ -329,11 +338,11 @@ def job_cells(job: JobProgress, now: float) -> tuple[str, str, str, str]:
     bar = "" if pct is None else "█" * cells + "░" * (BAR_CELLS - cells)
     shown = "" if pct is None else f"{pct:.0f}%"
     end = ends_in(job.ends_at, now)
-    return "running" if job.running else "queued", bar, shown, end if job.ends_at is None else f"should end {end}"
+    return "running" if job.running else "queued", bar, shown, end if job.ends_at is None else f"ends {end}"
 
 
 def ends_in(ends_at: float | None, now: float) -> str:
-    """When a predicted end comes, as `should end ...` completes it."""
+    """When a predicted end comes, as `ends ...` completes it."""
     if ends_at is None:
         return "end not known yet"
     left = ends_at - now

@@ -19,7 +19,7 @@ SCALE = 20  # a 100-step training (110 service seconds) runs about 5 real second
 IDS = [f"subject-portrait-campaign-2026-alpha-{n:04d}" for n in (1, 2)]  # 41 characters, a common prefix
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 FILE_ROW = re.compile(r"(\d+(?:\.\d)?) (B|kB|MB|GB) / (\d+(?:\.\d)?) (B|kB|MB|GB)\s+(\d+)%")
-JOB_ROW = re.compile(r"(\S+)\s+dreambooth\s+running\s+[█░]+\s+(\d+)%\s+should end")
+JOB_ROW = re.compile(r"(\S+)\s+dreambooth\s+running\s+[█░]+\s+(\d+)%\s+ends (?:in|any)")
 
 
 def slow_sim() -> SimSettings:
@@ -130,5 +130,5 @@ def test_a_percentage_the_api_could_not_mean_is_no_reading_and_the_view_says_so(
     assert job_cells(unknown, now=5) == ("running", "", "", "end not known yet")
     # Carried forward at its pace between looks, never to 100%: only the API says a job ended.
     seen = JobProgress(job_id="a", type="dreambooth", running=True, percentage=50, pace=1.0, seen_at=0, ends_at=50)
-    assert job_cells(seen, now=10)[2:] == ("60%", "should end in ~40s")
-    assert job_cells(seen, now=500)[2:] == ("99%", "should end any moment now")
+    assert job_cells(seen, now=10)[2:] == ("60%", "ends in ~40s")
+    assert job_cells(seen, now=500)[2:] == ("99%", "ends any moment now")
