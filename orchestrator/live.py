@@ -1,8 +1,9 @@
 """The live view of a run in a terminal: what the jobs at the service are doing and when they
 should end, the files in flight, and the latest events told as sentences.
 
-It is drawn from the event loop four times a second from the engine's `Snapshot` (it never
-reads the store). Used only when stdout is a terminal; otherwise the log lines are the record.
+It is drawn from the event loop four times a second, each time from a fresh `Snapshot` of the
+engine (the view itself never reads the store). Used only when stdout is a terminal; otherwise
+the log lines are the record.
 
 What its figures mean (its footer says it too):
 - a job's progress is the API's `percentage_done`, carried forward between looks at the job's
@@ -253,12 +254,8 @@ class LiveView:
             parts.append(self._jobs(snapshot, now))
         if snapshot.counts:
             parts.append(Text(campaign_line(snapshot, now), no_wrap=False, overflow="fold"))
-        # The files in flight are read live: the engine publishes its snapshot only when it wakes,
-        # while bytes arrive all the time (a stale total beside live files would disagree).
-        downloader = self.engine.downloader
-        transfers = tuple(downloader.transfers.values())
-        if transfers:
-            parts.append(self._downloads(transfers, downloader.bytes_fetched))
+        if snapshot.transfers:
+            parts.append(self._downloads(snapshot.transfers, snapshot.bytes_fetched))
         parts.append(self._recent())
         parts.append(Text(FOOTER, style="dim", no_wrap=False, overflow="fold"))
         return Group(*parts)

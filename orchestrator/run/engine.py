@@ -190,9 +190,10 @@ class Engine:
                     self.events.notify()
 
     async def refresh_snapshot(self) -> None:
-        """For a watcher that draws more often than the engine wakes (it may sleep for seconds
-        while files stream): a fresh `snapshot`, at most every SNAPSHOT_EVERY_S."""
-        await self._publish()
+        """A fresh `snapshot`, for a watcher about to draw: the engine itself publishes only when
+        it wakes, and may sleep for seconds while files stream (a total of bytes taken then,
+        beside the files' live counters, would disagree with them)."""
+        await self._publish(now=True)
 
     async def _publish(self, *, now: bool = False) -> None:
         """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
