@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project with its dev tools
 
-demo: $(STAMP)  ## run jobs/example.yaml against the built-in simulator
+demo: $(STAMP)  ## run jobs/example.yaml against the built-in simulator, then write its report
 	$(BIN)/dreamlook-batch run jobs/example.yaml --simulate
+	$(BIN)/dreamlook-batch report jobs/example.yaml --simulate
+	@echo
+	@echo "The demo ran against a simulator: its files are in jobs/outputs/example/, its state in"
+	@echo "jobs/.dreamlook-batch/example.simulated.db (a run without --simulate never sees it). Look at it:"
+	@echo "  $(BIN)/dreamlook-batch status jobs/example.yaml --simulate"
+	@echo "  $(BIN)/dreamlook-batch report jobs/example.yaml --simulate   # jobs/outputs/example/report.html"
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/pytest -q

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import anyio
 from rich.console import Console
 
-from . import argtypes, commands, logs, ui
+from . import argtypes, commands, live, logs, ui
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -36,7 +37,7 @@ from .models import JobType
 from .report import write_report
 from .run import preflight
 from .run.outcome import ExitCode
-from .state import given_state, joined_manifest
+from .state import given_state, is_database, joined_manifest
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -107,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _campaign_opts(p)
     p.add_argument("--json", action="store_true")
+    _rehearsal_option(p)
 
     p = sub.add_parser("report", help="write OUT/report.html: the campaign to review, with its pictures")
     _common(p)
     _campaign_opts(p)
+    _rehearsal_option(p)
 
     p = sub.add_parser("settle", help="decide an `unknown` job: it is REMOTE_ID, or --resubmit, or --give-up")
     _common(p)
@@ -123,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _sim_options(p)
     return parser
+
+
+def _rehearsal_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="the rehearsal's state (`run --simulate`, `make demo`), not the real one",
+    )
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
@@ -380,6 +391,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     paths = commands.paths_for(manifest, args.state, args.out, simulated=getattr(args, "simulate", False))
     if command == "plan":
         return _plan(manifest, paths, args.s3_endpoint_url)
+    if command in ("status", "report"):
+        _check_rehearsal(args, paths)
     if command == "status":
         return _status(manifest.campaign, paths, as_json=args.json)
     if command == "report":
@@ -464,10 +477,17 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
     if out.is_terminal and args.log_format == "text" and not args.quiet:
         # The live view shows the events; log lines would tear through it.
         logs.configure(args.log_format, args.verbose - args.quiet - 1)
-        request = replace(request, watch=lambda engine: ui.LiveView(engine, out))
+        request = replace(request, watch=lambda engine: live.LiveView(engine, out))
     started = time.monotonic()
     result = anyio.run(commands.run_campaign, request)
-    ui.print_summary(out, result, dry_run=args.dry_run, once=args.once, elapsed_s=time.monotonic() - started)
+    ui.print_summary(
+        out,
+        result,
+        dry_run=args.dry_run,
+        once=args.once,
+        elapsed_s=time.monotonic() - started,
+        campaign=_campaign_args(args),
+    )
     code = result.outcome.exit_code
     if args.once and code == ExitCode.OK:
         return ExitCode.OK
@@ -512,12 +532,46 @@ def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> 
     return ExitCode.OK
 
 
+def _campaign_args(args: argparse.Namespace) -> str:
+    """The arguments that name this campaign to the other commands, as the user gave them."""
+    words = [str(args.manifest)] if args.manifest is not None else ["--campaign", args.campaign]
+    if getattr(args, "simulate", False):
+        words.append("--simulate")
+    for option in ("state", "out"):
+        if getattr(args, option, None):
+            words += [f"--{option}", _shown_state(getattr(args, option))]
+    return shlex.join(words)
+
+
+def _shown_state(value: str) -> str:
+    """A location as a message may show it: a database URL without its password."""
+    if not is_database(value):
+        return value
+    from .store.pg_base import safe_url  # only with the extra installed
+
+    return safe_url(value)
+
+
+def _check_rehearsal(args: argparse.Namespace, paths: commands.Paths) -> None:
+    """`status`/`report` without --simulate where only a rehearsal ran: say so, and how to see it."""
+    default = f"{paths.campaign}.db"
+    if args.simulate or paths.database is not None or paths.state.name != default or paths.state.exists():
+        return
+    rehearsal = paths.state.with_name(f"{paths.campaign}.simulated.db")
+    if rehearsal.exists():
+        raise UsageError(
+            f"no state yet at {paths.state}: nothing has run against the API for campaign {paths.campaign!r}. "
+            f"The rehearsal against the simulator (`run --simulate`, `make demo`) keeps its own state, "
+            f"{rehearsal}; to see it: dreamlook-batch {args.command} {_campaign_args(args)} --simulate"
+        )
+
+
 def _status(campaign_name: str, paths: commands.Paths, *, as_json: bool) -> int:
     if as_json:
         anyio.run(_print_chunks, commands.status_json(campaign_name, paths))
         return ExitCode.OK
     rows, files, workers = anyio.run(commands.status_rows, paths)
-    out.print(ui.status_table(rows, files, time.time()))
+    out.print(ui.status_table(rows, files, time.time(), width=out.width))
     out.print(f"files in {paths.out_shown}")
     if workers:
         out.print(ui.workers_table(workers, time.time()))

@@ -1,24 +1,14 @@
-"""What a person sees: the live view of a run, the end-of-run summary and the status table.
-
-The live view is drawn from the event loop (it reads the state store, which belongs
-to that thread) four times a second: counts by state, downloads with bytes, speed and
-ETA, and the latest events, failures first. It is used only when stdout is a terminal;
-otherwise the log lines are the record.
+"""What a person sees after a run and between runs: the end-of-run summary, the status
+table and the workers table (the live view of a run: live.py).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING
 
-import anyio
-from anyio.abc import TaskGroup
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -29,10 +19,7 @@ from .store import FileRow, JobRow, WorkerRow
 
 if TYPE_CHECKING:
     from .commands import RunResult
-    from .run.engine import Engine
 
-REFRESH_S = 0.25
-EVENTS_SHOWN = 8
 STATE_ORDER = [
     JobState.PENDING,
     JobState.SUBMITTING,
@@ -81,115 +68,11 @@ def job_note(row: JobRow, now: float) -> str:
     return "; ".join(notes)
 
 
-class _Events(logging.Handler):
-    """The latest events of the run, for the live view."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: deque[tuple[int, str]] = deque(maxlen=200)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelno, scrub(record.getMessage())))
-
-
-class LiveView:
-    def __init__(self, engine: Engine, console: Console) -> None:
-        self.engine = engine
-        self.console = console
-        self.started = time.monotonic()
-        self._events = _Events()
-        self._speed = (time.monotonic(), 0, 0.0)  # (when, bytes then, bytes per second)
-        self._live: Live | None = None
-        self._tg: TaskGroup | None = None
-
-    async def __aenter__(self) -> LiveView:
-        logger = logging.getLogger("orchestrator")
-        self._level = logger.level
-        logger.setLevel(logging.INFO)  # the view shows events; the stderr handler keeps its own level
-        logger.addHandler(self._events)
-        self._live = Live(self._render(), console=self.console, auto_refresh=False, transient=False)
-        self._live.__enter__()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._refresh)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._tg is not None and self._live is not None
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        try:
-            self._live.update(self._render(), refresh=True)
-        finally:
-            self._live.__exit__(et, e, tb)
-            logger = logging.getLogger("orchestrator")
-            logger.removeHandler(self._events)
-            logger.setLevel(self._level)
-
-    async def _refresh(self) -> None:
-        assert self._live is not None
-        while True:
-            await anyio.sleep(REFRESH_S)
-            self._live.update(self._render(), refresh=True)
-
-    def _render(self) -> Group:
-        engine = self.engine
-        snapshot = engine.snapshot
-        counts = snapshot.counts
-        head = Text.assemble(
-            ("dreamlook-batch ", "bold"),
-            (f"campaign {engine.manifest.campaign}", "cyan"),
-            f"  {human_seconds(time.monotonic() - self.started)}  ",
-            (f"({snapshot.stopped_by})" if snapshot.stopped_by else "", "yellow"),
-        )
-        states = Text()
-        for state in STATE_ORDER:
-            if counts.get(state):
-                states.append(f"{state.value} {counts[state]}  ", style=STATE_STYLE.get(state, ""))
-        parts: list[Text | Table] = [head, states or Text("no jobs")]
-        transfers = list(snapshot.transfers)
-        now = time.monotonic()
-        when, then, rate = self._speed
-        if now - when >= 1.0:
-            total = snapshot.bytes_fetched
-            rate = (total - then) / (now - when)
-            self._speed = (now, total, rate)
-        if transfers:
-            table = Table(
-                box=None,
-                pad_edge=False,
-                title=f"downloads: {len(transfers)} active, {human_bytes(rate)}/s",
-                title_justify="left",
-                show_header=False,
-            )
-            for t in sorted(transfers, key=lambda t: t.name)[:10]:
-                speed = t.done / max(now - t.started, 1e-6)
-                share = f"{100 * t.done / t.total:.0f}%" if t.total else ""
-                eta = human_seconds((t.total - t.done) / speed) if t.total and speed > 0 else ""
-                size = f"{human_bytes(t.done)} / {human_bytes(t.total)}" if t.total else human_bytes(t.done)
-                table.add_row(t.name[:60], size, share, f"{human_bytes(speed)}/s", eta)
-            parts.append(table)
-        records = list(self._events.records)
-        bad = [m for level, m in records if level >= logging.WARNING][-EVENTS_SHOWN:]
-        rest = (
-            [m for level, m in records if level < logging.WARNING][-(EVENTS_SHOWN - len(bad)) :]
-            if len(bad) < EVENTS_SHOWN
-            else []
-        )
-        if bad or rest:
-            events = Text()
-            for message in bad:
-                events.append(f"! {message[:150]}\n", style="red")
-            for message in rest:
-                events.append(f"  {message[:150]}\n", style="dim")
-            parts.append(events)
-        return Group(*parts)
-
-
-def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: bool, elapsed_s: float) -> None:
-    """What happened, what is where, and what to do next."""
+def print_summary(
+    console: Console, result: RunResult, *, dry_run: bool, once: bool, elapsed_s: float, campaign: str
+) -> None:
+    """What happened, what is where, and what to do next. `campaign`: the arguments that name
+    this campaign to the other commands, as the user gave them (`jobs/x.yaml --simulate`)."""
     outcome = result.outcome
     counts = {s: n for s, n in outcome.counts.items() if n}
     what = "dry run" if dry_run else "pass" if once else "run"
@@ -205,6 +88,11 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         return
     if result.files_done:
         console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out_shown}")
+    if result.sim_url is not None:
+        console.print(
+            f"a rehearsal against the simulator; its state is {result.paths.at}. Look at it with "
+            f"`dreamlook-batch status {campaign}` and `dreamlook-batch report {campaign}`"
+        )
     if outcome.stopped_by is StopReason.INTERRUPTED:
         console.print("interrupted: state saved; run the same command again to carry on")
     elif outcome.stopped_by is StopReason.QUOTA:
@@ -216,38 +104,67 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
     if outcome.duplicates:
         console.print(
             f"[red]{outcome.duplicates} job(s) exist twice in the service (paid twice):[/] one of each is downloaded; "
-            "`dreamlook-batch status MANIFEST` lists the other remote ids"
+            f"`dreamlook-batch status {campaign}` lists the other remote ids"
         )
     if counts.get(JobState.UNKNOWN):
-        console.print("unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle MANIFEST JOB ...`")
+        console.print(
+            f"unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle {campaign} JOB ...`"
+        )
     if any(counts.get(s) for s in BAD_ENDINGS):
         console.print(
-            "`dreamlook-batch status MANIFEST` lists every job with its reason; "
-            "`dreamlook-batch report MANIFEST` writes a page to review"
+            f"`dreamlook-batch status {campaign}` lists every job with its reason; "
+            f"`dreamlook-batch report {campaign}` writes a page to review"
         )
 
 
-def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: float) -> Table:
-    table = Table("job", "type", "state", "remote id", "age", "files", "reason", title_justify="left")
+STATUS_COLUMNS = ("job", "state", "reason", "files", "remote id", "type", "age")  # the first given way last
+REASON_MIN_CELLS = 16  # a reason narrower than this is left out rather than shown one word a line
+
+
+def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: float, width: int = 80) -> Table:
+    """Every job of the campaign in `width` cells. A job id is never cut (two long ids that
+    differ at the end must not look the same): on a narrow screen the other columns give
+    way first, the least needed left out (age, type, remote id, files, then the reason)."""
+    cells: list[dict[str, str | Text]] = []
     totals: dict[str, int] = {}
     for r in rows:
         fs = files.get(r.id, [])
-        age = human_seconds(now - r.submitted_at) if r.submitted_at else ""
-        file_text = f"{sum(f.done for f in fs)}/{len(fs)}" if fs else ""
-        table.add_row(
-            r.id,
-            r.type,
-            Text(r.state.value, style=STATE_STYLE.get(r.state, "")),
-            r.remote_id or "",
-            age,
-            file_text,
-            scrub(job_note(r, now)),
+        cells.append(
+            {
+                "job": r.id,
+                "state": Text(r.state.value, style=STATE_STYLE.get(r.state, "")),
+                "reason": scrub(job_note(r, now)),
+                "files": f"{sum(f.done for f in fs)}/{len(fs)}" if fs else "",
+                "remote id": r.remote_id or "",
+                "type": r.type,
+                "age": human_seconds(now - r.submitted_at) if r.submitted_at else "",
+            }
         )
         totals[r.state.value] = totals.get(r.state.value, 0) + 1
+    natural = {name: max([len(name), *(len(str(row[name])) for row in cells)]) for name in STATUS_COLUMNS}
+    natural["reason"] = min(natural["reason"], REASON_MIN_CELLS)  # it wraps: this much is enough
+    shown = [name for name in STATUS_COLUMNS if name == "job" or name == "state" or any(row[name] for row in cells)]
+    # A bordered table takes 3 cells a column and one more: leave out what does not fit.
+    while len(shown) > 2 and sum(natural[n] for n in shown) + 3 * len(shown) + 1 > width:
+        shown.pop()
+    table = Table(title_justify="left")
+    for name in shown:
+        if name in ("job", "remote id"):
+            table.add_column(name, no_wrap=True, overflow="fold", min_width=natural[name])
+        elif name == "reason":
+            table.add_column(name, overflow="fold", min_width=min(natural[name], REASON_MIN_CELLS))
+        else:
+            table.add_column(name, no_wrap=True, min_width=natural[name])
+    for row in cells:
+        table.add_row(*(row[name] for name in shown))
     duplicates = sum(1 for r in rows if r.duplicate_ids)
-    table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
     if duplicates:
-        table.caption += f"; {duplicates} paid twice (duplicate)"
+        caption += f"; {duplicates} paid twice (duplicate)"
+    left_out = [n for n in STATUS_COLUMNS if n not in shown and any(row[n] for row in cells)]
+    if left_out:
+        caption += f"; too narrow for {', '.join(left_out)} (`status --json` has every field)"
+    table.caption, table.caption_justify = Text(caption, no_wrap=False, overflow="fold"), "left"
     return table
 
 

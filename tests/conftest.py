@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -138,6 +141,31 @@ def tmpfs_at(folder: Path, size_mb: int, *, inodes: int | None = None) -> Iterat
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def in_terminal(args: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 120) -> tuple[int, str]:
+    """`python -m orchestrator ARGS` in a real pseudo-terminal (with `env` added, e.g. COLUMNS):
+    its exit code and everything it drew, escape codes and all."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal's side
+        os.chdir(cwd)
+        os.environ.update(env)
+        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", *args])
+    screen = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.sim import FaultKind, FaultPlan, Route, ScriptedFault
 
-from .conftest import fast_sim, write
+from .conftest import fast_sim, in_terminal, write
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
@@ -92,27 +89,9 @@ def test_report_renders_every_job_with_its_state_and_every_image(
 
 def test_live_view_draws_in_a_terminal_and_ends_cleanly(tmp_path: Path) -> None:
     shutil.copy(JOBS / "example.yaml", tmp_path / "example.yaml")
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a terminal of 100 columns
-        os.chdir(tmp_path)
-        os.environ.update({"COLUMNS": "100", "LINES": "30", "TERM": "xterm-256color"})
-        os.execv(sys.executable, [sys.executable, "-m", "orchestrator", "run", "example.yaml", "--simulate"])
-    screen = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1.0)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
-    _, status = os.waitpid(pid, 0)
-    text = screen.decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    env = {"COLUMNS": "100", "LINES": "30", "TERM": "xterm-256color"}  # a terminal of 100 columns
+    code, text = in_terminal(["run", "example.yaml", "--simulate"], tmp_path, env, timeout_s=60)
+    assert code == 0, text[-2000:]
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
     assert "dreamlook-batch campaign example" in plain  # the view was drawn
     assert text.count("\x1b[?25l") >= 1 and text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l")  # cursor back

@@ -46,6 +46,12 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _percentage(value: Any) -> float | None:
+    """`percentage_done` as a share the API could mean (0 to 100); anything else is no reading."""
+    pct = _float(value)
+    return pct if pct is not None and 0.0 <= pct <= 100.0 else None
+
+
 def parse_time(value: Any) -> float | None:
     """The API's ISO 8601 times (UTC, usually without a zone) as Unix time."""
     if not isinstance(value, str):
@@ -116,7 +122,7 @@ def parse_job(raw: Mapping[str, Any]) -> RemoteJob:
         job_id=str(raw.get("job_id", "")),
         state=state,
         raw_state=raw_state,
-        percentage_done=_float(raw.get("percentage_done")),
+        percentage_done=_percentage(raw.get("percentage_done")),
         running_duration_s=_float(raw.get("running_duration")),
         finished_at=parse_time(raw.get("state_running_end")),
         failure_reason=str(reason) if reason else None,

@@ -4,8 +4,9 @@ The job list shows the newest jobs first, 50 a page. When a due job is among our
 most recent of its type and enough others of them are in flight, one page of
 `GET /jobs/{type}` updates all it shows, due or not; due jobs it does not show, and
 successes whose list entry carries no results, are read by GET of the job. What is
-learned sets the next look (run/schedule.py). A callback only brings a job's next look
-forward: a GET confirms.
+learned sets the next look (run/schedule.py), and `progress` (in memory): each job's
+`percentage_done` and predicted end, for the live view. A callback only brings a job's
+next look forward: a GET confirms.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..models import AT_SERVICE, JobState, JobType, RemoteJob, RemoteState
 from ..store import FileRow, JobRow
 from .adopt import TagWatch
 from .context import RunContext, unless_taken_over
-from .schedule import next_check_in, typical
+from .outcome import JobProgress
+from .schedule import next_check_in, pace, remaining_s, typical
 
 log = logging.getLogger(__name__)
 BATCH_MIN_JOBS = 3  # due jobs of one type that make a list request worth it
@@ -46,6 +48,7 @@ class CheckStage:
         self._hints_seen: set[tuple[str, str]] = set()
         self.hinted: set[str] = set()  # jobs a callback named while they were being checked
         self._typical: dict[str, tuple[float, float | None]] = {}
+        self.progress: dict[str, JobProgress] = {}  # jobs at the service, as last seen
         # A shared campaign's job lists are read by one worker at a time (store/pg_lease.py); another
         # worker hands the jobs it submitted over to it, and meanwhile reads each by GET.
         self.reads_lists = True
@@ -171,6 +174,7 @@ class CheckStage:
             remote = await self.ctx.jobs.fresh(row.id)
         except NotFound:
             # The API does not know the id it gave us: keep asking, slowly.
+            self.progress.pop(row.id, None)
             await self.store.update_remote(
                 row.id,
                 remote_state="not-found",
@@ -204,6 +208,7 @@ class CheckStage:
             return
         self.ctx.jobs.drop(row.id)  # nothing reads the object of a job in flight or failed
         if remote.state is RemoteState.FAILURE:
+            self.progress.pop(row.id, None)
             await self.store.update_remote(
                 row.id, remote_state=remote.raw_state, percentage=remote.percentage_done, next_check_at=None, now=now
             )
@@ -217,6 +222,16 @@ class CheckStage:
         age = now - (row.submitted_at or now)
         policy, typical_s = self.ctx.poll_policy(row.type), await self._typical_s(row.type)
         wait = next_check_in(policy, remote, row.checks, age_s=age, typical_s=typical_s)
+        remaining = remaining_s(remote, age_s=age, typical_s=typical_s)
+        self.progress[row.id] = JobProgress(
+            job_id=row.id,
+            type=row.type,
+            running=remote.state is RemoteState.RUNNING,
+            percentage=remote.percentage_done,
+            pace=pace(remote),
+            seen_at=now,
+            ends_at=None if remaining is None else now + remaining,
+        )
         if self.callbacks_accepted:
             wait *= self.settings.callback_poll_relax  # callbacks arrive: polls are only a safety net
         await self.store.update_remote(
@@ -226,6 +241,7 @@ class CheckStage:
             await self.store.move(row.id, JobState.RUNNING, now)
 
     async def _on_success(self, row: JobRow, remote: RemoteJob) -> None:
+        self.progress.pop(row.id, None)
         spec = self.specs.get(row.id)
         wanted = select(remote, spec.download if spec else None)
         files = [

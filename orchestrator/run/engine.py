@@ -189,16 +189,27 @@ class Engine:
                     await self.resolve.adopt()
                     self.events.notify()
 
+    async def refresh_snapshot(self) -> None:
+        """A fresh `snapshot`, for a watcher about to draw: the engine itself publishes only when
+        it wakes, and may sleep for seconds while files stream (a total of bytes taken then,
+        beside the files' live counters, would disagree with them)."""
+        await self._publish(now=True)
+
     async def _publish(self, *, now: bool = False) -> None:
         """A fresh `snapshot` for whoever watches the run (the live view), a few times a second."""
         if not now and time.monotonic() - self._published_at < SNAPSHOT_EVERY_S:
             return
         self._published_at = time.monotonic()
+        jobs = tuple(self.check.progress.values())
+        ends = [j.ends_at for j in jobs]
         self.snapshot = Snapshot(
             counts=await self.store.counts(),
             stopped_by=self.stopped_by,
             transfers=tuple(self.downloader.transfers.values()),
             bytes_fetched=self.downloader.bytes_fetched,
+            jobs=jobs,
+            # The campaign's end: the last predicted end of the jobs at the service, once each has one.
+            campaign_ends_at=max(e for e in ends if e is not None) if ends and None not in ends else None,
         )
 
     async def _loop(self, *, check: bool = True, submit: bool = True) -> None:

@@ -66,6 +66,28 @@ class RunOutcome:
         return ExitCode.OK
 
 
+PROGRESS_CAP = 99.0  # a job carried forward never shows as finished: only the API says that
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobProgress:
+    """A job at the service as its last look found it (kept in memory, for the live view)."""
+
+    job_id: str
+    type: str
+    running: bool  # False: queued
+    percentage: float | None  # the API's percentage_done (0 to 100), when it gave one
+    pace: float | None  # percentage points a second, at the job's pace so far
+    seen_at: float  # when the API said so (the engine's clock)
+    ends_at: float | None  # the predicted end (run/schedule.py), None without an estimate
+
+    def percentage_at(self, now: float) -> float | None:
+        """The reading carried forward at the job's own pace, short of 100 until the API says it ended."""
+        if self.percentage is None or self.pace is None:
+            return self.percentage
+        return min(PROGRESS_CAP, max(self.percentage, self.percentage + self.pace * (now - self.seen_at)))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Snapshot:
     """A run as its watchers see it, published by the engine: they never read the store."""
@@ -74,3 +96,5 @@ class Snapshot:
     stopped_by: StopReason | None
     transfers: tuple[Transfer, ...]  # files being fetched (their byte counters move on)
     bytes_fetched: int
+    jobs: tuple[JobProgress, ...] = ()  # jobs at the service, as last seen
+    campaign_ends_at: float | None = None  # the predicted end of the jobs known, None without an estimate
