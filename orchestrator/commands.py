@@ -22,7 +22,7 @@ from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .errors import BucketError, PreflightFailed, StoreError, UsageError
+from .errors import BucketError, NoSuchJob, NotFound, PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
 from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
 from .report import render
@@ -33,6 +33,7 @@ from .state import StateAt, given_state, held, is_database, open_existing, open_
 from .store import FileRow, JobRow, Store, WorkerRow
 from .transfer.bucket import Bucket, BucketUrl, is_bucket_url
 from .transfer.file import Downloader
+from .transfer.urls import redact
 from .transfer.to_bucket import BucketFetcher
 
 STATE_DIR = ".dreamlook-batch"
@@ -123,6 +124,9 @@ def read_api_key(key_file: Path | None) -> str:
     else:
         raw = os.environ.get(KEY_ENV, "")
     key = raw.strip()
+    if not key and key_file is not None:
+        empty = "is empty" if not raw else "holds only whitespace"
+        raise UsageError(f"{source} {empty}; it must hold the key (or leave out --api-key-file to use {KEY_ENV})")
     if not key:
         raise UsageError(f"no API key: set {KEY_ENV} (or use --api-key-file FILE, or --simulate to rehearse)")
     bad = next((i for i, c in enumerate(key) if not (c.isascii() and c.isprintable() and not c.isspace())), None)
@@ -427,8 +431,9 @@ async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: st
     async with held(paths.at):
         store = await open_existing_store(paths)
         if store is None:
-            raise StoreError(f"no state at {paths.at}")
+            raise StoreError(f"no state yet at {paths.at}: nothing has run for this campaign, so nothing to settle")
         try:
+            await _check_unknown(store, manifest.campaign, job_id)
             if remote_id:
                 revived = await store.settle(
                     job_id,
@@ -457,6 +462,19 @@ async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: st
             await store.close()
 
 
+async def _check_unknown(store: Store, campaign: str, job_id: str) -> None:
+    """`settle` names a job of the campaign that is `unknown`: said plainly otherwise (the store
+    checks it again as it writes)."""
+    row = next((r for r in await store.jobs_by_id([job_id])), None)
+    if row is None:
+        raise NoSuchJob(f"no such job {job_id!r} in campaign {campaign!r}: `dreamlook-batch status` lists its jobs")
+    if row.state is not JobState.UNKNOWN:
+        raise StoreError(
+            f"job {job_id!r} is {row.state.value}, not unknown: settle decides only a job whose submission "
+            "could not be established"
+        )
+
+
 def _revived_note(revived: tuple[str, ...]) -> str:
     if not revived:
         return ""
@@ -470,8 +488,20 @@ async def api_view(
     preflight.check_api_url(api_url)
     async with ApiClient(api_url, read_api_key(key_file)) as api:
         if job_id is not None:
-            return await api.get_job(job_type, job_id)
+            return await get_one_job(api, job_type, job_id)
         return await api.list_jobs(job_type, limit=limit)
+
+
+async def get_one_job(api: ApiClient, job_type: JobType, job_id: str) -> dict[str, Any]:
+    """`jobs get`/`jobs download`: the job object; a 404 said as "no such job" (exit 1, not the
+    key's exit 3)."""
+    try:
+        return await api.get_job(job_type, job_id)
+    except NotFound as exc:
+        raise NoSuchJob(
+            f"no such {job_type} job {job_id} at {redact(api.base_url)} (the API answered 404); "
+            f"`dreamlook-batch jobs list {job_type}` lists the newest"
+        ) from exc
 
 
 def dump_json(obj: Any) -> str:
