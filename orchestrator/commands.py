@@ -33,8 +33,8 @@ from .state import StateAt, given_state, held, is_database, open_existing, open_
 from .store import FileRow, JobRow, Store, WorkerRow
 from .transfer.bucket import Bucket, BucketUrl, is_bucket_url
 from .transfer.file import Downloader
-from .transfer.urls import redact
 from .transfer.to_bucket import BucketFetcher
+from .transfer.urls import redact
 
 STATE_DIR = ".dreamlook-batch"
 OUTPUT_DIR = "outputs"
