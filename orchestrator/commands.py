@@ -399,10 +399,12 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
 
 
 async def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]], list[WorkerRow]]:
-    """The jobs, their files, and (a shared campaign) its workers."""
+    """The jobs (the manifest's, then those removed from it after they reached the service: see
+    `output.kept_after_removal`), their files, and (a shared campaign) its workers."""
     store = await _store_for_status(paths)
     try:
-        rows = [r for r in await store.jobs() if r.in_manifest]
+        rows = [r for r in await store.jobs() if r.in_manifest or output.kept_after_removal(r)]
+        rows.sort(key=lambda r: not r.in_manifest)  # stable: each part keeps its order
         return rows, await store.files_by_job(), await store.workers()
     finally:
         await store.close()

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from .logs import scrub
 from .models import BAD_ENDINGS, JobState
+from .output import NOT_IN_MANIFEST
 from .run.outcome import StopReason
 from .store import FileRow, JobRow, WorkerRow
 
@@ -71,7 +72,7 @@ def clock(when: float) -> str:
 
 def job_note(row: JobRow, now: float) -> str:
     """What the reason column says: a lost answer in its grace window, a duplicate, or the reason."""
-    notes = []
+    notes = [] if row.in_manifest else [NOT_IN_MANIFEST]
     if row.state is JobState.SUBMITTING and (row.reconcile_at or 0.0) > now:
         notes.append(f"submitting: waiting until {clock(row.reconcile_at or 0.0)} before checking the job list")
     if row.duplicate_ids:
@@ -193,7 +194,7 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
     outcome = result.outcome
     counts = {s: n for s, n in outcome.counts.items() if n}
     what = "dry run" if dry_run else "pass" if once else "run"
-    summary = ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts.get(s))
+    summary = _tally(counts)
     console.print(
         f"[bold]{what} finished in {human_seconds(elapsed_s)}:[/] {summary or 'no jobs'}"
         f" ({result.api_requests} API requests)"
@@ -203,6 +204,11 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
     if dry_run:
         console.print("nothing was charged; no state was saved")
         return
+    if outcome.removed:
+        console.print(
+            f"{sum(outcome.removed.values())} job(s) {NOT_IN_MANIFEST} ({_tally(outcome.removed)}): "
+            "paid for, so still followed and fetched; `dreamlook-batch status MANIFEST` lists them"
+        )
     if result.files_done:
         console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out_shown}")
     if outcome.stopped_by is StopReason.INTERRUPTED:
@@ -227,9 +233,14 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
         )
 
 
+def _tally(counts: dict[JobState, int]) -> str:
+    return ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts.get(s))
+
+
 def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: float) -> Table:
     table = Table("job", "type", "state", "remote id", "age", "files", "reason", title_justify="left")
     totals: dict[str, int] = {}
+    removed: dict[JobState, int] = {}  # counted apart
     for r in rows:
         fs = files.get(r.id, [])
         age = human_seconds(now - r.submitted_at) if r.submitted_at else ""
@@ -243,9 +254,14 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
             file_text,
             scrub(job_note(r, now)),
         )
-        totals[r.state.value] = totals.get(r.state.value, 0) + 1
+        if r.in_manifest:
+            totals[r.state.value] = totals.get(r.state.value, 0) + 1
+        else:
+            removed[r.state] = removed.get(r.state, 0) + 1
     duplicates = sum(1 for r in rows if r.duplicate_ids)
-    table.caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    table.caption = f"{sum(totals.values())} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    if removed:
+        table.caption += f"; {sum(removed.values())} {NOT_IN_MANIFEST} ({_tally(removed)})"
     if duplicates:
         table.caption += f"; {duplicates} paid twice (duplicate)"
     return table

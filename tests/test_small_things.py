@@ -3,6 +3,9 @@ state file, `settle` of a job that does not exist, `jobs get` of a job that does
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.sim import FaultPlan, FaultRates
 
 from .conftest import fast_sim, write
 
@@ -100,3 +104,62 @@ def test_jobs_get_of_a_missing_job_exits_1_saying_no_such_job(
         assert f"no such dreambooth job db_nope at {sim.url}" in err
         code, _, err = run(["jobs", "get", "image-gen", "ig_nope"], capsys)
         assert code == 1 and "no such image_gen job ig_nope" in err
+
+
+def _image_job(job_id: str, prompt: str) -> str:
+    return (
+        f"  - id: {job_id}\n    type: image_gen\n    base_model: stable-diffusion-v1-5\n"
+        f"    prompt: {prompt}\n    num_samples: 2\n"
+    )
+
+
+def test_a_job_removed_after_it_was_paid_for_is_still_fetched_and_listed_apart(
+    tmp_path: Path, threaded_sim: Any, keyed: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head = "campaign: shrink\njobs:\n"
+    manifest = write(tmp_path / "shrink.yaml", head + _image_job("a", "a castle"))
+    out = tmp_path / "outputs" / "shrink"
+    with threaded_sim(fast_sim()) as sim:
+        keyed(sim)
+        assert run(["run", str(manifest), *FAST], capsys)[0] == 0
+        # b is submitted (paid for), d never is (the spending guard); then both leave the manifest.
+        write(manifest, head + _image_job("a", "a castle") + _image_job("b", "a boat") + _image_job("d", "a dog"))
+        code, _, _ = run(["run", str(manifest), "--once", "--max-new-jobs", "1", *FAST], capsys)
+        assert code == 0 and [e.tags for e in sim.ledger.jobs][-1] == [{"key": "dreamlook-batch", "value": "shrink/b"}]
+        write(manifest, head + _image_job("a", "a castle"))
+        # Its files cannot be fetched in this run: the run does not end 0 as if all were there.
+        sim.set_faults(FaultPlan(rates=FaultRates(reset_download=1.0)))
+        code, out_text, _ = run(["run", str(manifest), *FAST], capsys)
+        assert code == 1, out_text
+        assert "1 job(s) not in the manifest any more (1 downloading)" in out_text
+        code, out_text, _ = run(["status", str(manifest)], capsys)
+        assert code == 0 and "1 jobs: 1 done; 1 not in the manifest any more (1 downloading)" in out_text
+        [row_b] = [line for line in out_text.splitlines() if line.startswith("│ b ")]
+        assert "downloading" in row_b and "│ not in the" in row_b  # the reason column starts with the mark
+        assert "│ d " not in out_text  # never sent: dropped as the manifest says
+        sim.set_faults(FaultPlan())
+        code, out_text, _ = run(["run", str(manifest), *FAST], capsys)
+        assert code == 0, out_text
+        assert "run finished" in out_text and "1 done (" in out_text  # the manifest's own jobs
+        assert "1 job(s) not in the manifest any more (1 done): paid for, so still followed and fetched" in out_text
+        remote_b = next(e.job_id for e in sim.ledger.jobs if e.tags[0]["value"] == "shrink/b")
+        expected = sim.expected_files(remote_b)
+        assert len(sim.ledger.jobs) == 2  # b was never paid for twice, d never at all
+    sums = dict(reversed(line.split("  ", 1)) for line in (out / "b" / "SHA256SUMS").read_text().splitlines())
+    assert sums == expected and len(sums) == 2
+    for name, digest in sums.items():
+        assert hashlib.sha256((out / "b" / name).read_bytes()).hexdigest() == digest
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 1} and summary["not_in_manifest"] == {"done": 1}
+    assert summary["done"] is True
+    assert [(j["id"], j.get("in_manifest", True), j.get("note")) for j in summary["jobs"]] == [
+        ("a", True, None),
+        ("b", False, "not in the manifest any more"),
+    ]
+    code, out_text, _ = run(["status", str(manifest), "--json"], capsys)
+    assert code == 0 and json.loads(out_text)["not_in_manifest"] == {"done": 1}
+    code, out_text, _ = run(["status", str(manifest)], capsys)
+    assert "1 jobs: 1 done; 1 not in the manifest any more (1 done)" in out_text
+    assert run(["report", str(manifest)], capsys)[0] == 0
+    page = (out / "report.html").read_text()
+    assert re.search(r"<tr class='removed[^']*' data-job='b'.*not in the manifest any more", page)

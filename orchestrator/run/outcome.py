@@ -43,6 +43,9 @@ class RunOutcome:
     dry_run: bool = False
     once: bool = False
     duplicates: int = 0  # jobs the service holds more than once under our tag
+    # jobs removed from the manifest after they reached the service, by state: still followed and
+    # fetched; files of theirs still to fetch keep the run from 0, their endings do not
+    removed: dict[JobState, int] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -56,7 +59,7 @@ class RunOutcome:
         bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
         if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
             return ExitCode.FAILED
-        unfinished = any(n for s, n in self.counts.items() if not s.terminal)
+        unfinished = any(n for s, n in [*self.counts.items(), *self.removed.items()] if not s.terminal)
         if self.stopped_by == StopReason.QUOTA and unfinished:
             return ExitCode.API
         if self.stopped_by == StopReason.UNREACHABLE and unfinished:
