@@ -4,6 +4,7 @@ state file, `settle` of a job that does not exist, `jobs get` of a job that does
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.sim import FaultPlan, FaultRates
 
-from .conftest import fast_sim, write
+from .conftest import cli_process, fast_sim, write
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 FAST = ["--max-active", "50", "--submit-rate", "500", "--requests-per-s", "2000", "--time-scale", "20000"]
@@ -127,10 +128,15 @@ def test_a_job_removed_after_it_was_paid_for_is_still_fetched_and_listed_apart(
         code, _, _ = run(["run", str(manifest), "--once", "--max-new-jobs", "1", *FAST], capsys)
         assert code == 0 and [e.tags for e in sim.ledger.jobs][-1] == [{"key": "dreamlook-batch", "value": "shrink/b"}]
         write(manifest, head + _image_job("a", "a castle"))
-        # Its files cannot be fetched in this run: the run does not end 0 as if all were there.
+        # Its files cannot be fetched in this run: the run does not end 0 as if all were there. (A
+        # process of its own, with a deadline: a run that waited for the removed `d` would never end.)
         sim.set_faults(FaultPlan(rates=FaultRates(reset_download=1.0)))
-        code, out_text, _ = run(["run", str(manifest), *FAST], capsys)
-        assert code == 1, out_text
+        proc = cli_process(manifest, sim)
+        try:
+            out_text, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # (a no-op once it has ended)
+        assert proc.returncode == 1, out_text
         assert "1 job(s) not in the manifest any more (1 downloading)" in out_text
         code, out_text, _ = run(["status", str(manifest)], capsys)
         assert code == 0 and "1 jobs: 1 done; 1 not in the manifest any more (1 downloading)" in out_text
@@ -163,3 +169,55 @@ def test_a_job_removed_after_it_was_paid_for_is_still_fetched_and_listed_apart(
     assert run(["report", str(manifest)], capsys)[0] == 0
     page = (out / "report.html").read_text()
     assert re.search(r"<tr class='removed[^']*' data-job='b'.*not in the manifest any more", page)
+
+
+def test_the_report_shows_each_pictures_prompt_and_seed_and_each_checkpoints_training(
+    example: Path, threaded_sim: Any, keyed: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = 'portrait of <b>ukj</b> & "friends"'
+    text = example.read_text().replace(
+        "    prompt: portrait of ukj person, studio light\n", f"    prompt: '{hostile}'\n    seed: 1234\n"
+    )
+    write(example, text)
+    with threaded_sim(fast_sim()) as sim:
+        keyed(sim)
+        assert run(["run", str(example), *FAST], capsys)[0] == 0
+    assert run(["report", str(example)], capsys)[0] == 0
+    out = example.parent / "outputs" / "example"
+    page = (out / "report.html").read_text()
+    figures = re.findall(r"<figure><a href='([^'/]+)/([^']+)'>.*?<figcaption>(.*?)</figcaption></figure>", page)
+    by_job: dict[str, dict[str, str]] = {}
+    for job, name, caption in figures:
+        by_job.setdefault(job, {})[name] = caption
+    # the prompt, escaped, and the seed each picture was made with (the manifest's 1234, + 1 each)
+    portraits = by_job["alice-portraits"]
+    escaped = "portrait of &lt;b&gt;ukj&lt;/b&gt; &amp; &quot;friends&quot;"
+    assert len(portraits) == 4 and all(
+        c.startswith(f"<span class=prompt>{escaped}</span><br>") for c in portraits.values()
+    )
+    assert sorted(re.sub(r".*seed (\d+)</span>$", r"\1", c) for c in portraits.values()) == [
+        "1234",
+        "1235",
+        "1236",
+        "1237",
+    ]
+    assert "<b>ukj</b>" not in page
+    # a combined job: each picture under the prompt of its own image_gen entry, with its seed
+    job = json.loads((out / "bob-all-in-one" / "job.json").read_text())
+    prompts = ["zwx person as an astronaut", "zwx person, oil painting"]
+    expected = {
+        image["url"].rsplit("/", 1)[-1]: f"<span class=prompt>{html.escape(prompts[group['config_idx']])}</span>"
+        f"<br><span class=seed>seed {image['seed']}</span>"
+        for group in job["image_gen_results"]
+        for image in group["generated_images"]
+    }
+    assert by_job["bob-all-in-one"] == expected and len(expected) == 4
+    # each checkpoint with the base model and steps its training was sent with
+    rows = re.findall(
+        r"<tr data-file='[^']+'><td>([^<]+)</td>.*?<td class=base>([^<]*)</td><td class=steps>([^<]*)", page
+    )
+    assert sorted(rows) == [
+        ("alice", "stable-diffusion-v1-5", "1200"),
+        ("alice", "stable-diffusion-v1-5", "1200"),
+        ("bob-all-in-one", "stable-diffusion-v1-5", "1200"),
+    ]
