@@ -33,6 +33,7 @@ from .errors import (
 )
 from .manifest.load import Manifest, load_manifest
 from .models import JobType
+from .one_job import download_job
 from .report import write_report
 from .run import preflight
 from .run.outcome import ExitCode
@@ -225,10 +226,12 @@ def _settle_options(p: argparse.ArgumentParser) -> None:
 
 
 def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`jobs list TYPE`, `jobs get TYPE ID`: thin views of the API."""
-    p = sub.add_parser("jobs", help="thin views of the API: jobs list TYPE, jobs get TYPE ID")
+    """`jobs list TYPE`, `jobs get TYPE ID`: thin views of the API; `jobs download TYPE ID`: one job's files."""
+    p = sub.add_parser(
+        "jobs", help="the API's jobs: jobs list TYPE, jobs get TYPE ID, jobs download TYPE ID [--out DIR]"
+    )
     _common(p)
-    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get|download")
     pl = jobs.add_parser("list")
     pl.add_argument("type")
     pl.add_argument("--limit", type=int)
@@ -237,7 +240,11 @@ def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pg.add_argument("type")
     pg.add_argument("id")
     pg.add_argument("--json", action="store_true")
-    for q in (pl, pg):
+    pd = jobs.add_parser("download", help="fetch one job's files, verified, with job.json and SHA256SUMS")
+    pd.add_argument("type")
+    pd.add_argument("id")
+    pd.add_argument("--out", metavar="DIR", help="where the files go (default: the folder ID in the current one)")
+    for q in (pl, pg, pd):
         _common(q)
 
 
@@ -528,8 +535,26 @@ def _jobs(args: argparse.Namespace) -> int:
     if job_type is None:
         raise UsageError(f"unknown job type {args.type!r}; choose from {', '.join(JobType)}")
     job_id = getattr(args, "id", None)
+    if args.jobs_command == "download":
+        return _download(args, job_type, job_id)
     data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
     sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
+    return ExitCode.OK
+
+
+def _download(args: argparse.Namespace, job_type: JobType, job_id: str) -> int:
+    def say(line: str) -> None:
+        out.print(line, markup=False)  # an error's text may hold brackets
+
+    fetch = partial(download_job, args.api_url, args.api_key_file, job_type, job_id, args.out, say)
+    got = anyio.run(fetch)
+    out.print(f"{len(got.files)} file(s) of {job_type} job {job_id} in {got.folder}, with job.json and SHA256SUMS")
+    if got.failed:
+        err.print(
+            f"[bold red]{len(got.failed)} file(s) not fetched:[/] {', '.join(got.failed)}; "
+            "run the same command again to fetch them"
+        )
+        return ExitCode.FAILED
     return ExitCode.OK
 
 
