@@ -461,8 +461,8 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
     ) -> Generator[list[tuple[JobRow, list[FileRow]]], None, None]:
         """The jobs of the manifest in its order (`removed`: the jobs no longer in it, in their
         old order), each with its files (by name), `page_size` jobs at a time. One ordered read:
-        SQLite sorts once (spilling to disk past its cache) and only a page is held here. Paging by position instead would scan the table for every page, there
-        being no index on it."""
+        SQLite sorts once (spilling to disk past its cache) and only a page is held here. Paging
+        by position instead would scan the table for every page, there being no index on it."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         try:
