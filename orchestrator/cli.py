@@ -536,7 +536,7 @@ def _jobs(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown job type {args.type!r}; choose from {', '.join(JobType)}")
     job_id = getattr(args, "id", None)
     if args.jobs_command == "download":
-        return _download(args, job_type, job_id)
+        return _download(args, job_type, args.id)
     data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
     sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
     return ExitCode.OK

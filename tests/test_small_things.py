@@ -151,7 +151,8 @@ def test_a_job_removed_after_it_was_paid_for_is_still_fetched_and_listed_apart(
         remote_b = next(e.job_id for e in sim.ledger.jobs if e.tags[0]["value"] == "shrink/b")
         expected = sim.expected_files(remote_b)
         assert len(sim.ledger.jobs) == 2  # b was never paid for twice, d never at all
-    sums = dict(reversed(line.split("  ", 1)) for line in (out / "b" / "SHA256SUMS").read_text().splitlines())
+    lines = (out / "b" / "SHA256SUMS").read_text().splitlines()
+    sums = {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
     assert sums == expected and len(sums) == 2
     for name, digest in sums.items():
         assert hashlib.sha256((out / "b" / name).read_bytes()).hexdigest() == digest
