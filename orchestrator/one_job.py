@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -142,16 +142,7 @@ def _row(job_id: str, artifact: Artifact) -> FileRow:
 
 
 def _done(row: FileRow, sha256: str, size: int) -> FileRow:
-    return FileRow(
-        job_id=row.job_id,
-        remote_id=row.remote_id,
-        name=row.name,
-        kind=row.kind,
-        size_bytes=size,
-        sha256=sha256,
-        done=True,
-        lost=False,
-    )
+    return replace(row, sha256=sha256, size_bytes=size, done=True)
 
 
 def _read_sums(path: Path) -> dict[str, str]:

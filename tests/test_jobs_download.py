@@ -12,18 +12,12 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator.cli import main
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 
+from . import test_cli
 from .conftest import fast_sim
 from .simhttp import DB_BODY, IG_BODY, Http
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from .test_cli import run
 
 
 def made(sim: Simulator, kind: str, body: dict[str, Any], *, until: str = "success") -> str:
@@ -45,13 +39,7 @@ def sums_of(folder: Path) -> dict[str, str]:
     return {name: digest for digest, name in (line.split("  ", 1) for line in lines)}
 
 
-@pytest.fixture
-def keyed(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def use(sim: Any) -> None:
-        monkeypatch.setenv("DREAMLOOK_API_KEY", sim.api_key)
-        monkeypatch.setenv("DREAMLOOK_API_URL", sim.url)
-
-    return use
+keyed = test_cli.keyed  # the command-line tests' fixture: the simulator's key and URL in the environment
 
 
 def test_a_jobs_files_land_verified_with_sha256sums_and_job_json(

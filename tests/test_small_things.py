@@ -7,41 +7,19 @@ import hashlib
 import html
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.cli import main
 from orchestrator.sim import FaultPlan, FaultRates
 
+from . import test_cli
 from .conftest import cli_process, fast_sim, write
+from .test_cli import FAST, run
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
-FAST = ["--max-active", "50", "--submit-rate", "500", "--requests-per-s", "2000", "--time-scale", "20000"]
-
-
-@pytest.fixture
-def example(tmp_path: Path) -> Path:
-    shutil.copy(JOBS / "example.yaml", tmp_path / "example.yaml")
-    return tmp_path / "example.yaml"
-
-
-@pytest.fixture
-def keyed(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def use(sim: Any) -> None:
-        monkeypatch.setenv("DREAMLOOK_API_KEY", sim.api_key)
-        monkeypatch.setenv("DREAMLOOK_API_URL", sim.url)
-
-    return use
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+# The command-line tests' fixtures: a copy of jobs/example.yaml; the simulator's key and URL in the environment.
+example, keyed = test_cli.example, test_cli.keyed
 
 
 def test_an_empty_key_file_says_it_is_empty_not_to_set_the_variable(
