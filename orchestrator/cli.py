@@ -507,6 +507,9 @@ def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> 
         out.print(f"  submitting: {job_id}: waiting until {ui.clock(until)} before checking the job list")
     for job_id, others in plan.duplicates:
         out.print(f"  [red]duplicate:[/] {job_id}: the service also holds {', '.join(others)}")
+    if plan.removed:
+        shown = ", ".join(plan.removed[:10]) + (f" and {len(plan.removed) - 10} more" if len(plan.removed) > 10 else "")
+        out.print(f"  not in the manifest any more, still followed and fetched (paid for): {shown}")
     for job_id in plan.changed_after_submit:
         out.print(f"  [yellow]changed after submission (will not be resubmitted):[/] {job_id}")
     out.print("nothing was sent")

@@ -24,7 +24,7 @@ from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
 from .errors import BucketError, NoSuchJob, NotFound, PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
-from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
+from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, UNPAID, JobState, JobType
 from .report import render
 from .run import preflight
 from .run.engine import Engine
@@ -347,6 +347,7 @@ class Plan:
     dry_run_note: str = ""
     waiting_in_window: list[tuple[str, float]] = field(default_factory=list)  # lost answers: (job, window end)
     duplicates: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # sent, then removed from the manifest: still followed
 
 
 async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
@@ -385,6 +386,8 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
             finished[state.value] = finished.get(state.value, 0) + 1
     pending_bytes = sum(f.size_bytes or 0 for f in files if not f.done and not f.lost and f.job_id in set(to_download))
     duplicates = [(r.id, r.duplicate_ids) for r in rows.values() if r.duplicate_ids and r.in_manifest]
+    listed = {spec.id for spec in manifest.jobs}  # the manifest as it is now, maybe edited since the last run
+    removed = [r.id for r in rows.values() if r.id not in listed and r.state not in UNPAID and not r.state.terminal]
     return Plan(
         to_submit,
         waiting,
@@ -395,6 +398,7 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
         finished,
         waiting_in_window=in_window,
         duplicates=duplicates,
+        removed=removed,
     )
 
 

@@ -106,6 +106,8 @@ def test_a_job_removed_after_it_was_paid_for_is_still_fetched_and_listed_apart(
         code, _, _ = run(["run", str(manifest), "--once", "--max-new-jobs", "1", *FAST], capsys)
         assert code == 0 and [e.tags for e in sim.ledger.jobs][-1] == [{"key": "dreamlook-batch", "value": "shrink/b"}]
         write(manifest, head + _image_job("a", "a castle"))
+        code, out_text, _ = run(["plan", str(manifest)], capsys)  # the manifest as it is now, before a run
+        assert code == 0 and "not in the manifest any more, still followed and fetched (paid for): b\n" in out_text
         # Its files cannot be fetched in this run: the run does not end 0 as if all were there. (A
         # process of its own, with a deadline: a run that waited for the removed `d` would never end.)
         sim.set_faults(FaultPlan(rates=FaultRates(reset_download=1.0)))
