@@ -24,7 +24,16 @@ from .api.client import ApiClient
 from .api.jobs import parse_job, safe_name
 from .commands import get_one_job, read_api_key
 from .config import RunSettings
-from .errors import DownloadError, DreamlookBatchError, FileGone, TransportError, UsageError
+from .errors import (
+    ApiError,
+    AuthError,
+    DownloadError,
+    DreamlookBatchError,
+    FileGone,
+    QuotaError,
+    TransportError,
+    UsageError,
+)
 from .models import Artifact, JobType, RemoteState
 from .run import preflight
 from .store import FileRow
@@ -118,7 +127,9 @@ async def download_job(
                         MemoryPartLog(),
                         renew_margin_s=settings.url_renew_margin_s,
                     )
-                except (DownloadError, TransportError, OSError) as exc:  # renewing a URL can fail too
+                except (AuthError, QuotaError):
+                    raise  # the key: nothing more can be fetched (exit 3)
+                except (DownloadError, ApiError, TransportError, OSError) as exc:  # renewing a URL can fail too
                     failed.append(artifact.name)
                     say(f"{artifact.name}: not fetched: {exc}")
                     continue

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .models import BAD_ENDINGS, ArtifactKind, JobState
 from .output import NOT_IN_MANIFEST, write_atomic
@@ -87,7 +87,9 @@ class Made:
         images: dict[str, tuple[int | None, int | None]] = {}
         for group in _dicts(job.get("image_gen_results")):
             for image in _dicts(group.get("generated_images")):
-                images[str(image.get("generated_image_id"))] = (_int(group.get("config_idx")), _int(image.get("seed")))
+                # keyed as the store keys the file (api/jobs.py): its id, else the name in its URL
+                key = image.get("generated_image_id") or urlsplit(str(image.get("url", ""))).path.rsplit("/", 1)[-1]
+                images[str(key)] = (_int(group.get("config_idx")), _int(image.get("seed")))
         result = job.get("dreambooth_result")
         checkpoints = _dicts(result.get("checkpoints")) if isinstance(result, dict) else []
         steps = {str(c.get("checkpoint_id")): step for c in checkpoints if (step := _int(c.get("training_step")))}
