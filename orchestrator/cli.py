@@ -31,9 +31,9 @@ from .errors import (
     UsageError,
     first_error,
 )
+from .jobs_command import api_view, download_job
 from .manifest.load import Manifest, load_manifest
 from .models import JobType
-from .one_job import download_job
 from .report import write_report
 from .run import preflight
 from .run.outcome import ExitCode
@@ -540,7 +540,7 @@ def _jobs(args: argparse.Namespace) -> int:
     job_id = getattr(args, "id", None)
     if args.jobs_command == "download":
         return _download(args, job_type, args.id)
-    data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
+    data = anyio.run(api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
     sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
     return ExitCode.OK
 

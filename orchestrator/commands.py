@@ -22,9 +22,9 @@ from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .errors import BucketError, NoSuchJob, NotFound, PreflightFailed, StoreError, UsageError
+from .errors import BucketError, NoSuchJob, PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
-from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, UNPAID, JobState, JobType
+from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, UNPAID, JobState
 from .report import render
 from .run import preflight
 from .run.engine import Engine
@@ -34,7 +34,6 @@ from .store import FileRow, JobRow, Store, WorkerRow
 from .transfer.bucket import Bucket, BucketUrl, is_bucket_url
 from .transfer.file import Downloader
 from .transfer.to_bucket import BucketFetcher
-from .transfer.urls import redact
 
 STATE_DIR = ".dreamlook-batch"
 OUTPUT_DIR = "outputs"
@@ -486,28 +485,6 @@ def _revived_note(revived: tuple[str, ...]) -> str:
         return ""
     shown = ", ".join(revived[:10]) + (f" and {len(revived) - 10} more" if len(revived) > 10 else "")
     return f"\n{len(revived)} dependent job(s) skipped because of it are pending again: {shown}"
-
-
-async def api_view(
-    api_url: str, key_file: Path | None, job_type: JobType, job_id: str | None, limit: int | None
-) -> Any:
-    preflight.check_api_url(api_url)
-    async with ApiClient(api_url, read_api_key(key_file)) as api:
-        if job_id is not None:
-            return await get_one_job(api, job_type, job_id)
-        return await api.list_jobs(job_type, limit=limit)
-
-
-async def get_one_job(api: ApiClient, job_type: JobType, job_id: str) -> dict[str, Any]:
-    """`jobs get`/`jobs download`: the job object; a 404 said as "no such job" (exit 1, not the
-    key's exit 3)."""
-    try:
-        return await api.get_job(job_type, job_id)
-    except NotFound as exc:
-        raise NoSuchJob(
-            f"no such {job_type} job {job_id} at {redact(api.base_url)} (the API answered 404); "
-            f"`dreamlook-batch jobs list {job_type}` lists the newest"
-        ) from exc
 
 
 def dump_json(obj: Any) -> str:

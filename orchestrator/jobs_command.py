@@ -1,6 +1,8 @@
-"""`jobs download TYPE ID [--out DIR]`: one job's files, outside any campaign.
+"""The `jobs` commands: the API's jobs outside any campaign. `jobs list TYPE` and `jobs get
+TYPE ID` are thin views (a job that does not exist is `NoSuchJob`, exit 1, not the key's 3);
+`jobs download TYPE ID [--out DIR]` fetches one job's files.
 
-The job is read with the API client and every file it offers is fetched with the run's own
+For a download, the job is read with the API client and every file it offers is fetched with the run's own
 `Downloader` (resumed after a break, its URL renewed by a GET of the job, size, md5 and
 format checked, sha256 of every byte, renamed only when whole), into DIR (default: the
 folder `ID` in the current one), with `job.json` (signatures removed) and `SHA256SUMS`
@@ -16,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from . import output
 from .api.client import ApiClient
 from .api.jobs import parse_job, safe_name
-from .commands import get_one_job, read_api_key
+from .commands import read_api_key
 from .config import RunSettings
 from .errors import (
     ApiError,
@@ -30,6 +33,8 @@ from .errors import (
     DownloadError,
     DreamlookBatchError,
     FileGone,
+    NoSuchJob,
+    NotFound,
     QuotaError,
     TransportError,
     UsageError,
@@ -40,6 +45,7 @@ from .store import FileRow
 from .store.parts import MemoryPartLog
 from .transfer.bucket import is_bucket_url
 from .transfer.file import Downloader
+from .transfer.urls import redact
 from .ui import human_bytes
 
 SUMS = "SHA256SUMS"
@@ -52,6 +58,28 @@ class Downloaded:
     folder: Path
     files: tuple[FileRow, ...]
     failed: tuple[str, ...]
+
+
+async def api_view(
+    api_url: str, key_file: Path | None, job_type: JobType, job_id: str | None, limit: int | None
+) -> Any:
+    preflight.check_api_url(api_url)
+    async with ApiClient(api_url, read_api_key(key_file)) as api:
+        if job_id is not None:
+            return await get_one_job(api, job_type, job_id)
+        return await api.list_jobs(job_type, limit=limit)
+
+
+async def get_one_job(api: ApiClient, job_type: JobType, job_id: str) -> dict[str, Any]:
+    """`jobs get`/`jobs download`: the job object; a 404 said as "no such job" (exit 1, not the
+    key's exit 3)."""
+    try:
+        return await api.get_job(job_type, job_id)
+    except NotFound as exc:
+        raise NoSuchJob(
+            f"no such {job_type} job {job_id} at {redact(api.base_url)} (the API answered 404); "
+            f"`dreamlook-batch jobs list {job_type}` lists the newest"
+        ) from exc
 
 
 def default_folder(job_id: str) -> Path:
@@ -183,4 +211,4 @@ def _already_here(path: Path, sums: dict[str, str], artifact: Artifact) -> tuple
     return digest, size
 
 
-__all__ = ["Downloaded", "default_folder", "download_job"]
+__all__ = ["Downloaded", "api_view", "default_folder", "download_job", "get_one_job"]
