@@ -2,11 +2,11 @@
 TYPE ID` are thin views (a job that does not exist is `NoSuchJob`, exit 1, not the key's 3);
 `jobs download TYPE ID [--out DIR]` fetches one job's files.
 
-For a download, the job is read with the API client and every file it offers is fetched with the run's own
-`Downloader` (resumed after a break, its URL renewed by a GET of the job, size, md5 and
-format checked, sha256 of every byte, renamed only when whole), into DIR (default: the
-folder `ID` in the current one), with `job.json` (signatures removed) and `SHA256SUMS`
-beside them, as a run writes them. A file already there that matches its `SHA256SUMS` line
+For a download, the job is read with the API client and every file it offers is fetched
+with the run's own `Downloader` (resumed after a break, its URL renewed by a GET of the
+job, size, md5 and format checked, sha256 of every byte, renamed only when whole), into DIR
+(default: the folder `ID` in the current one), with `job.json` (signatures removed) and
+`SHA256SUMS` beside them, as a run writes them. A file already there that matches its `SHA256SUMS` line
 is kept, not fetched again. No state store is involved: what a partial file has proven is
 kept in memory only, so a download stopped halfway starts that file over next time.
 """
