@@ -439,6 +439,11 @@ async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: st
             raise StoreError(f"no state yet at {paths.at}: nothing has run for this campaign, so nothing to settle")
         try:
             await _check_unknown(store, manifest.campaign, job_id)
+            if resubmit and job_id not in manifest.by_id:
+                raise UsageError(
+                    f"job {job_id!r} is not in the manifest any more: --resubmit would leave it pending and no run "
+                    "would send it; put it back in the manifest first, or settle it with --remote-id or --give-up"
+                )
             if remote_id:
                 revived = await store.settle(
                     job_id,

@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 
+from orchestrator import load_manifest, paths_for
+from orchestrator.manifest.load import spec_fingerprint
+from orchestrator.models import JobState
 from orchestrator.sim import FaultPlan, FaultRates
+from orchestrator.store import SqliteDb
 
 from . import test_cli
 from .conftest import cli_process, fast_sim, write
@@ -202,3 +206,24 @@ def test_the_report_shows_each_pictures_prompt_and_seed_and_each_checkpoints_tra
         ("alice", "stable-diffusion-v1-5", "1200"),
         ("bob-all-in-one", "stable-diffusion-v1-5", "1200"),
     ]
+
+
+def test_settle_resubmit_of_a_job_no_longer_in_the_manifest_is_refused(
+    example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A state whose `alice` was sent and left unknown (through the store's own verbs), then the
+    # manifest without alice (and without the job that needs its checkpoint).
+    manifest = load_manifest(example)
+    db = SqliteDb(paths_for(manifest).state)
+    try:
+        db.sync_manifest("example", manifest.jobs, [spec_fingerprint(s) for s in manifest.jobs], 1.0)
+        db.record_intents([("alice", "{}", spec_fingerprint(manifest.by_id["alice"]))], 2.0)
+        db.move("alice", JobState.UNKNOWN, 3.0, reason="unknown whether it was created")
+    finally:
+        db.close()
+    text = example.read_text()
+    write(example, text[: text.index("  - id: alice\n")] + text[text.index("  - id: bob-all-in-one\n") :])
+    code, _, err = run(["settle", str(example), "alice", "--resubmit"], capsys)
+    assert code == 2 and "job 'alice' is not in the manifest any more: --resubmit would leave it pending" in err
+    code, out, _ = run(["settle", str(example), "alice", "--give-up"], capsys)
+    assert code == 0 and "alice: marked failed" in out
