@@ -163,6 +163,12 @@ def test_the_report_shows_each_pictures_prompt_and_seed_and_each_checkpoints_tra
     text = example.read_text().replace(
         "    prompt: portrait of ukj person, studio light\n", f"    prompt: '{hostile}'\n    seed: 1234\n"
     )
+    # alice also keeps the checkpoint saved halfway (an intermediate one), on another base model
+    text = text.replace(
+        "    download: [checkpoint, lora]\n",
+        "    download: [checkpoint, lora, intermediate]\n    save_checkpoints_at: [600]\n"
+        "    base_model: realistic-vision-v5-1\n",
+    )
     write(example, text)
     with threaded_sim(fast_sim()) as sim:
         keyed(sim)
@@ -202,8 +208,9 @@ def test_the_report_shows_each_pictures_prompt_and_seed_and_each_checkpoints_tra
         r"<tr data-file='[^']+'><td>([^<]+)</td>.*?<td class=base>([^<]*)</td><td class=steps>([^<]*)", page
     )
     assert sorted(rows) == [
-        ("alice", "stable-diffusion-v1-5", "1200"),
-        ("alice", "stable-diffusion-v1-5", "1200"),
+        ("alice", "realistic-vision-v5-1", "1200"),
+        ("alice", "realistic-vision-v5-1", "1200"),
+        ("alice", "realistic-vision-v5-1", "600 of 1200"),
         ("bob-all-in-one", "stable-diffusion-v1-5", "1200"),
     ]
 
