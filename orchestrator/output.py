@@ -151,7 +151,7 @@ async def campaign_record_json(
         "done": total > 0
         and counts.get(JobState.DONE.value, 0) == total
         and not duplicates
-        and all(state.terminal for state in removed),
+        and all(state.terminal and state is not JobState.UNKNOWN for state in removed),
         # jobs the service holds more than once under our tag (paid twice): job id -> the other remote ids
         "duplicates": duplicates,
         **(extra or {}),

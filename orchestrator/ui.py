@@ -224,7 +224,7 @@ def print_summary(console: Console, result: RunResult, *, dry_run: bool, once: b
             f"[red]{outcome.duplicates} job(s) exist twice in the service (paid twice):[/] one of each is downloaded; "
             "`dreamlook-batch status MANIFEST` lists the other remote ids"
         )
-    if counts.get(JobState.UNKNOWN):
+    if counts.get(JobState.UNKNOWN) or outcome.removed.get(JobState.UNKNOWN):
         console.print("unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle MANIFEST JOB ...`")
     if any(counts.get(s) for s in BAD_ENDINGS):
         console.print(

@@ -15,6 +15,7 @@ import pytest
 from orchestrator import load_manifest, paths_for
 from orchestrator.manifest.load import spec_fingerprint
 from orchestrator.models import JobState
+from orchestrator.run.outcome import ExitCode, RunOutcome
 from orchestrator.sim import FaultPlan, FaultRates
 from orchestrator.store import SqliteDb
 
@@ -234,3 +235,16 @@ def test_settle_resubmit_of_a_job_no_longer_in_the_manifest_is_refused(
     assert code == 2 and "job 'alice' is not in the manifest any more: --resubmit would leave it pending" in err
     code, out, _ = run(["settle", str(example), "alice", "--give-up"], capsys)
     assert code == 0 and "alice: marked failed" in out
+
+
+def test_what_a_removed_job_does_to_a_runs_exit_code() -> None:
+    done = {JobState.DONE: 2}
+    # still to fetch, or unknown (it may exist and hold files: a person settles it): not 0
+    assert RunOutcome(done, None, removed={JobState.DOWNLOADING: 1}).exit_code == ExitCode.FAILED
+    assert RunOutcome(done, None, removed={JobState.UNKNOWN: 1}).exit_code == ExitCode.FAILED
+    assert RunOutcome(done, None, once=True, removed={JobState.UNKNOWN: 1}).exit_code == ExitCode.FAILED
+    # a cron pass with one still at the service: nothing has failed so far
+    assert RunOutcome(done, None, once=True, removed={JobState.RUNNING: 1}).exit_code == ExitCode.OK
+    # its other endings: the manifest no longer asks for it
+    ended = {JobState.DONE: 1, JobState.FAILED: 1, JobState.LOST: 1}
+    assert RunOutcome(done, None, removed=ended).exit_code == ExitCode.OK

@@ -80,7 +80,7 @@ def old_record_of(store: SqliteDb, campaign: str) -> dict[str, Any]:
         apart = old_campaign_record(campaign, removed, files)
         record["jobs"] += [{**j, "in_manifest": False, "note": "not in the manifest any more"} for j in apart["jobs"]]
         record["not_in_manifest"] = apart["counts"]
-        record["done"] = record["done"] and all(r.state.terminal for r in removed)
+        record["done"] = record["done"] and all(r.state.terminal and r.state is not JobState.UNKNOWN for r in removed)
     return record
 
 
@@ -257,20 +257,32 @@ def test_a_campaign_with_no_job_left_in_the_manifest(tmp_path: Path, built: tupl
 
 
 @pytest.mark.parametrize(
-    ("left", "removed_ended", "done"),
-    [(["j00", "j02", "j10"], True, False), (["j10", "j00"], False, False), (["j10", "j00"], True, True)],
+    ("left", "removed_ended", "unknown_settled", "done"),
+    [
+        (["j00", "j02", "j10"], True, True, False),
+        (["j10", "j00"], False, True, False),
+        (["j10", "j00"], True, False, False),
+        (["j10", "j00"], True, True, True),
+    ],
 )
 def test_done_means_every_job_done_and_none_paid_twice(
-    tmp_path: Path, built: tuple[Path, SqliteDb], left: list[str], removed_ended: bool, done: bool
+    tmp_path: Path,
+    built: tuple[Path, SqliteDb],
+    left: list[str],
+    removed_ended: bool,
+    unknown_settled: bool,
+    done: bool,
 ) -> None:
     _, store = built
     sync(store, manifest_of(tmp_path / "again", left))  # only done jobs left; j02 is a duplicate
     # The jobs that left the manifest after they were sent are followed until they end, however
-    # they end: until then the campaign is not done.
+    # they end, and one left unknown (j07) until a person settles it: until then, not done.
     for row in store.jobs() if removed_ended else []:
         if not row.in_manifest and not row.state.terminal and row.state not in UNPAID:
             ending = JobState.LOST if row.state is JobState.DOWNLOADING else JobState.FAILED
             store.move(row.id, ending, NOW, reason="ended after it left the manifest")
+    if unknown_settled:
+        store.settle("j07", JobState.FAILED, NOW, remote_id=None, reason="settled by hand: given up")
     path = tmp_path / "summary.json"
     summarize(path, store, manifest="m.yaml", page_size=1)
     assert path.read_bytes() == old_summary_text(store, "sum", "m.yaml")
