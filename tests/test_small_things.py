@@ -1,5 +1,7 @@
-"""Small things a user notices, through the real command line: an empty key file, an empty
-state file, `settle` of a job that does not exist, `jobs get` of a job that does not exist."""
+"""Small things a user notices, through the real command line against the simulator: an
+empty key file, an empty state file, `settle` and `jobs get` of a job that does not exist, a
+job removed from the manifest after it was paid for (still fetched, listed and counted
+apart), and the report's prompts, seeds and training settings."""
 
 from __future__ import annotations
 
