@@ -32,6 +32,7 @@ from .errors import (
     UsageError,
     first_error,
 )
+from .jobs_command import api_view, download_job
 from .manifest.load import Manifest, load_manifest
 from .models import JobType
 from .report import write_report
@@ -237,10 +238,12 @@ def _settle_options(p: argparse.ArgumentParser) -> None:
 
 
 def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`jobs list TYPE`, `jobs get TYPE ID`: thin views of the API."""
-    p = sub.add_parser("jobs", help="thin views of the API: jobs list TYPE, jobs get TYPE ID")
+    """`jobs list TYPE`, `jobs get TYPE ID`: thin views of the API; `jobs download TYPE ID`: one job's files."""
+    p = sub.add_parser(
+        "jobs", help="the API's jobs: jobs list TYPE, jobs get TYPE ID, jobs download TYPE ID [--out DIR]"
+    )
     _common(p)
-    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="list|get|download")
     pl = jobs.add_parser("list")
     pl.add_argument("type")
     pl.add_argument("--limit", type=argtypes.COUNT)
@@ -249,7 +252,11 @@ def _jobs_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pg.add_argument("type")
     pg.add_argument("id")
     pg.add_argument("--json", action="store_true")
-    for q in (pl, pg):
+    pd = jobs.add_parser("download", help="fetch one job's files, verified, with job.json and SHA256SUMS")
+    pd.add_argument("type")
+    pd.add_argument("id")
+    pd.add_argument("--out", metavar="DIR", help="where the files go (default: the folder ID in the current one)")
+    for q in (pl, pg, pd):
         _common(q)
 
 
@@ -526,6 +533,9 @@ def _plan(manifest: Any, paths: commands.Paths, s3_endpoint_url: str | None) -> 
         out.print(f"  submitting: {job_id}: waiting until {ui.clock(until)} before checking the job list")
     for job_id, others in plan.duplicates:
         out.print(f"  [red]duplicate:[/] {job_id}: the service also holds {', '.join(others)}")
+    if plan.removed:
+        shown = ", ".join(plan.removed[:10]) + (f" and {len(plan.removed) - 10} more" if len(plan.removed) > 10 else "")
+        out.print(f"  not in the manifest any more, still followed and fetched (paid for): {shown}")
     for job_id in plan.changed_after_submit:
         out.print(f"  [yellow]changed after submission (will not be resubmitted):[/] {job_id}")
     out.print("nothing was sent")
@@ -588,8 +598,26 @@ def _jobs(args: argparse.Namespace) -> int:
     if job_type is None:
         raise UsageError(f"unknown job type {args.type!r}; choose from {', '.join(JobType)}")
     job_id = getattr(args, "id", None)
-    data = anyio.run(commands.api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
+    if args.jobs_command == "download":
+        return _download(args, job_type, args.id)
+    data = anyio.run(api_view, args.api_url, args.api_key_file, job_type, job_id, getattr(args, "limit", None))
     sys.stdout.write(commands.dump_json(logs.redact_json(data)) + "\n")
+    return ExitCode.OK
+
+
+def _download(args: argparse.Namespace, job_type: JobType, job_id: str) -> int:
+    def say(line: str) -> None:
+        out.print(line, markup=False)  # an error's text may hold brackets
+
+    fetch = partial(download_job, args.api_url, args.api_key_file, job_type, job_id, args.out, say)
+    got = anyio.run(fetch)
+    out.print(f"{len(got.files)} file(s) of {job_type} job {job_id} in {got.folder}, with job.json and SHA256SUMS")
+    if got.failed:
+        err.print(
+            f"[bold red]{len(got.failed)} file(s) not fetched:[/] {', '.join(got.failed)}; "
+            "run the same command again to fetch them"
+        )
+        return ExitCode.FAILED
     return ExitCode.OK
 
 

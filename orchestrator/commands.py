@@ -22,9 +22,9 @@ from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
 from .config import DEFAULT_API_URL, RunSettings
-from .errors import BucketError, PreflightFailed, StoreError, UsageError
+from .errors import BucketError, NoSuchJob, PreflightFailed, StoreError, UsageError
 from .manifest.load import Manifest, spec_fingerprint
-from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, JobState, JobType
+from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, UNPAID, JobState
 from .report import render
 from .run import preflight
 from .run.engine import Engine
@@ -123,6 +123,9 @@ def read_api_key(key_file: Path | None) -> str:
     else:
         raw = os.environ.get(KEY_ENV, "")
     key = raw.strip()
+    if not key and key_file is not None:
+        empty = "is empty" if not raw else "holds only whitespace"
+        raise UsageError(f"{source} {empty}; it must hold the key (or leave out --api-key-file to use {KEY_ENV})")
     if not key:
         raise UsageError(f"no API key: set {KEY_ENV} (or use --api-key-file FILE, or --simulate to rehearse)")
     bad = next((i for i, c in enumerate(key) if not (c.isascii() and c.isprintable() and not c.isspace())), None)
@@ -343,6 +346,7 @@ class Plan:
     dry_run_note: str = ""
     waiting_in_window: list[tuple[str, float]] = field(default_factory=list)  # lost answers: (job, window end)
     duplicates: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # sent, then removed from the manifest: still followed
 
 
 async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
@@ -381,6 +385,8 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
             finished[state.value] = finished.get(state.value, 0) + 1
     pending_bytes = sum(f.size_bytes or 0 for f in files if not f.done and not f.lost and f.job_id in set(to_download))
     duplicates = [(r.id, r.duplicate_ids) for r in rows.values() if r.duplicate_ids and r.in_manifest]
+    listed = {spec.id for spec in manifest.jobs}  # the manifest as it is now, maybe edited since the last run
+    removed = [r.id for r in rows.values() if r.id not in listed and r.state not in UNPAID and not r.state.terminal]
     return Plan(
         to_submit,
         waiting,
@@ -391,14 +397,17 @@ async def make_plan(manifest: Manifest, paths: Paths) -> Plan:
         finished,
         waiting_in_window=in_window,
         duplicates=duplicates,
+        removed=removed,
     )
 
 
 async def status_rows(paths: Paths) -> tuple[list[JobRow], dict[str, list[FileRow]], list[WorkerRow]]:
-    """The jobs, their files, and (a shared campaign) its workers."""
+    """The jobs (the manifest's, then those removed from it after they reached the service: see
+    `output.kept_after_removal`), their files, and (a shared campaign) its workers."""
     store = await _store_for_status(paths)
     try:
-        rows = [r for r in await store.jobs() if r.in_manifest]
+        rows = [r for r in await store.jobs() if r.in_manifest or output.kept_after_removal(r)]
+        rows.sort(key=lambda r: not r.in_manifest)  # stable: each part keeps its order
         return rows, await store.files_by_job(), await store.workers()
     finally:
         await store.close()
@@ -427,8 +436,14 @@ async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: st
     async with held(paths.at):
         store = await open_existing_store(paths)
         if store is None:
-            raise StoreError(f"no state at {paths.at}")
+            raise StoreError(f"no state yet at {paths.at}: nothing has run for this campaign, so nothing to settle")
         try:
+            await _check_unknown(store, manifest.campaign, job_id)
+            if resubmit and job_id not in manifest.by_id:
+                raise UsageError(
+                    f"job {job_id!r} is not in the manifest any more: --resubmit would leave it pending and no run "
+                    "would send it; put it back in the manifest first, or settle it with --remote-id or --give-up"
+                )
             if remote_id:
                 revived = await store.settle(
                     job_id,
@@ -457,21 +472,24 @@ async def settle(manifest: Manifest, paths: Paths, job_id: str, *, remote_id: st
             await store.close()
 
 
+async def _check_unknown(store: Store, campaign: str, job_id: str) -> None:
+    """`settle` names a job of the campaign that is `unknown`: said plainly otherwise (the store
+    checks it again as it writes)."""
+    row = next((r for r in await store.jobs_by_id([job_id])), None)
+    if row is None:
+        raise NoSuchJob(f"no such job {job_id!r} in campaign {campaign!r}: `dreamlook-batch status` lists its jobs")
+    if row.state is not JobState.UNKNOWN:
+        raise StoreError(
+            f"job {job_id!r} is {row.state.value}, not unknown: settle decides only a job whose submission "
+            "could not be established"
+        )
+
+
 def _revived_note(revived: tuple[str, ...]) -> str:
     if not revived:
         return ""
     shown = ", ".join(revived[:10]) + (f" and {len(revived) - 10} more" if len(revived) > 10 else "")
     return f"\n{len(revived)} dependent job(s) skipped because of it are pending again: {shown}"
-
-
-async def api_view(
-    api_url: str, key_file: Path | None, job_type: JobType, job_id: str | None, limit: int | None
-) -> Any:
-    preflight.check_api_url(api_url)
-    async with ApiClient(api_url, read_api_key(key_file)) as api:
-        if job_id is not None:
-            return await api.get_job(job_type, job_id)
-        return await api.list_jobs(job_type, limit=limit)
 
 
 def dump_json(obj: Any) -> str:

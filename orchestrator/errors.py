@@ -8,6 +8,7 @@ boundary (`api/client.py`, `transfer/`, `store/`) with ``raise ... from``.
     ├── StoreError             the state store cannot be read or written
     │   ├── LeaseLost          another worker has taken this job over (several hosts): drop it
     │   └── StoreConflict      workers' transactions locked each other out: nothing written, try again
+    ├── NoSuchJob              a job named on the command line is not in the campaign, or not at the API (exit 1)
     ├── OutputError            job.json, SHA256SUMS or summary.json cannot be written (e.g. a full disk)
     │   ├── CampaignLocked     another process holds this campaign (exit 4)
     │   └── BucketError        the `--out` bucket refused or did not answer (credentials, no such bucket)
@@ -74,6 +75,10 @@ class PreflightFailed(UsageError):
 
 
 class StoreError(DreamlookBatchError):
+    pass
+
+
+class NoSuchJob(DreamlookBatchError):
     pass
 
 

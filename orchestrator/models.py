@@ -71,6 +71,8 @@ AT_SERVICE = frozenset({JobState.QUEUED, JobState.RUNNING})  # sent and known to
 IN_FLIGHT = AT_SERVICE | {JobState.SUBMITTING}  # maybe sent and not finished: counts against --max-active
 TO_DOWNLOAD = frozenset({JobState.SUCCEEDED, JobState.DOWNLOADING})  # files still to fetch
 MAY_POST = frozenset({JobState.PENDING, JobState.SUBMITTING})  # a run may still send these
+# A job in one of these never reached the service, or was refused by it (422): it cost nothing.
+UNPAID = frozenset({JobState.PENDING, JobState.SKIPPED, JobState.INVALID, JobState.DRY_RUN_OK})
 BAD_ENDINGS = frozenset({JobState.FAILED, JobState.INVALID, JobState.UNKNOWN, JobState.LOST, JobState.SKIPPED})
 
 

@@ -19,7 +19,7 @@ import aiofiles
 import anyio
 
 from .errors import OutputError
-from .models import JobState
+from .models import UNPAID, JobState
 from .store import FileRow, JobRow, Store
 from .transfer.bucket import Bucket
 from .transfer.urls import redact_tree
@@ -29,6 +29,9 @@ from .transfer.verify import fsync_dir
 # end of a run holds, whatever the campaign's size.
 SUMMARY_PAGE_JOBS = 500
 WRITE_BATCH_CHARS = 256 * 1024  # chunks of summary.json handed to the writer thread at once
+# What a job removed from the manifest after it reached the service is marked with, wherever it
+# is listed: it was (or may have been) paid for, so it is still followed and fetched.
+NOT_IN_MANIFEST = "not in the manifest any more"
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 
@@ -140,18 +143,58 @@ async def campaign_record_json(
     """
     counts = {state.value: n for state, n in (await store.counts()).items() if n}
     duplicates = {job_id: list(others) for job_id, others in (await store.duplicates()).items() if others}
+    removed = await removed_counts(store, page_size=page_size)
     total = sum(counts.values())
     head: dict[str, Any] = {
         "campaign": campaign,
         "counts": counts,
-        "done": total > 0 and counts.get(JobState.DONE.value, 0) == total and not duplicates,
+        "done": total > 0
+        and counts.get(JobState.DONE.value, 0) == total
+        and not duplicates
+        and all(state.terminal and state is not JobState.UNKNOWN for state in removed),
         # jobs the service holds more than once under our tag (paid twice): job id -> the other remote ids
         "duplicates": duplicates,
         **(extra or {}),
     }
-    jobs = (_job_record(row, files) async for page in store.manifest_pages(page_size) for row, files in page)
-    async for chunk in _json_chunks(head, "jobs", jobs):
+    if removed:  # counted apart from the manifest's jobs; listed after them, each marked
+        head["not_in_manifest"] = {state.value: n for state, n in removed.items()}
+    async for chunk in _json_chunks(head, "jobs", _job_records(store, page_size)):
         yield chunk
+
+
+def kept_after_removal(row: JobRow) -> bool:
+    """A job no longer in the manifest that reached the service: still followed, fetched and listed.
+    One that never did (or was refused, 422) cost nothing and is dropped as the manifest says."""
+    return not row.in_manifest and row.state not in UNPAID
+
+
+async def removed_pages(
+    store: Store, page_size: int = SUMMARY_PAGE_JOBS
+) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
+    """The jobs removed from the manifest after they reached the service, with their files, a page at a time."""
+    async for page in store.manifest_pages(page_size, removed=True):
+        kept = [(row, files) for row, files in page if kept_after_removal(row)]
+        if kept:
+            yield kept
+
+
+async def removed_counts(store: Store, *, page_size: int = SUMMARY_PAGE_JOBS) -> dict[JobState, int]:
+    """How many jobs removed from the manifest after they reached the service are in each state."""
+    counts: dict[JobState, int] = {}
+    async for page in removed_pages(store, page_size):
+        for row, _ in page:
+            counts[row.state] = counts.get(row.state, 0) + 1
+    return counts
+
+
+async def _job_records(store: Store, page_size: int) -> AsyncIterator[dict[str, Any]]:
+    """The manifest's jobs in its order, then the ones removed from it that reached the service."""
+    async for page in store.manifest_pages(page_size):
+        for row, files in page:
+            yield _job_record(row, files)
+    async for page in removed_pages(store, page_size):
+        for row, files in page:
+            yield {**_job_record(row, files), "in_manifest": False, "note": NOT_IN_MANIFEST}
 
 
 def _job_record(row: JobRow, files: Sequence[FileRow]) -> dict[str, Any]:

@@ -61,6 +61,23 @@ def _postgres() -> type[PostgresStore]:
     return PostgresStore
 
 
+def refuse_empty(file: Path) -> None:
+    """A state file of 0 bytes is refused, by every command. SQLite would take it as a new, empty
+    state (and `run` would start the campaign afresh), but this tool never leaves one behind past
+    its first instant (the file has its first page before anything is recorded): it was emptied
+    or made by something else, and may stand for runs that paid for jobs. A person decides."""
+    try:
+        empty = file.stat().st_size == 0
+    except OSError:
+        return  # missing (a new campaign) or unreadable: opening it says so
+    if empty:
+        raise StoreError(
+            f"{file} is empty (0 bytes): not a state file. If nothing has run for this campaign, remove it "
+            "and run again. If runs did, their record is lost: remove it, and the next run looks for this "
+            "campaign's jobs at the service by their tags before paying for any"
+        )
+
+
 async def open_store(at: StateAt, *, memory: bool = False, lease_s: float | None = None) -> Store:
     """Open (or create) the state for a run; `memory`: a throwaway SQLite store (a dry run).
     In a database, this process is a worker whose leases last `lease_s`."""
@@ -72,12 +89,14 @@ async def open_store(at: StateAt, *, memory: bool = False, lease_s: float | None
         return await _postgres().open(
             at.database, at.campaign, worker=Worker.this_process(), lease_s=lease_s or LEASE_S
         )
+    refuse_empty(at.file)
     return await SqliteStore.open(at.file)
 
 
 async def open_existing(at: StateAt) -> Store | None:
     """The state if this campaign has one already, else None (nothing is created)."""
     if at.database is None:
+        refuse_empty(at.file)
         return await SqliteStore.open(at.file) if at.file.exists() else None
     store = await _postgres().open(at.database, at.campaign)
     if await store.known():

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from .logs import scrub
 from .models import BAD_ENDINGS, JobState
+from .output import NOT_IN_MANIFEST
 from .run.outcome import StopReason
 from .store import FileRow, JobRow, WorkerRow
 
@@ -58,7 +59,7 @@ def clock(when: float) -> str:
 
 def job_note(row: JobRow, now: float) -> str:
     """What the reason column says: a lost answer in its grace window, a duplicate, or the reason."""
-    notes = []
+    notes = [] if row.in_manifest else [NOT_IN_MANIFEST]
     if row.state is JobState.SUBMITTING and (row.reconcile_at or 0.0) > now:
         notes.append(f"submitting: waiting until {clock(row.reconcile_at or 0.0)} before checking the job list")
     if row.duplicate_ids:
@@ -76,7 +77,7 @@ def print_summary(
     outcome = result.outcome
     counts = {s: n for s, n in outcome.counts.items() if n}
     what = "dry run" if dry_run else "pass" if once else "run"
-    summary = ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts.get(s))
+    summary = _tally(counts)
     console.print(
         f"[bold]{what} finished in {human_seconds(elapsed_s)}:[/] {summary or 'no jobs'}"
         f" ({result.api_requests} API requests)"
@@ -86,6 +87,11 @@ def print_summary(
     if dry_run:
         console.print("nothing was charged; no state was saved")
         return
+    if outcome.removed:
+        console.print(
+            f"{sum(outcome.removed.values())} job(s) {NOT_IN_MANIFEST} ({_tally(outcome.removed)}): "
+            f"paid for, so still followed and fetched; `dreamlook-batch status {campaign}` lists them"
+        )
     if result.files_done:
         console.print(f"files: {result.files_done} ({human_bytes(result.bytes_done)}) in {result.paths.out_shown}")
     if result.sim_url is not None:
@@ -106,7 +112,7 @@ def print_summary(
             f"[red]{outcome.duplicates} job(s) exist twice in the service (paid twice):[/] one of each is downloaded; "
             f"`dreamlook-batch status {campaign}` lists the other remote ids"
         )
-    if counts.get(JobState.UNKNOWN):
+    if counts.get(JobState.UNKNOWN) or outcome.removed.get(JobState.UNKNOWN):
         console.print(
             f"unknown jobs: check your dreamlook.ai jobs page, then `dreamlook-batch settle {campaign} JOB ...`"
         )
@@ -115,6 +121,10 @@ def print_summary(
             f"`dreamlook-batch status {campaign}` lists every job with its reason; "
             f"`dreamlook-batch report {campaign}` writes a page to review"
         )
+
+
+def _tally(counts: dict[JobState, int]) -> str:
+    return ", ".join(f"{counts[s]} {s.value}" for s in STATE_ORDER if counts.get(s))
 
 
 STATUS_COLUMNS = ("job", "state", "reason", "files", "remote id", "type", "age")  # the first given way last
@@ -127,6 +137,7 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
     way first, the least needed left out (age, type, remote id, files, then the reason)."""
     cells: list[dict[str, str | Text]] = []
     totals: dict[str, int] = {}
+    removed: dict[JobState, int] = {}  # counted apart
     for r in rows:
         fs = files.get(r.id, [])
         cells.append(
@@ -140,7 +151,10 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
                 "age": human_seconds(now - r.submitted_at) if r.submitted_at else "",
             }
         )
-        totals[r.state.value] = totals.get(r.state.value, 0) + 1
+        if r.in_manifest:
+            totals[r.state.value] = totals.get(r.state.value, 0) + 1
+        else:
+            removed[r.state] = removed.get(r.state, 0) + 1
     natural = {name: max([len(name), *(len(str(row[name])) for row in cells)]) for name in STATUS_COLUMNS}
     natural["reason"] = min(natural["reason"], REASON_MIN_CELLS)  # it wraps: this much is enough
     shown = [name for name in STATUS_COLUMNS if name == "job" or name == "state" or any(row[name] for row in cells)]
@@ -158,7 +172,9 @@ def status_table(rows: Sequence[JobRow], files: dict[str, list[FileRow]], now: f
     for row in cells:
         table.add_row(*(row[name] for name in shown))
     duplicates = sum(1 for r in rows if r.duplicate_ids)
-    caption = f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    caption = f"{sum(totals.values())} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(totals.items()))
+    if removed:
+        caption += f"; {sum(removed.values())} {NOT_IN_MANIFEST} ({_tally(removed)})"
     if duplicates:
         caption += f"; {duplicates} paid twice (duplicate)"
     left_out = [n for n in STATUS_COLUMNS if n not in shown and any(row[n] for row in cells)]

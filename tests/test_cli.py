@@ -166,7 +166,7 @@ def test_jobs_list_and_get_print_json_without_signatures(
         code, out, _ = run(["jobs", "get", "dreambooth", sim.ledger.jobs[0].job_id], capsys)
         assert code == 0 and json.loads(out)["state"] == "success" and "Signature" not in out
         code, _, err = run(["jobs", "get", "dreambooth", "db_nope"], capsys)
-        assert code == 3 and "404" in err
+        assert code == 1 and "no such dreambooth job db_nope" in err
 
 
 @pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md

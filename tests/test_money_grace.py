@@ -208,8 +208,13 @@ def test_a_lost_state_adopts_the_jobs_the_service_holds(tmp_path: Path, threaded
         extra: tuple[str, ...] = ()
         if loss == "deleted-folder":
             shutil.rmtree(state.parent)
-        elif loss == "empty-file":
+        elif loss == "empty-file":  # refused, untouched, until a person removes it (it may stand for paid jobs)
             state.write_bytes(b"")
+            refused = cli_process(manifest, sim)
+            printed = refused.communicate(timeout=60)[0]
+            assert refused.returncode == 2 and "is empty (0 bytes): not a state file" in printed, printed
+            assert sim.ledger.requests["submit"] == made and state.stat().st_size == 0
+            state.unlink()
         else:
             extra = ("--state", str(tmp_path / "typo" / "lots.db"))
         again = cli_process(manifest, sim, "-v", *extra)

@@ -267,7 +267,24 @@ async def test_manifest_pages_hold_every_job_once_in_manifest_order(opener: Open
         pages = [page async for page in store.manifest_pages(2)]
         assert [len(p) for p in pages] == [2, 2, 1]
         assert [row.id for page in pages for row, _ in page] == ["j3", "j1", "j4", "j0", "j2"]
+        assert [page async for page in store.manifest_pages(2, removed=True)] == []
         await store.check_writable()
+        # Jobs dropped from the manifest are paged apart (they may have been paid for), with
+        # their files; the manifest's pages hold only its jobs. Back in the manifest: back there.
+        await store.record_intents([("j4", "{}", "fp")], T0)
+        await store.mark_submitted("j4", "remote-j4", T0)
+        await store.record_success(
+            "j4", checkpoint_id=None, files=[file_row("j4", "m", 5)], remote_state="success", now=T0
+        )
+        await synced(store, [spec("j2"), spec("j3")])
+        assert [r.id for page in [p async for p in store.manifest_pages(2)] for r, _ in page] == ["j2", "j3"]
+        gone = [item for page in [p async for p in store.manifest_pages(2, removed=True)] for item in page]
+        assert [(r.id, r.in_manifest) for r, _ in gone] == [("j1", False), ("j4", False), ("j0", False)]
+        assert [f.name for f in dict((r.id, fs) for r, fs in gone)["j4"]] == ["m"]
+        await synced(store, [spec("j4")])
+        again = {r.id for page in [p async for p in store.manifest_pages(9, removed=True)] for r, _ in page}
+        assert again == {"j0", "j1", "j2", "j3"}
+        assert [r.id for page in [p async for p in store.manifest_pages(9)] for r, _ in page] == ["j4"]
 
 
 async def test_what_a_file_store_commits_is_there_when_it_is_opened_again(tmp_path: Path) -> None:

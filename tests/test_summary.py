@@ -20,7 +20,7 @@ from orchestrator.cli import main
 from orchestrator.commands import status_json
 from orchestrator.errors import StoreError
 from orchestrator.manifest.load import spec_fingerprint
-from orchestrator.models import ArtifactKind, JobState
+from orchestrator.models import UNPAID, ArtifactKind, JobState
 from orchestrator.output import SUMMARY_PAGE_JOBS, write_summary
 from orchestrator.sim import FaultPlan, FaultRates, Simulator
 from orchestrator.store import FileRow, JobRow, SqliteDb, SqliteStore
@@ -71,7 +71,17 @@ def old_campaign_record(
 
 
 def old_record_of(store: SqliteDb, campaign: str) -> dict[str, Any]:
-    return old_campaign_record(campaign, [r for r in store.jobs() if r.in_manifest], store.files_by_job())
+    rows, files = store.jobs(), store.files_by_job()
+    record = old_campaign_record(campaign, [r for r in rows if r.in_manifest], files)
+    # Jobs removed from the manifest after they were sent: listed after the others, marked and
+    # counted apart; the campaign is not done while one of them is still followed.
+    removed = [r for r in rows if not r.in_manifest and r.state not in UNPAID]
+    if removed:
+        apart = old_campaign_record(campaign, removed, files)
+        record["jobs"] += [{**j, "in_manifest": False, "note": "not in the manifest any more"} for j in apart["jobs"]]
+        record["not_in_manifest"] = apart["counts"]
+        record["done"] = record["done"] and all(r.state.terminal and r.state is not JobState.UNKNOWN for r in removed)
+    return record
 
 
 def old_summary_text(store: SqliteDb, campaign: str, manifest: str) -> bytes:
@@ -182,7 +192,7 @@ def test_summary_json_is_the_old_text_byte_for_byte_at_any_page_size(
     assert path.read_bytes() == old_summary_text(store, "sum", str(manifest))
     # What the fixture holds, read back on its own terms (the oracle above could share a mistake).
     summary = json.loads(path.read_text())
-    assert set(summary) == {"campaign", "counts", "done", "duplicates", "jobs", "manifest"}
+    assert set(summary) == {"campaign", "counts", "done", "duplicates", "jobs", "manifest", "not_in_manifest"}
     assert summary["counts"] == {
         "done": 3,
         "failed": 1,
@@ -194,14 +204,18 @@ def test_summary_json_is_the_old_text_byte_for_byte_at_any_page_size(
         "invalid": 1,
     }
     assert summary["done"] is False and summary["duplicates"] == {"j02": ["r-j02-copy", "r-j02-third"]}
-    assert [j["id"] for j in summary["jobs"]] == ORDER  # every job once, in the manifest's order
+    # every job once, in the manifest's order; then the two sent and since removed, marked
+    assert [j["id"] for j in summary["jobs"]] == [*ORDER, "j11", "j12"]
+    assert summary["not_in_manifest"] == {"done": 1, "queued": 1}
     jobs = {j["id"]: j for j in summary["jobs"]}
     assert all(
         set(j)
         == {"id", "type", "state", "remote_id", "reason", "percentage", "duplicate_remote_ids"}
         | {"reconcile_after", "files"}
+        | (set() if j["id"] in ORDER else {"in_manifest", "note"})
         for j in summary["jobs"]
     )
+    assert jobs["j11"]["note"] == "not in the manifest any more" and jobs["j11"]["in_manifest"] is False
     assert jobs["j03"]["reconcile_after"] == WINDOW_END and jobs["j04"]["reconcile_after"] is None
     assert jobs["j01"]["reason"] == 'the service said: "no"\nline two — ü'
     assert [f["name"] for f in jobs["j00"]["files"]] == ["a.png", "b.png"]
@@ -236,15 +250,39 @@ def test_a_campaign_with_no_job_left_in_the_manifest(tmp_path: Path, built: tupl
     path = tmp_path / "summary.json"
     summarize(path, store, manifest="m.yaml", page_size=2)
     assert path.read_bytes() == old_summary_text(store, "sum", "m.yaml")
-    assert json.loads(path.read_text())["jobs"] == []
+    # none of the manifest's; those sent before they left it, marked (not j06 and j09: never paid for)
+    assert {(j["id"], j.get("note")) for j in json.loads(path.read_text())["jobs"]} == {
+        (j, "not in the manifest any more") for j in [*IN_MANIFEST, "j11", "j12"] if j not in ("j06", "j09")
+    }
 
 
-@pytest.mark.parametrize(("left", "done"), [(["j00", "j02", "j10"], False), (["j10", "j00"], True)])
+@pytest.mark.parametrize(
+    ("left", "removed_ended", "unknown_settled", "done"),
+    [
+        (["j00", "j02", "j10"], True, True, False),
+        (["j10", "j00"], False, True, False),
+        (["j10", "j00"], True, False, False),
+        (["j10", "j00"], True, True, True),
+    ],
+)
 def test_done_means_every_job_done_and_none_paid_twice(
-    tmp_path: Path, built: tuple[Path, SqliteDb], left: list[str], done: bool
+    tmp_path: Path,
+    built: tuple[Path, SqliteDb],
+    left: list[str],
+    removed_ended: bool,
+    unknown_settled: bool,
+    done: bool,
 ) -> None:
     _, store = built
     sync(store, manifest_of(tmp_path / "again", left))  # only done jobs left; j02 is a duplicate
+    # The jobs that left the manifest after they were sent are followed until they end, however
+    # they end, and one left unknown (j07) until a person settles it: until then, not done.
+    for row in store.jobs() if removed_ended else []:
+        if not row.in_manifest and not row.state.terminal and row.state not in UNPAID:
+            ending = JobState.LOST if row.state is JobState.DOWNLOADING else JobState.FAILED
+            store.move(row.id, ending, NOW, reason="ended after it left the manifest")
+    if unknown_settled:
+        store.settle("j07", JobState.FAILED, NOW, remote_id=None, reason="settled by hand: given up")
     path = tmp_path / "summary.json"
     summarize(path, store, manifest="m.yaml", page_size=1)
     assert path.read_bytes() == old_summary_text(store, "sum", "m.yaml")

@@ -1,8 +1,8 @@
 """The service's tags are the truth: adoption of jobs a lost state forgot, and duplicates.
 
 Adoption: before a job is submitted for the first time from a state that never saw it
-(a new, deleted, emptied or mistyped state file), the job list of its type is read once
-for the whole campaign, and a job already carrying our tag
+(a new, deleted or mistyped state file; an emptied one is refused until it is removed),
+the job list of its type is read once for the whole campaign, and a job already carrying our tag
 (`dreamlook-batch` = `<campaign>/<job id>`) is taken as this job's: it is followed and
 downloaded, not paid for again. Each job is looked for once (`adoption_checked`).
 

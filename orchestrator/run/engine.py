@@ -152,6 +152,7 @@ class Engine:
             self.settings.dry_run,
             once,
             len(await self.store.duplicates()),
+            removed=await output.removed_counts(self.store),
         )
 
     async def _claim_work(self) -> None:
@@ -254,7 +255,9 @@ class Engine:
             return True  # another worker's (a shared campaign): taken over here if that worker stops renewing
         if submit and await self.resolve.waiting():
             return True  # a lost answer waits out its grace window, then is looked for
-        return submit and await self.submit.allowed() and bool(await self.store.count([JobState.PENDING]))
+        # Pending jobs of the manifest that may go now: one removed from the manifest (never sent)
+        # waits for nothing, and a job waiting for its checkpoint is covered by its parent's work.
+        return submit and await self.submit.allowed() and bool(await self.store.ready_to_submit(1))
 
     async def _start_due_work(self, *, check: bool, submit: bool) -> int:
         assert self._tg is not None

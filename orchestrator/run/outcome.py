@@ -43,6 +43,10 @@ class RunOutcome:
     dry_run: bool = False
     once: bool = False
     duplicates: int = 0  # jobs the service holds more than once under our tag
+    # jobs removed from the manifest after they reached the service, by state: still followed and
+    # fetched; files of theirs still to fetch, or one left unknown (it may exist: a person settles
+    # it), keep the run from 0; their other endings do not (the manifest no longer asks for them)
+    removed: dict[JobState, int] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> ExitCode:
@@ -54,9 +58,13 @@ class RunOutcome:
             return ExitCode.FAILED  # paid twice: never reported as a success, not even by --once
         # A dry run skips dependents by design (it makes no checkpoint): not a failure.
         bad = BAD_ENDINGS - {JobState.SKIPPED} if self.dry_run else BAD_ENDINGS
-        if any(self.counts.get(s) for s in bad) or (self.dry_run and self.problems):
+        if (
+            any(self.counts.get(s) for s in bad)
+            or (self.dry_run and self.problems)
+            or self.removed.get(JobState.UNKNOWN)
+        ):
             return ExitCode.FAILED
-        unfinished = any(n for s, n in self.counts.items() if not s.terminal)
+        unfinished = any(n for s, n in [*self.counts.items(), *self.removed.items()] if not s.terminal)
         if self.stopped_by == StopReason.QUOTA and unfinished:
             return ExitCode.API
         if self.stopped_by == StopReason.UNREACHABLE and unfinished:

@@ -289,17 +289,20 @@ class PostgresStore(PgWrites, PgUploads):
         )
         return int(rows[0]["n"]), int(rows[0]["b"])
 
-    async def manifest_pages(self, page_size: int) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
-        """The manifest's jobs in order with their files, `page_size` jobs a time: keyset pages
-        on (position, id), an index range each, so no transaction stays open between pages."""
+    async def manifest_pages(
+        self, page_size: int, *, removed: bool = False
+    ) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
+        """The manifest's jobs in order (`removed`: the jobs no longer in it) with their files,
+        `page_size` jobs a time: keyset pages on (position, id), an index range each, so no
+        transaction stays open between pages."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         after: tuple[int, str] = (-1, "")
         while True:
             rows = await self._query(
-                f"SELECT {JOB_COLUMNS}, position FROM dlb_jobs WHERE campaign=%(c)s AND in_manifest"
+                f"SELECT {JOB_COLUMNS}, position FROM dlb_jobs WHERE campaign=%(c)s AND in_manifest = %(m)s"
                 " AND (position, id) > (%(pos)s, %(id)s) ORDER BY position, id LIMIT %(n)s",
-                {"pos": after[0], "id": after[1], "n": page_size},
+                {"pos": after[0], "id": after[1], "n": page_size, "m": not removed},
             )
             if not rows:
                 return

@@ -456,15 +456,19 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
         row = self._query("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM files WHERE done=1")[0]
         return int(row[0]), int(row[1])
 
-    def manifest_pages(self, page_size: int) -> Generator[list[tuple[JobRow, list[FileRow]]], None, None]:
-        """The jobs of the manifest in its order, each with its files (by name), `page_size` jobs
-        at a time. One ordered read: SQLite sorts once (spilling to disk past its cache) and only a
-        page is held here. Paging by position instead would scan the table for every page, there
-        being no index on it."""
+    def manifest_pages(
+        self, page_size: int, *, removed: bool = False
+    ) -> Generator[list[tuple[JobRow, list[FileRow]]], None, None]:
+        """The jobs of the manifest in its order (`removed`: the jobs no longer in it, in their
+        old order), each with its files (by name), `page_size` jobs at a time. One ordered read:
+        SQLite sorts once (spilling to disk past its cache) and only a page is held here. Paging
+        by position instead would scan the table for every page, there being no index on it."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         try:
-            cursor = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE in_manifest=1 ORDER BY position, id")
+            cursor = self._db.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE in_manifest=? ORDER BY position, id", (0 if removed else 1,)
+            )
             try:
                 while rows := cursor.fetchmany(page_size):
                     jobs = [job_row(r) for r in rows]

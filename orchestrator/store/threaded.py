@@ -53,8 +53,10 @@ class SqliteStore:
     async def close(self) -> None:
         await self._call(self._db.close)
 
-    async def manifest_pages(self, page_size: int) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
-        pages = self._db.manifest_pages(page_size)
+    async def manifest_pages(
+        self, page_size: int, *, removed: bool = False
+    ) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
+        pages = self._db.manifest_pages(page_size, removed=removed)
         try:
             while (page := await self._call(partial(next, pages, None))) is not None:
                 yield page
