@@ -11,10 +11,12 @@ never reaches a record, whatever reads it.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -56,7 +58,7 @@ FIELD_TYPES: Mapping[str, type] = MappingProxyType(
         "checked": int,
         "jobs": int,
         "taken_over": int,
-        "signal": str,
+        "by": str,  # what told the run to stop: SIGINT, SIGTERM, stop()
         "grace_s": float,
         "exit_code": int,
         "stopped_by": str,
@@ -124,7 +126,7 @@ EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
     _spec("download.object_changed", WARNING, "the file changed at storage mid-download: it starts over",
           "file reason", note="starting over"),
     _spec("download.retry", INFO, "a download is tried again after a wait", "what attempt wait_s reason"),
-    _spec("download.range_retry", INFO, "one range of a file is asked again after a wait", "what attempt wait_s reason"),
+    _spec("download.range_retry", INFO, "a range is asked again after a wait", "what attempt wait_s reason"),
     _spec("upload.already_there", INFO, "the bucket already holds this file's key with the same bytes", "key"),
     _spec("upload.abort_failed", WARNING, "the bucket refused to abort an upload; it stays on record", "key reason"),
     # -- the API, the store
@@ -149,9 +151,11 @@ EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
     _spec("worker.claimed", INFO, "this worker took jobs of a shared campaign", "jobs taken_over"),
     _spec("worker.lost", WARNING, "another worker holds jobs this one had", "jobs",
           note="another worker holds them now"),
-    _spec("run.stopping", WARNING, "told to stop (a first Ctrl-C or SIGTERM): files in flight are finished first, "
-          "for up to `grace_s` seconds", "signal grace_s", note="press Ctrl-C again to stop now"),
-    _spec("run.stopping_now", WARNING, "told to stop a second time: the run stops at once, state saved", "signal"),
+    _spec("run.stopping", WARNING, "told to stop (a first Ctrl-C or SIGTERM): nothing new starts; what is in "
+          "flight is finished for up to `grace_s` seconds", "by grace_s",
+          note="finishing the files in flight (up to {grace_s:g} s); press Ctrl-C again to stop now"),
+    _spec("run.stopping_now", WARNING, "told to stop a second time: the run stops at once, state saved", "by",
+          note="stopping now; the state is saved"),
     _spec("run.finished", INFO, "the run ended: why it stopped (`none`: it finished), its exit code, the jobs by "
           "state", "exit_code stopped_by files_done problems counts"),
 )})
@@ -165,7 +169,7 @@ class Event:
     name: str
     level: int
     fields: Mapping[str, Any]
-    ts: float = 0.0
+    ts: float  # Unix time
 
     @property
     def spec(self) -> EventSpec:
@@ -175,7 +179,7 @@ class Event:
         """`name key=value ...` as plain logs show it (a value with spaces is quoted)."""
         parts = [self.name, *(f"{k}={_plain(v)}" for k, v in self.fields.items())]
         line = " ".join(parts)
-        return f"{line}: {self.spec.note}" if self.spec.note else line
+        return f"{line}: {self.spec.note.format(**self.fields)}" if self.spec.note else line
 
     def to_json(self) -> dict[str, Any]:
         return {"event": self.name, **self.fields}
@@ -205,21 +209,24 @@ def _clean(value: Any) -> Any:
     return scrub(str(value))
 
 
+# The listener of the run this task belongs to (the Python API's event stream). A context
+# variable: tasks a run starts inherit it, so two runs in one process each hear their own.
+listener: contextvars.ContextVar[Callable[[Event], None] | None] = contextvars.ContextVar(
+    "dreamlook_event_listener", default=None
+)
+
+
 def event(log: logging.Logger, name: str, *, exc_info: bool = False, **fields: Any) -> None:
-    """Emit event `name` on `log` at its level; a field given as None is left out."""
+    """Emit event `name` on `log` at its level, and to the run's listener whatever the log level;
+    a field given as None is left out."""
     spec = EVENTS[name]  # an unknown name is a bug: it fails at once, in every test that reaches it
-    if not log.isEnabledFor(spec.level):
+    hear = listener.get()
+    if hear is None and not log.isEnabledFor(spec.level):
         return
-    clean = {k: _clean(v) for k, v in fields.items() if v is not None}
-    ev = Event(name, spec.level, clean)
+    ev = Event(name, spec.level, {k: _clean(v) for k, v in fields.items() if v is not None}, time.time())
+    if hear is not None:
+        hear(ev)
     log.log(spec.level, "%s", ev.text(), exc_info=exc_info, extra={RECORD_ATTR: ev}, stacklevel=2)
-
-
-def of_record(record: logging.LogRecord) -> Event | None:
-    ev = getattr(record, RECORD_ATTR, None)
-    if not isinstance(ev, Event):
-        return None
-    return Event(ev.name, ev.level, ev.fields, record.created)
 
 
 # -- the contract: what a JSON line must be --------------------------------------------

@@ -70,6 +70,11 @@ def configure(log_format: str, verbosity: int) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def shows(level: int) -> bool:
+    """Whether the log on stderr shows records of `level` (the CLI says some things itself when not)."""
+    return any(h.level <= level for h in logging.getLogger().handlers) and logging.getLogger().isEnabledFor(level)
+
+
 def redact_json(obj: object) -> object:
     """JSON from the API, fit to print: URL signatures removed."""
     from .transfer.urls import redact_tree
