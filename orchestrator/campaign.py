@@ -84,6 +84,10 @@ class CampaignRun:
         self._control.stop_now("stop_now()")
 
     @property
+    def ended(self) -> bool:
+        return self._result is not None
+
+    @property
     def result(self) -> CampaignResult:
         if self._result is None:
             raise RuntimeError("the run has not ended yet: read `result` after its `async with` block")
@@ -214,6 +218,15 @@ class Campaign:
                     commands.forget_simulated_state(self.paths)
                 result = await commands.run_campaign(request)
                 outcome = result.outcome
+                events.event(
+                    log,
+                    "run.finished",
+                    exit_code=int(outcome.exit_code),
+                    stopped_by=outcome.stopped_by or "none",
+                    files_done=result.files_done,
+                    problems=len(outcome.problems),
+                    counts={s.value: n for s, n in outcome.counts.items() if n},
+                )
                 run._result = CampaignResult(
                     exit_code=outcome.exit_code,
                     stopped_by=outcome.stopped_by,
@@ -223,17 +236,8 @@ class Campaign:
                     problems=tuple(outcome.problems),
                     out=self.paths.out_shown,
                     api_requests=result.api_requests,
-                    events_dropped=run.dropped,
+                    events_dropped=run.dropped,  # counted to the end: run.finished too
                     details=result,
-                )
-                events.event(
-                    log,
-                    "run.finished",
-                    exit_code=int(outcome.exit_code),
-                    stopped_by=outcome.stopped_by or "none",
-                    files_done=result.files_done,
-                    problems=len(outcome.problems),
-                    counts={s.value: n for s, n in outcome.counts.items() if n},
                 )
         finally:
             events.listener.reset(token)
