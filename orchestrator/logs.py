@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 _KEY = re.compile(r"dl-[0-9a-fA-F]{8,}")
-_URL_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
+_URL_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?(?!<redacted>)[^\s\"'<>]*")  # once: scrub twice, same text
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
 
 RECORD_ATTR = "dreamlook_event"  # where a LogRecord keeps its `events.Event`

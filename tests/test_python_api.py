@@ -169,5 +169,5 @@ def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     script = write(tmp_path / "example.py", code.group(1))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "done: alice-portraits 2 files" in done.stdout and "ExitCode.OK" in done.stdout
+    assert "done: alice-portraits 2 files" in done.stdout and "OK {'done': 2} 3 files" in done.stdout
     assert (tmp_path / "outputs" / "portraits" / "alice-portraits" / "SHA256SUMS").exists()
