@@ -46,11 +46,11 @@ def faulty_sim() -> Any:
         ScriptedFault(route=Route.GET, kind=FaultKind.SERVER_ERROR, nth=2, count=2),  # retried reads
         ScriptedFault(route=Route.DOWNLOAD, kind=FaultKind.RESET, nth=2),  # a retried download
     )
-    # Image URLs that live 0.5 s, through one slot of ~0.13 s per image: renewed by a GET of the job.
+    # Image URLs that live 0.2 s, fetched one at a time at ~0.25 s each: renewed by a GET of the job.
     return fast_sim(
         list_echoes_tags=False,
-        image_url_ttl_s=0.5 * 20_000,
-        download_bytes_per_s=2_000.0,
+        image_url_ttl_s=0.2 * 20_000,
+        download_bytes_per_s=1_000.0,
         faults=FaultPlan(script=script),
     )
 
