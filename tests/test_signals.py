@@ -89,8 +89,8 @@ def test_a_first_sigterm_says_what_happens_next_and_a_run_that_then_finished_eve
 
 def test_a_second_ctrl_c_stops_at_once_with_the_state_saved_and_exit_130(tmp_path: Path, threaded_sim: Any) -> None:
     manifest = one_training(tmp_path)
-    # At 0.1 MiB/s: half a minute, longer than the test waits for anything.
-    with threaded_sim(fast_sim(checkpoint_bytes=SIZE, download_bytes_per_s=0.1 * MiB)) as sim:
+    # At 0.3 MiB/s: 10 s, longer than the test waits for anything.
+    with threaded_sim(fast_sim(checkpoint_bytes=SIZE, download_bytes_per_s=0.3 * MiB)) as sim:
         cli = Cli(manifest, sim, *ONE_STREAM, "-q")  # quiet: no warnings in the log, so the CLI says it
         wait_for(lambda: sim.ledger.requests["download"] >= 1, "the download start")
         cli.proc.send_signal(signal.SIGINT)
