@@ -21,7 +21,7 @@ from orchestrator.manifest.load import load_manifest
 from orchestrator.sim import Simulator
 
 from .campaigns import assert_campaign_on_disk
-from .conftest import ROOT, fast_run, fast_sim, write
+from .conftest import ROOT, fast_run, fast_sim, until, write
 
 pytestmark = pytest.mark.anyio
 HANG_S = 60
@@ -37,7 +37,7 @@ def jobs() -> list[dict[str, Any] | JobSpec]:
             "image_urls": IMAGES,
             "base_model": "stable-diffusion-v1-5",
             "download": ["lora"],
-        },  # fmt: skip
+        },
         JobSpec(
             id="ann-portraits",
             type=JobType.IMAGE_GEN,
@@ -132,8 +132,7 @@ async def test_a_reader_that_lags_never_holds_the_run_up_and_is_told_what_it_mis
         campaign = campaign_on(sim, tmp_path)
         with anyio.fail_after(HANG_S):
             async with campaign.open(buffer=3) as run:
-                while not run.ended:  # reads nothing until the run has ended
-                    await anyio.sleep(0.01)
+                await until(lambda: run.ended, HANG_S)  # reads nothing until the run has ended
                 kept = [ev async for ev in run.events]
         assert run.result.ok and len(kept) == 3
         assert run.result.events_dropped > 0 and run.dropped == run.result.events_dropped
