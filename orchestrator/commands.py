@@ -6,14 +6,13 @@ signals). The CLI calls these and prints what they return.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,18 +343,18 @@ class RunControl:
             self._scope.cancel()
 
     async def drive(self, engine: Engine, *, once: bool, grace_s: float, signals: bool) -> RunOutcome:
-        self._engine, self._grace_s, self._scope = engine, grace_s, anyio.CancelScope()
+        scope = self._scope = anyio.CancelScope()
+        self._engine, self._grace_s = engine, grace_s
         if self._told:  # told before the engine was wired: it starts nothing
             engine.stop(StopReason.INTERRUPTED)
-            self._scope.deadline = anyio.current_time() + grace_s
+            scope.deadline = anyio.current_time() + grace_s
             if self._told > 1:
-                self._scope.cancel()
+                scope.cancel()
         result: list[RunOutcome] = []
         async with anyio.create_task_group() as tg:
 
             async def run() -> None:
-                assert self._scope is not None
-                with self._scope:
+                with scope:
                     result.append(await engine.run(once=once))
                 tg.cancel_scope.cancel()
 
@@ -366,7 +365,7 @@ class RunControl:
             return RunOutcome(await engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
         outcome = result[0]
         if outcome.stopped_by is StopReason.INTERRUPTED and all(s.terminal for s in outcome.counts):
-            return dataclasses.replace(outcome, stopped_by=None)  # told to stop, yet it finished everything
+            return replace(outcome, stopped_by=None)  # told to stop, yet it finished everything
         return outcome
 
     async def _watch_signals(self) -> None:
