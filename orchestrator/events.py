@@ -11,12 +11,13 @@ never reaches a record, whatever reads it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import enum
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -85,6 +86,7 @@ def _spec(name: str, level: int, meaning: str, required: str = "", optional: str
 
 INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 _JOB = "job_id state"  # what a person needs to act on a job event (with its remote_id where there is one)
+_RETRY = "what attempt wait_s reason"
 
 # fmt: off
 EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
@@ -120,18 +122,20 @@ EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
     _spec("file.missing", WARNING, "a file recorded as done is not at its destination: it is fetched again",
           "job_id file", note="fetching it again"),
     _spec("file.requeued", WARNING, "a download failed and is tried again later in this run", "job_id file reason"),
-    _spec("download.url_renewed", INFO, "a file's signed URL was renewed by reading its job", "file"),
+    _spec("download.url_renewed", INFO, "a file's signed URL was renewed by reading its job", "file", "job_id"),
     _spec("download.ranges_ignored", INFO, "storage ignored Range: the file comes in one stream", "file",
-          note="one stream instead"),
+          "job_id", note="one stream instead"),
     _spec("download.object_changed", WARNING, "the file changed at storage mid-download: it starts over",
-          "file reason", note="starting over"),
-    _spec("download.retry", INFO, "a download is tried again after a wait", "what attempt wait_s reason"),
-    _spec("download.range_retry", INFO, "a range is asked again after a wait", "what attempt wait_s reason"),
-    _spec("upload.already_there", INFO, "the bucket already holds this file's key with the same bytes", "key"),
-    _spec("upload.abort_failed", WARNING, "the bucket refused to abort an upload; it stays on record", "key reason"),
-    # -- the API, the store
-    _spec("api.retry", INFO, "an API call is tried again after a wait", "what attempt wait_s reason"),
-    _spec("store.retry", INFO, "a state store write conflicted and is tried again", "what attempt wait_s reason"),
+          "file reason", "job_id", note="starting over"),
+    _spec("download.retry", INFO, "a download is tried again after a wait", _RETRY, "job_id"),
+    _spec("download.range_retry", INFO, "a range is asked again after a wait", _RETRY, "job_id"),
+    _spec("upload.already_there", INFO, "the bucket already holds this file's key with the same bytes", "key",
+          "job_id"),
+    _spec("upload.abort_failed", WARNING, "the bucket refused to abort an upload; it stays on record", "key reason",
+          "job_id"),
+    # -- the API, the store (`job_id`: when it was for one job's files)
+    _spec("api.retry", INFO, "an API call is tried again after a wait", _RETRY, "job_id"),
+    _spec("store.retry", INFO, "a state store write conflicted and is tried again", _RETRY, "job_id"),
     _spec("api.retry_after_capped", WARNING, "the service asked for a longer pause than the cap: the cap is used",
           "asked_s used_s"),
     _spec("check.list_failed", INFO, "a job listing failed: jobs are read one by one instead", "job_type reason",
@@ -209,6 +213,20 @@ def _clean(value: Any) -> Any:
     return scrub(str(value))
 
 
+# The job whose files are being fetched: events of the transfer layer (which knows files, not
+# jobs) name it. Set around one file's work; the tasks it starts inherit it.
+_about: contextvars.ContextVar[str | None] = contextvars.ContextVar("dreamlook_event_job", default=None)
+
+
+@contextlib.contextmanager
+def about_job(job_id: str) -> Iterator[None]:
+    token = _about.set(job_id)
+    try:
+        yield
+    finally:
+        _about.reset(token)
+
+
 # The listener of the run this task belongs to (the Python API's event stream). A context
 # variable: tasks a run starts inherit it, so two runs in one process each hear their own.
 listener: contextvars.ContextVar[Callable[[Event], None] | None] = contextvars.ContextVar(
@@ -223,6 +241,9 @@ def event(log: logging.Logger, name: str, *, exc_info: bool = False, **fields: A
     hear = listener.get()
     if hear is None and not log.isEnabledFor(spec.level):
         return
+    job_id = _about.get()
+    if job_id is not None and "job_id" not in fields and "job_id" in spec.optional:
+        fields = {"job_id": job_id, **fields}
     ev = Event(name, spec.level, {k: _clean(v) for k, v in fields.items() if v is not None}, time.time())
     if hear is not None:
         hear(ev)
