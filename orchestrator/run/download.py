@@ -32,7 +32,7 @@ from ..errors import (
     StoreError,
     TransportError,
 )
-from ..events import event
+from ..events import about_job, event
 from ..models import TO_DOWNLOAD, Artifact, JobState, RemoteJob
 from ..store import Store
 from ..store.parts import PartRecord, Span
@@ -208,7 +208,7 @@ class FetchStage:
     async def _fetch(self, job_id: str, remote_id: str) -> None:
         key = (job_id, remote_id)
         try:
-            with unless_taken_over(job_id, lambda: self._let_go(job_id)):
+            with unless_taken_over(job_id, lambda: self._let_go(job_id)), about_job(job_id):
                 await self._fetch_file(job_id, remote_id)
         finally:
             self.active.discard(key)
