@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -94,6 +94,17 @@ class CampaignRun:
         return self._result
 
 
+class Options(TypedDict, total=False):
+    """`Campaign`'s keyword options, for `from_manifest` and `from_jobs` alike."""
+
+    settings: RunSettings | None
+    state: str | Path | None
+    out: str | Path | None
+    api_url: str
+    api_key_file: Path | None
+    simulate: SimSettings | None
+
+
 class Campaign:
     """A campaign to run: its jobs, where its state and files live, and how to reach the API.
 
@@ -119,7 +130,7 @@ class Campaign:
         self.paths = commands.paths_for(manifest, state, out, simulated=simulate is not None)
 
     @classmethod
-    def from_manifest(cls, path: str | Path, **options: Any) -> Campaign:
+    def from_manifest(cls, path: str | Path, **options: Unpack[Options]) -> Campaign:
         """A manifest file, checked as `validate` checks it (ManifestError lists every problem)."""
         return cls(load_manifest(path), **options)
 
@@ -131,7 +142,7 @@ class Campaign:
         *,
         folder: str | Path,
         defaults: Mapping[str, Mapping[str, Any]] | None = None,
-        **options: Any,
+        **options: Unpack[Options],
     ) -> Campaign:
         """Jobs made in memory: dicts shaped as a manifest's jobs, or `JobSpec`s; checked as a
         manifest is, with the same messages (a problem names the job and its place in `jobs`)."""
