@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shlex
 import sys
@@ -22,6 +23,7 @@ import anyio
 from rich.console import Console
 
 from . import argtypes, commands, live, logs, ui
+from .campaign import Campaign, CampaignResult
 from .config import DEFAULT_API_URL, Limits, RunSettings, Timeouts
 from .errors import (
     ApiError,
@@ -457,10 +459,8 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
                 "serve one with `dreamlook-batch sim` and pass its URL with --api-url"
             )
         simulate = SimSettings.for_demo()
-        commands.forget_simulated_state(paths)
-    request = commands.RunRequest(
-        manifest=manifest,
-        paths=paths,
+    campaign = Campaign(
+        manifest,
         settings=RunSettings(
             limits=limits,
             dry_run=args.dry_run,
@@ -474,31 +474,40 @@ def _run(args: argparse.Namespace, manifest: Any, paths: commands.Paths) -> int:
             connections_per_file=args.connections_per_file,
             lease_s=args.lease_s,
         ).time_scaled(args.time_scale),
+        state=args.state,
+        out=args.out,
         api_url=args.api_url,
         api_key_file=args.api_key_file,
         simulate=simulate,
-        once=args.once,
     )
-    if simulate is not None:
+    if simulate is not None and args.log_format == "text":  # a JSON log holds JSON lines only
         err.print(f"[dim]running against the built-in simulator ({simulate.time_scale:g}x faster than the service)[/]")
+    watch = None
     if out.is_terminal and args.log_format == "text" and not args.quiet:
         # The live view shows the events; log lines would tear through it.
         logs.configure(args.log_format, args.verbose - args.quiet - 1)
-        request = replace(request, watch=lambda engine: live.LiveView(engine, out))
+        watch = partial(live.LiveView, console=out)
+    # A first Ctrl-C or SIGTERM is said at once; the log says it too where it shows warnings.
+    said = args.log_format == "text" and not logs.shows(logging.WARNING)
+    control = commands.RunControl(on_stop=(lambda line: err.print(f"[yellow]{line}[/]")) if said else None)
+
+    async def run() -> CampaignResult:
+        async with campaign.open(once=args.once, buffer=0, watch=watch, control=control, signals=True) as running:
+            pass
+        return running.result
+
     started = time.monotonic()
-    result = anyio.run(commands.run_campaign, request)
+    result = anyio.run(run)
+    assert result.details is not None
     ui.print_summary(
         out,
-        result,
+        result.details,
         dry_run=args.dry_run,
         once=args.once,
         elapsed_s=time.monotonic() - started,
         campaign=_campaign_args(args),
     )
-    code = result.outcome.exit_code
-    if args.once and code == ExitCode.OK:
-        return ExitCode.OK
-    return code
+    return result.exit_code
 
 
 def _default_listen(public_url: str) -> str:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from . import output
 from .api.budget import RequestBudget
 from .api.callbacks import CallbackReceiver, derive_secret, parse_listen
 from .api.client import ApiClient
-from .config import DEFAULT_API_URL, RunSettings
+from .config import DEFAULT_API_URL, STOP_GRACE_S, RunSettings
 from .errors import BucketError, NoSuchJob, PreflightFailed, StoreError, UsageError
+from .events import event
 from .manifest.load import Manifest, spec_fingerprint
 from .models import IN_FLIGHT, MAY_POST, TO_DOWNLOAD, UNPAID, JobState
 from .report import render
@@ -38,6 +40,8 @@ from .transfer.to_bucket import BucketFetcher
 STATE_DIR = ".dreamlook-batch"
 OUTPUT_DIR = "outputs"
 KEY_ENV = "DREAMLOOK_API_KEY"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,8 @@ class RunRequest:
     simulate: Any = None  # SimSettings: run against an in-process simulator
     once: bool = False
     watch: Callable[[Engine], contextlib.AbstractAsyncContextManager[Any]] | None = None  # e.g. a live view
+    control: RunControl | None = None  # stop() from outside; None: a control of its own
+    signals: bool = False  # the CLI: Ctrl-C and SIGTERM stop the run (a library leaves them to its caller)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +264,10 @@ async def run_campaign(request: RunRequest) -> RunResult:
                 engines.append(engine)
                 if request.watch is not None:
                     await stack.enter_async_context(request.watch(engine))
-                outcome = await _run_with_signals(engine, once=request.once, grace_s=settings.stop_grace_s)
+                control = request.control or RunControl()
+                outcome = await control.drive(
+                    engine, once=request.once, grace_s=settings.stop_grace_s, signals=request.signals
+                )
                 files_done, bytes_done = await store.files_done_total()
                 return RunResult(outcome, request.paths, api.requests, sim_url, files_done, bytes_done)
         finally:
@@ -301,30 +310,71 @@ def _check_no_own_callbacks(manifest: Manifest) -> None:
         )
 
 
-async def _run_with_signals(engine: Engine, *, once: bool, grace_s: float) -> RunOutcome:
-    result: list[RunOutcome] = []
-    async with anyio.create_task_group() as tg:
-        engine_scope = anyio.CancelScope()
+class RunControl:
+    """Stopping a run: a first stop finishes what is in flight (for up to the grace seconds) and
+    starts nothing new; a second stops at once. The signals of the CLI and `stop()` of the Python
+    API both come here. Told to stop, a run that still finished every job is not "interrupted"."""
 
-        async def drive() -> None:
-            with engine_scope:
-                result.append(await engine.run(once=once))
-            tg.cancel_scope.cancel()
+    def __init__(self, on_stop: Callable[[str], None] | None = None) -> None:
+        self.on_stop = on_stop  # the CLI: say at once what happens next
+        self._engine: Engine | None = None
+        self._scope: anyio.CancelScope | None = None  # made in the run's loop
+        self._grace_s = STOP_GRACE_S
+        self._told = 0
 
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if engine.stopped_by == StopReason.INTERRUPTED:
-                        engine_scope.cancel()  # a second signal: stop now
-                        return
-                    engine.stop(StopReason.INTERRUPTED)
-                    engine_scope.deadline = min(engine_scope.deadline, anyio.current_time() + grace_s)
+    def stop(self, by: str = "stop()") -> None:
+        """Nothing new starts; what is in flight finishes within the grace seconds. Twice: `stop_now`."""
+        if self._told:
+            self.stop_now(by)
+            return
+        self._told = 1
+        event(log, "run.stopping", by=by, grace_s=self._grace_s)
+        if self.on_stop is not None:
+            self.on_stop(
+                f"stopping: finishing the files in flight (up to {self._grace_s:g} s); press Ctrl-C again to stop now"
+            )
+        if self._engine is not None and self._scope is not None:
+            self._engine.stop(StopReason.INTERRUPTED)
+            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + self._grace_s)
 
-        tg.start_soon(drive)
-        tg.start_soon(watch_signals)
-    if result:
-        return result[0]
-    return RunOutcome(await engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
+    def stop_now(self, by: str = "stop()") -> None:
+        self._told = 2
+        event(log, "run.stopping_now", by=by)
+        if self.on_stop is not None:
+            self.on_stop("stopping now; the state is saved")
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def drive(self, engine: Engine, *, once: bool, grace_s: float, signals: bool) -> RunOutcome:
+        scope = self._scope = anyio.CancelScope()
+        self._engine, self._grace_s = engine, grace_s
+        if self._told:  # told before the engine was wired: it starts nothing
+            engine.stop(StopReason.INTERRUPTED)
+            scope.deadline = anyio.current_time() + grace_s
+            if self._told > 1:
+                scope.cancel()
+        result: list[RunOutcome] = []
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                with scope:
+                    result.append(await engine.run(once=once))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            if signals:
+                tg.start_soon(self._watch_signals)
+        if not result:  # cut short: what is in flight resumes on the next run
+            return RunOutcome(await engine.store.counts(), StopReason.INTERRUPTED, engine.problems)
+        outcome = result[0]
+        if outcome.stopped_by is StopReason.INTERRUPTED and all(s.terminal for s in outcome.counts):
+            return replace(outcome, stopped_by=None)  # told to stop, yet it finished everything
+        return outcome
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for number in signals:
+                self.stop(signal.Signals(number).name)
 
 
 # -- read-only views ------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Logging set-up for the CLI: plain lines for people, JSON lines for cron, nothing secret.
 
-Modules log `event key=value ...` through `logging.getLogger(__name__)`; the first
-word is the stable event name. A filter removes what must never be printed: API
+Modules emit events through `events.event(log, name, **fields)` on `logging.getLogger(__name__)`:
+the record keeps the typed fields, plain logs show `name key=value ...`, and JSON lines carry
+`ts`, `level`, `event`, `logger`, `message` and the event's fields with their types. A line that
+is no event (a library's) is `"event": "log"`. A filter removes what must never be printed: API
 keys, URL queries (signatures) and callback secrets, whatever the format.
 """
 
@@ -12,11 +14,14 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 
 _KEY = re.compile(r"dl-[0-9a-fA-F]{8,}")
-_URL_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
+_URL_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?(?!<redacted>)[^\s\"'<>]*")  # once: scrub twice, same text
 _BEARER = re.compile(r"(?i)(bearer\s+)\S+")
-_PAIR = re.compile(r"(\w+)=(\S+)")
+
+RECORD_ATTR = "dreamlook_event"  # where a LogRecord keeps its `events.Event`
+NOT_AN_EVENT = "log"  # how JSON names a line that is no event (a library's message)
 
 
 def scrub(text: str) -> str:
@@ -34,17 +39,16 @@ class ScrubFilter(logging.Filter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        event, _, rest = message.partition(" ")
+        event: Any = getattr(record, RECORD_ATTR, None)  # fields scrubbed when the event was made
         out: dict[str, object] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
-            "event": event,
+            "event": event.name if event is not None else NOT_AN_EVENT,
             "logger": record.name,
+            "message": scrub(record.getMessage()),
         }
-        out.update(dict(_PAIR.findall(rest)))
-        if not _PAIR.search(rest) and rest:
-            out["message"] = rest
+        if event is not None:
+            out.update(event.fields)
         if record.exc_info:
             out["error"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out)
@@ -64,6 +68,11 @@ def configure(log_format: str, verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def shows(level: int) -> bool:
+    """Whether the log on stderr shows records of `level` (the CLI says some things itself when not)."""
+    return any(h.level <= level for h in logging.getLogger().handlers) and logging.getLogger().isEnabledFor(level)
 
 
 def redact_json(obj: object) -> object:

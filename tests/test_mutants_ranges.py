@@ -256,7 +256,7 @@ async def test_a_range_storage_keeps_failing_is_named_by_its_bytes_in_the_log_an
     first = f"bytes 0-{RANGE - 1}"
     assert str(caught.value) == f"{first}: storage answered HTTP 503"
     retries = [r.getMessage() for r in caplog.records if "download.range_retry" in r.getMessage()]
-    assert len(retries) == 1 and f"what={first} attempt=1 " in retries[0], retries
+    assert len(retries) == 1 and f'what="{first}" attempt=1 ' in retries[0], retries
 
 
 def on_disk(part: Path) -> bytes | None:

@@ -135,7 +135,10 @@ async def test_a_lost_answer_waits_a_grace_from_when_it_was_given_up_and_says_un
         row = await store.job("j0")
         assert row.reconcile_at == now + settings.grace_s
         assert stage.window_end(row) == now + settings.grace_s
-    assert f"job.submit_unclear job_id=j0 error=no answer check_after={clock(now + settings.grace_s)}" in caplog.text
+    assert (
+        f'job.submit_unclear job_id=j0 state=submitting reason="no answer" check_after={clock(now + settings.grace_s)}'
+        in caplog.text
+    )
 
 
 @pytest.mark.anyio
@@ -202,4 +205,4 @@ async def test_a_retried_range_is_logged_as_a_range_retry(caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await range_attempts(fetch, policy, "j0/a.png bytes 0-99") == b"bytes"
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert len(retries) == 1 and retries[0].startswith("download.range_retry what=j0/a.png bytes 0-99 attempt=1 ")
+    assert len(retries) == 1 and retries[0].startswith('download.range_retry what="j0/a.png bytes 0-99" attempt=1 ')

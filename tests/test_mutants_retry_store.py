@@ -57,8 +57,8 @@ async def test_a_rate_limited_api_read_is_logged_as_api_retry_and_waits_what_the
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await idempotent(read, policy, "list jobs") == "page"
     lines = retry_lines(caplog)
-    assert len(lines) == 1 and lines[0].startswith("api.retry what=list jobs attempt=1 wait_s=0.05 "), lines
-    assert "error=list jobs: HTTP 429: slow down" in lines[0]  # the log says why it was tried again
+    assert len(lines) == 1 and lines[0].startswith('api.retry what="list jobs" attempt=1 wait_s=0.05 '), lines
+    assert 'reason="list jobs: HTTP 429: slow down"' in lines[0]  # the log says why it was tried again
     assert len(tries) == 2
 
 
@@ -78,7 +78,7 @@ async def test_a_store_conflict_is_tried_again_and_logged_as_a_store_retry(caplo
         assert await store_conflicts(conflicting_once, "move") == "written"
     lines = retry_lines(caplog)
     assert len(lines) == 1 and lines[0].startswith("store.retry what=move attempt=1 "), lines
-    assert "error=state store: deadlock detected" in lines[0]
+    assert 'reason="state store: deadlock detected"' in lines[0]
 
     async def broken() -> str:
         calls.append(1)
@@ -129,7 +129,7 @@ async def test_a_range_whose_url_was_renewed_is_asked_again_at_once(caplog: pyte
     with caplog.at_level(logging.INFO, logger="orchestrator"):
         assert await range_attempts(fetch_range, policy, "j0/a.png 0-99") == b"bytes"
     lines = retry_lines(caplog)
-    assert len(lines) == 1 and lines[0].startswith("download.range_retry what=j0/a.png 0-99 attempt=1 wait_s=0.00 ")
+    assert len(lines) == 1 and lines[0].startswith('download.range_retry what="j0/a.png 0-99" attempt=1 wait_s=0.0 ')
 
 
 # -- store ------------------------------------------------------------------------------

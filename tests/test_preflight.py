@@ -366,4 +366,7 @@ async def test_a_submission_whose_budget_wait_runs_out_goes_back_to_pending_and_
         assert result.outcome.exit_code == 0, result.outcome.problems
         assert sorted(sim.ledger.tag_values().items()) == [(f"example/{j}", 1) for j in EXAMPLE_IDS]
         assert_campaign_on_disk(sim, result.paths.out, "example", EXAMPLE_IDS)
-    assert "job.not_sent job_id=bob-all-in-one why=the request budget did not let the request go" in caplog.text
+    assert (
+        'job.not_sent job_id=bob-all-in-one state=pending reason="the request budget did not let the request go'
+        in caplog.text
+    )

@@ -17,6 +17,7 @@ import anyio
 
 from ..config import BUDGET_WAIT_S, RETRY_AFTER_CAP_S
 from ..errors import Throttled
+from ..events import event
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class RequestBudget:
         """Hold every caller for `seconds`, at most `pause_cap_s`; the pause used."""
         used = min(seconds, self.pause_cap_s)
         if used < seconds:
-            log.warning("api.retry_after_capped asked_s=%.0f used_s=%.1f", seconds, used)
+            event(log, "api.retry_after_capped", asked_s=round(seconds), used_s=round(used, 1))
         self._paused_until = max(self._paused_until, time.monotonic() + used)
         return used
 

@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from aiohttp import web
 
 from ..errors import UsageError
+from ..events import event
 
 log = logging.getLogger(__name__)
 CALLBACK_PATH = "/dreamlook-batch/callback"
@@ -74,7 +75,7 @@ class CallbackReceiver:
         bound = self._runner.addresses[0]
         host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{host}:{bound[1]}"
-        log.info("callback.listening url=%s", self.url)
+        event(log, "callback.listening", url=self.url)
         return self
 
     async def __aexit__(
@@ -85,7 +86,7 @@ class CallbackReceiver:
 
     def _refuse(self, reason: str, status: int, peer: str | None) -> web.Response:
         self.verdicts[reason] += 1
-        log.warning("callback.rejected reason=%s peer=%s", reason, peer)
+        event(log, "callback.rejected", reason=reason, peer=peer)
         return web.json_response({"result": reason}, status=status)
 
     async def _receive(self, request: web.Request) -> web.Response:
@@ -105,8 +106,8 @@ class CallbackReceiver:
             if verdict != "accepted":
                 return self._refuse(verdict, STATUS.get(verdict, 400), request.remote)
             self.verdicts[verdict] += 1
-            log.info("callback.accepted job_id=%s state=%s", job_id, body.get("state"))
+            event(log, "callback.accepted", job_id=job_id, remote_state=str(body.get("state")))
             return web.json_response({"result": verdict})
         except Exception:  # a callback must never take the run down
-            log.exception("callback.error")
+            event(log, "callback.error", exc_info=True)
             return web.json_response({"result": "error"}, status=500)

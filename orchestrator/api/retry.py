@@ -39,6 +39,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from .. import events
 from ..config import STORE_CONFLICT_RETRY, RetryPolicy, RunSettings
 from ..errors import (
     DownloadError,
@@ -91,7 +92,7 @@ def _log_retry(what: str, event: str) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.info("%s what=%s attempt=%d wait_s=%.2f error=%s", event, what, state.attempt_number, wait, exc)
+        events.event(log, event, what=what, attempt=state.attempt_number, wait_s=round(wait, 2), reason=exc)
 
     return before_sleep
 

@@ -21,7 +21,8 @@ from typing import Any
 from ..api.client import LIST_PAGE, ApiClient
 from ..config import RunSettings
 from ..errors import StoreError
-from ..models import JobType
+from ..events import event
+from ..models import JobState, JobType
 from ..store import Store
 from .reconcile import read_list, shows_tags, tags_in
 
@@ -50,12 +51,7 @@ class TagWatch:
             kept = row.remote_id or ids[-1]  # ids[-1]: the oldest listed
             others = [i for i in reversed(ids) if i != kept]
             if others and await self.store.record_duplicates(job_id, others):
-                log.error(
-                    "job.duplicate job_id=%s remote_id=%s duplicate_ids=%s",
-                    job_id,
-                    kept,
-                    ",".join(others),
-                )
+                event(log, "job.duplicate", job_id=job_id, state=row.state, remote_id=kept, duplicate_ids=others)
 
 
 async def adopt(
@@ -101,10 +97,10 @@ async def adopt(
         found = [(r.id, by_tag[tag][-1], first_check(r.type)) for tag, r in rows.items() if tag in by_tag]
         await store.adopt(found, [r.id for r in rows.values()], now())
         for job_id, remote_id, _ in found:
-            log.info("job.adopted job_id=%s remote_id=%s", job_id, remote_id)
+            event(log, "job.adopted", job_id=job_id, state=JobState.QUEUED, remote_id=remote_id)
         adopted += len(found)
     if candidates:
-        log.info("campaign.adopted count=%d checked=%d", adopted, len(candidates))
+        event(log, "campaign.adopted", count=adopted, checked=len(candidates))
     for warning in warnings:
-        log.warning("campaign.adoption_limited %s", warning)
+        event(log, "campaign.adoption_limited", reason=warning)
     return warnings

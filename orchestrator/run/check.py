@@ -22,6 +22,7 @@ from ..api import retry
 from ..api.client import LIST_PAGE
 from ..api.jobs import parse_job, select
 from ..errors import ApiError, AuthError, LeaseLost, NotFound, QuotaError, TransportError
+from ..events import event
 from ..models import AT_SERVICE, JobState, JobType, RemoteJob, RemoteState
 from ..store import FileRow, JobRow
 from .adopt import TagWatch
@@ -152,7 +153,7 @@ class CheckStage:
         except (AuthError, QuotaError):
             raise
         except (ApiError, TransportError) as exc:
-            log.info("check.list_failed type=%s error=%s: one GET per job instead", job_type, exc)
+            event(log, "check.list_failed", job_type=job_type, reason=exc)
             return due
         missed = []
         for remote_id, row in by_remote.items():
@@ -182,12 +183,12 @@ class CheckStage:
                 next_check_at=self.now() + self.ctx.poll_policy(row.type).max_s,
                 now=self.now(),
             )
-            self.problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
+            await self.problem(row.id, f"the API says job {row.remote_id} does not exist; will check again")
             return
         except (AuthError, QuotaError):
             raise
         except Exception as exc:
-            log.warning("job.check_failed job_id=%s error=%s", row.id, exc)
+            event(log, "job.check_failed", job_id=row.id, state=row.state, remote_id=row.remote_id, reason=exc)
             await self.store.update_remote(
                 row.id,
                 remote_state=row.remote_state or "?",
@@ -215,10 +216,17 @@ class CheckStage:
             await self.store.move(
                 row.id, JobState.FAILED, now, reason=remote.failure_reason or "the API reports failure"
             )
-            self.problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
+            await self.problem(row.id, f"failed: {remote.failure_reason or 'no reason given'}")
             return
         if remote.state is RemoteState.OTHER:
-            log.warning("job.unknown_state job_id=%s state=%r: still waiting", row.id, remote.raw_state)
+            event(
+                log,
+                "job.unknown_state",
+                job_id=row.id,
+                state=row.state,
+                remote_id=row.remote_id,
+                remote_state=remote.raw_state,
+            )
         age = now - (row.submitted_at or now)
         policy, typical_s = self.ctx.poll_policy(row.type), await self._typical_s(row.type)
         wait = next_check_in(policy, remote, row.checks, age_s=age, typical_s=typical_s)
@@ -260,7 +268,7 @@ class CheckStage:
         await self.store.record_success(
             row.id, checkpoint_id=remote.final_checkpoint_id, files=files, remote_state=remote.raw_state, now=self.now()
         )
-        log.info("job.succeeded job_id=%s files=%d", row.id, len(wanted))
+        event(log, "job.succeeded", job_id=row.id, state=JobState.SUCCEEDED, remote_id=row.remote_id, files=len(wanted))
 
     # -- callbacks ------------------------------------------------------------------
 

@@ -8,23 +8,29 @@ passed around. The engine builds the context, the stages, and drives them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import anyio
 
 from ..api import retry
 from ..api.client import ApiClient
 from ..api.jobs import parse_job
 from ..config import PollPolicy, RunSettings
-from ..errors import LeaseLost
+from ..errors import LeaseLost, StoreError
+from ..events import event
 from ..manifest.load import Manifest
 from ..models import JobType, RemoteJob
-from ..store import Store
+from ..store import JobRow, Store
 from .outcome import StopReason
 from .schedule import Wakeup, next_check_in
 
 log = logging.getLogger(__name__)
+
+PROBLEM_LOOKUP_S = 5.0  # reading a job's state for its problem event: the store answers at once or not at all
 
 
 class RunEvents:
@@ -32,19 +38,25 @@ class RunEvents:
     and message: a re-check that finds the same thing again must not grow the list."""
 
     def __init__(self) -> None:
+        self.job_of: Callable[[str], Awaitable[JobRow]] | None = None  # the store's row: a problem's state
         self.problems: list[str] = []
         self._seen: set[str] = set()
         self.stopped_by: StopReason | None = None
         self.wakeup = Wakeup()
 
-    def problem(self, job_id: str, message: str) -> None:
+    async def problem(self, job_id: str, message: str) -> None:
+        """Told with the job's state and remote id as the store has them (after the stage's move)."""
         line = f"{job_id}: {message}"
-        if line in self._seen:
-            log.info("job.problem_again job_id=%s %s", job_id, message)
-            return
+        name = "job.problem_again" if line in self._seen else "job.problem"
         self._seen.add(line)
-        self.problems.append(line)
-        log.warning("job.problem job_id=%s %s", job_id, message)
+        if name == "job.problem":  # in the summary even if the run is being cancelled
+            self.problems.append(line)
+        row = None
+        # Shielded and bounded: a stage cancelled while it tells a problem still tells it whole.
+        with anyio.move_on_after(PROBLEM_LOOKUP_S, shield=True), contextlib.suppress(StoreError):
+            row = await self.job_of(job_id) if self.job_of is not None else None
+        state, remote_id = (row.state, row.remote_id) if row is not None else (None, None)
+        event(log, name, job_id=job_id, state=state, reason=message, remote_id=remote_id)
 
     def note(self, line: str) -> None:
         """A line for the end of the run that is not one job's problem (or is told as is)."""
@@ -102,7 +114,7 @@ def unless_taken_over(job_id: str, dropped: Callable[[], object] | None = None) 
     try:
         yield
     except LeaseLost:
-        log.warning("job.taken_over job_id=%s: another worker holds it now; this one lets it go", job_id)
+        event(log, "job.taken_over", job_id=job_id)
         if dropped is not None:
             dropped()
 
@@ -117,6 +129,9 @@ class RunContext:
     events: RunEvents = field(default_factory=RunEvents)
     jobs: JobObjects
     posting: set[str] = field(default_factory=set)  # job ids whose POST is in flight in this process
+
+    def __post_init__(self) -> None:
+        self.events.job_of = self.store.job
 
     def poll_policy(self, job_type: str) -> PollPolicy:
         return self.settings.image_poll if job_type == JobType.IMAGE_GEN.value else self.settings.poll

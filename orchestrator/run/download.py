@@ -32,6 +32,7 @@ from ..errors import (
     StoreError,
     TransportError,
 )
+from ..events import about_job, event
 from ..models import TO_DOWNLOAD, Artifact, JobState, RemoteJob
 from ..store import Store
 from ..store.parts import PartRecord, Span
@@ -163,10 +164,10 @@ class FetchStage:
             raise
         except (ApiError, TransportError) as exc:
             self.given_up.add(job_id)
-            self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
+            await self.problem(job_id, f"could not read the job to download its files: {exc}; run again to retry")
         except BucketError as exc:  # looking for its files in the bucket failed: nothing is lost, try later
             self.given_up.add(job_id)
-            self.problem(job_id, f"{exc}; run again to retry")
+            await self.problem(job_id, f"{exc}; run again to retry")
         finally:
             self.preparing.discard(job_id)
             self.notify()
@@ -190,7 +191,7 @@ class FetchStage:
         for f in done:
             if f.name not in present:
                 await self.store.file_missing(job_id, f.remote_id)
-                log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
+                event(log, "file.missing", job_id=job_id, file=f.name)
         pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
         remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
         by_id = {a.remote_id: a for a in remote.artifacts}
@@ -198,7 +199,7 @@ class FetchStage:
             artifact = by_id.get(file.remote_id)
             if artifact is None or not artifact.available:
                 await self._lost(job_id, file.remote_id)
-                self.problem(job_id, f"lost {file.name}: the service no longer offers it")
+                await self.problem(job_id, f"lost {file.name}: the service no longer offers it")
             else:
                 self._enqueue(job_id, artifact, remote)
         self.prepared.add(job_id)
@@ -207,7 +208,7 @@ class FetchStage:
     async def _fetch(self, job_id: str, remote_id: str) -> None:
         key = (job_id, remote_id)
         try:
-            with unless_taken_over(job_id, lambda: self._let_go(job_id)):
+            with unless_taken_over(job_id, lambda: self._let_go(job_id)), about_job(job_id):
                 await self._fetch_file(job_id, remote_id)
         finally:
             self.active.discard(key)
@@ -248,30 +249,30 @@ class FetchStage:
                 )
         except FileGone as exc:
             await self._lost(job_id, remote_id)
-            self.problem(job_id, f"lost {name}: {exc}")
+            await self.problem(job_id, f"lost {name}: {exc}")
             return
         except KeyTaken as exc:  # another object holds its key: never overwritten, no use trying again
             self.given_up.add(job_id)
-            self.problem(job_id, str(exc))
+            await self.problem(job_id, str(exc))
             return
         except (AuthError, QuotaError):
             raise
         except NoSpace as exc:  # no use trying again in this run: the part waits for space
             self.given_up.add(job_id)
-            self.problem(job_id, str(exc))
+            await self.problem(job_id, str(exc))
             return
         except (DownloadError, OSError, ApiError, TransportError) as exc:  # renewing a URL can fail too
             rounds = self.rounds.get((job_id, remote_id), 0) + 1
             self.rounds[(job_id, remote_id)] = rounds
             if rounds < self.settings.download_rounds and artifact is not None:
-                log.warning("file.requeued job_id=%s file=%s error=%s", job_id, name, exc)
+                event(log, "file.requeued", job_id=job_id, file=name, reason=exc)
                 self._enqueue(job_id, artifact, remote, not_before=self.now() + self.settings.download_requeue_s)
             else:
                 self.given_up.add(job_id)
-                self.problem(job_id, f"{name} could not be downloaded ({exc}); run again to resume it")
+                await self.problem(job_id, f"{name} could not be downloaded ({exc}); run again to resume it")
             return
         await self.store.file_done(job_id, remote_id, got.sha256, got.size)
-        log.info("file.done job_id=%s file=%s bytes=%d", job_id, name, got.size)
+        event(log, "file.done", job_id=job_id, file=name, bytes=got.size)
 
     async def _lost(self, job_id: str, remote_id: str) -> None:
         """The service deleted the file: recorded lost, and a bucket upload of it aborted (its
@@ -312,7 +313,7 @@ class FetchStage:
             except OutputError as exc:  # its files are placed and recorded: the next run writes these again
                 self.given_up.add(job_id)
                 self.ctx.jobs.drop(job_id)
-                self.problem(job_id, f"{exc}; the job stays downloading and the next run finishes it")
+                await self.problem(job_id, f"{exc}; the job stays downloading and the next run finishes it")
                 return
         self._forget(job_id)
         lost = [f.name for f in files if f.lost]
@@ -322,4 +323,11 @@ class FetchStage:
             )
         else:
             await self.store.move(job_id, JobState.DONE, self.now())
-            log.info("job.done job_id=%s files=%d", job_id, len(files))
+            event(
+                log,
+                "job.done",
+                job_id=job_id,
+                state=JobState.DONE,
+                files=len(files),
+                remote_id=remote.job_id if remote else None,
+            )

@@ -22,6 +22,7 @@ from .. import output
 from ..api.client import ApiClient
 from ..config import RunSettings
 from ..errors import AuthError, NotSent, describe_detail
+from ..events import event
 from ..manifest.load import Manifest, spec_fingerprint
 from ..models import AT_SERVICE, TO_DOWNLOAD, JobState
 from ..store import Store, SyncReport
@@ -103,7 +104,7 @@ class Engine:
         else:  # joined from the database: it has the manifest already, maybe newer than this copy
             report = SyncReport((), (), ())
         for job_id in report.changed_after_submit:
-            self.events.problem(
+            await self.events.problem(
                 job_id,
                 "its configuration changed after it was submitted; the submitted job stands "
                 "(give the changed job a new id to run it)",
@@ -166,10 +167,10 @@ class Engine:
         if self.ctx.api.budget is not None:  # the campaign's request budget, shared out evenly
             self.ctx.api.budget.share(claims.workers)
         if claims.gained:
-            log.info("worker.claimed jobs=%d taken_over=%d", len(claims.gained), len(claims.taken))
+            event(log, "worker.claimed", jobs=len(claims.gained), taken_over=len(claims.taken))
             self.events.notify()
         if claims.lost:
-            log.warning("worker.lost jobs=%d: another worker holds them now", len(claims.lost))
+            event(log, "worker.lost", jobs=len(claims.lost))
 
     async def _keep_leases(self, scope: anyio.CancelScope) -> None:
         """Renew this worker's leases and claim more work: every CLAIM_EVERY_S, and soon after

@@ -16,6 +16,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..errors import ApiError, AuthError, TransportError
+from ..events import event
 from ..models import JobState, JobType
 from ..store import JobRow
 from ..ui import clock
@@ -45,7 +46,7 @@ class ResolveStage:
         """The client gave up on the answer: look for the job only after the grace window."""
         await self.store.answer_lost(job_id, self.now() + self.settings.grace_s)
         until = clock(self.window_end(await self.store.job(job_id)))
-        log.warning("job.submit_unclear job_id=%s error=%s check_after=%s", job_id, error, until)
+        event(log, "job.submit_unclear", job_id=job_id, state=JobState.SUBMITTING, reason=error, check_after=until)
 
     def window_end(self, row: JobRow) -> float:
         """When a lost answer may be looked for: the recorded attempt + API timeout + grace
@@ -102,7 +103,15 @@ class ResolveStage:
 
     async def _settle(self, row: JobRow, found: reconcile.Reconciled) -> None:
         """What the job list told of one lost answer, into the store."""
-        log.info("job.reconciled job_id=%s verdict=%s why=%s", row.id, found.verdict.value, found.why)
+        event(
+            log,
+            "job.reconciled",
+            job_id=row.id,
+            state=row.state,
+            verdict=found.verdict,
+            reason=found.why,
+            remote_id=found.remote_id,
+        )
         if found.verdict is reconcile.Verdict.FOUND and found.remote_id:
             await self.store.mark_submitted(
                 row.id, found.remote_id, self.now(), next_check_at=self.ctx.first_check(row.type)
@@ -118,7 +127,7 @@ class ResolveStage:
             self.resent_since[row.type] = since
         else:
             await self.store.move(row.id, JobState.UNKNOWN, self.now(), reason=found.why)
-            self.problem(
+            await self.problem(
                 row.id,
                 f"unknown whether it was created: {found.why}. Check your dreamlook.ai jobs page, then run "
                 f"`dreamlook-batch settle MANIFEST {row.id} --remote-id ID` (it exists) or `--resubmit`",
@@ -161,7 +170,7 @@ class ResolveStage:
                     self.api, self.settings.retry, JobType(job_type), reconcile.reaches_back(since), what="scan"
                 )
             except (ApiError, TransportError) as exc:
-                log.info("campaign.duplicate_scan_failed type=%s error=%s", job_type, exc)
+                event(log, "campaign.duplicate_scan_failed", job_type=job_type, reason=exc)
                 continue
             await self.tags.seen(listing.items)
 
@@ -171,7 +180,7 @@ class ResolveStage:
             if row.id in self.unread:
                 continue  # already said why
             until = clock(self.window_end(row))
-            log.info("job.reconcile_waiting job_id=%s until=%s", row.id, until)
+            event(log, "job.reconcile_waiting", job_id=row.id, state=row.state, until=until)
             self.note(
                 f"{row.id}: its answer was lost; it stays submitting until {until}, when the next run looks "
                 "for it in the job list (the service may still be creating it)"

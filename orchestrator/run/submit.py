@@ -35,6 +35,7 @@ from ..errors import (
     Throttled,
     describe_detail,
 )
+from ..events import event
 from ..manifest.load import CAMPAIGN_TAG_KEY, spec_fingerprint
 from ..models import IN_FLIGHT, JobSpec, JobState
 from ..store import JobRow, Store
@@ -152,7 +153,7 @@ class SubmitStage:
             try:
                 await self.submit_budget.acquire()
             except Throttled as exc:
-                log.info("job.not_sent job_id=%s why=%s", spec.id, exc)
+                event(log, "job.not_sent", job_id=spec.id, state=JobState.PENDING, reason=exc)
                 await self._back_to_pending(spec.id)  # not sent: the next pass takes it again
                 return
             await self._submit_once(spec, body)
@@ -184,7 +185,13 @@ class SubmitStage:
             remote_id = await retry.submission(post, self.ctx.settings.retry, f"submit {job_id}")
         except LeaseLost:
             # Not sent by this worker now: whoever holds the job finds it by tag after its window.
-            log.warning("job.not_sent job_id=%s: this worker's lease on it ran out before the POST", job_id)
+            event(
+                log,
+                "job.not_sent",
+                job_id=job_id,
+                state=JobState.SUBMITTING,
+                reason="this worker's lease on it ran out before the POST",
+            )
             return
         except InvalidJob as exc:
             await self.ctx.store.move(
@@ -193,7 +200,7 @@ class SubmitStage:
                 self.ctx.now(),
                 reason=f"the API refused it (422): {describe_detail(exc.detail)}",
             )
-            self.ctx.events.problem(job_id, f"invalid: {describe_detail(exc.detail)}")
+            await self.ctx.events.problem(job_id, f"invalid: {describe_detail(exc.detail)}")
             return
         except QuotaError as exc:
             await self._back_to_pending(job_id)
@@ -207,7 +214,7 @@ class SubmitStage:
             await self._back_to_pending(job_id)
             raise
         except (Throttled, RateLimited) as exc:
-            log.info("job.not_sent job_id=%s why=%s", job_id, exc)
+            event(log, "job.not_sent", job_id=job_id, state=JobState.PENDING, reason=exc)
             await self._back_to_pending(job_id)  # provably nothing was created
             return
         except NotSent as exc:
@@ -219,7 +226,7 @@ class SubmitStage:
             return
         except Exception as exc:  # the answer is lost: the job may or may not exist
             if self.ctx.settings.dry_run:
-                self.ctx.events.problem(job_id, f"dry run not confirmed: {exc}")
+                await self.ctx.events.problem(job_id, f"dry run not confirmed: {exc}")
                 return
             await self.resolve.answer_lost(job_id, exc)  # the service may still be creating it
             return
@@ -230,7 +237,7 @@ class SubmitStage:
             return
         crash_point("after-post")
         await self.ids.commit(job_id, remote_id, self.ctx.first_check(spec.type.value))
-        log.info("job.submitted job_id=%s remote_id=%s", job_id, remote_id)
+        event(log, "job.submitted", job_id=job_id, state=JobState.QUEUED, remote_id=remote_id)
 
     def _callback_for(self, job_id: str) -> str | None:
         if self.callback_base is None or self.callback_secret is None or self.ctx.settings.dry_run:
@@ -282,11 +289,7 @@ class IdCommitter:
                 self._committed, self._flushing = anyio.Event(), False
                 try:
                     for job_id in await self.store.mark_submitted_many(batch, self.now()):
-                        log.warning(
-                            "job.answer_after_takeover job_id=%s: another worker holds it now and finds "
-                            "the job by its tag after its grace window",
-                            job_id,
-                        )
+                        event(log, "job.answer_after_takeover", job_id=job_id)
                     self._error = None
                 except BaseException as exc:
                     self._error = exc

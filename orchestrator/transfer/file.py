@@ -44,6 +44,7 @@ from ..config import (
 )
 from ..crashpoints import crash_point
 from ..errors import DownloadError, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired
+from ..events import event
 from ..models import Artifact
 from ..store.parts import PartLog, PartRecord
 from . import storage
@@ -87,7 +88,7 @@ class Source:
             if self.renewals > MAX_RENEWALS:
                 raise DownloadError(f"{self.artifact.name}: storage keeps refusing freshly signed URLs")
             self.artifact = await self._renew()
-            log.info("download.url_renewed file=%s", self.artifact.name)
+            event(log, "download.url_renewed", file=self.artifact.name)
 
     async def ensure_fresh(self, margin_s: float) -> None:
         deadline = expires_at(self.url)
@@ -284,11 +285,11 @@ class Downloader:
                     return await place(part, final, hashes, size_bytes=size, expected=expected, pool=self.pool)
                 return await self._one_stream(source, folder, part, final, part_log, transfer)
             except RangesIgnored:
-                log.info("download.ranges_ignored file=%s: one stream instead", artifact.name)
+                event(log, "download.ranges_ignored", file=artifact.name)
                 parallel[0] = False  # the proven spans stay: one stream resumes from their prefix
                 raise
             except ObjectChanged as exc:
-                log.warning("download.object_changed file=%s %s: starting over", artifact.name, exc)
+                event(log, "download.object_changed", file=artifact.name, reason=exc)
                 await part_log.start_over(size)  # forget the spans first, then the bytes
                 await self._thread(partial(part.unlink, missing_ok=True))
                 raise

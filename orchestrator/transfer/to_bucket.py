@@ -33,6 +33,7 @@ from ..api import retry
 from ..config import CONNECTIONS_PER_FILE, FILE_RETRY, RetryPolicy
 from ..crashpoints import crash_point
 from ..errors import BucketError, DownloadError, FileGone, KeyTaken, ObjectChanged, UrlExpired, VerificationFailed
+from ..events import event
 from ..models import Artifact
 from ..store import Store, UploadedPart, UploadRecord
 from . import storage
@@ -158,7 +159,7 @@ class BucketFetcher:
         try:
             await self.bucket.abort(record.key, record.upload_id)
         except BucketError as exc:  # kept on record; the lifecycle rule in the README is the second net
-            log.warning("upload.abort_failed key=%s error=%s", record.key, exc)
+            event(log, "upload.abort_failed", key=record.key, reason=exc)
             return
         await uploads.forget()
 
@@ -196,7 +197,7 @@ class BucketFetcher:
                 f"{self.bucket.url.url_of(key)} already holds another object ({there[0]} bytes, sha256 "
                 f"{there[1][:12]}...); it was left alone: move it away (or choose another --out) and run again"
             )
-        log.info("upload.already_there key=%s", key)
+        event(log, "upload.already_there", key=key)
 
     # -- a multipart upload -------------------------------------------------------------
 
