@@ -1,8 +1,12 @@
 """`SqliteDb`: the campaign in one SQLite file (WAL, versioned schema); every SQL statement.
 
 Intents and job ids are committed with `synchronous=FULL` (rule 1: synced before and
-right after the paid POST); other updates with `NORMAL`, which WAL keeps through a
-crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
+right after the paid POST), and so is a file's `done`; other updates with `NORMAL`, which
+WAL keeps through a crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
+
+Inside `batch()` (store/threaded.py's group commit) a verb's transaction is a SAVEPOINT of
+the batch's one transaction: a verb that fails undoes only its own change, and one commit
+(synced if any change in it must be) makes every change of the batch durable at once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
 class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqlite_uploads.py
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._batch: _Batch | None = None
+        self.tally = CommitTally()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # One worker thread at a time uses the connection (store/threaded.py), not always the same one.
@@ -70,6 +76,10 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
 
     @contextmanager
     def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        if self._batch is not None:
+            with self._savepoint(self._batch, durable=durable) as db:
+                yield db
+            return
         db = self._db
         try:
             if durable:
@@ -81,6 +91,63 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self.tally.count(changes=1, synced=durable)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    @contextmanager
+    def _savepoint(self, batch: _Batch, *, durable: bool) -> Iterator[sqlite3.Connection]:
+        """One verb's change inside a batch: undone alone if the verb fails."""
+        if durable and not batch.durable:
+            # The batch's sync is chosen before it begins (SQLite reads `synchronous` at BEGIN).
+            raise RuntimeError("a synced change in a batch that is not synced: store/threaded.py must say durable")
+        db = self._db
+        try:
+            db.execute("SAVEPOINT change")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:  # an I/O error may have rolled the whole batch back already
+                    db.execute("ROLLBACK TO change")
+                    db.execute("RELEASE change")
+                raise
+            db.execute("RELEASE change")
+            batch.changes += 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def batch(self, *, durable: bool) -> Iterator[_Batch]:
+        """One transaction for many verbs (group commit), synced if `durable`. Raises StoreError
+        if the commit fails: then none of its changes happened. `broken()` of the batch tells
+        whether its transaction was lost midway (an I/O error rolls all of it back)."""
+        db = self._db
+        batch = _Batch(durable=durable, db=db)
+        try:
+            if durable:
+                db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE")
+            self._batch = batch
+            try:
+                yield batch
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                self._batch = None
+            if db.in_transaction:
+                try:
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                if batch.changes:
+                    self.tally.count(changes=batch.changes, synced=durable)
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: {exc}") from exc
         finally:
@@ -353,13 +420,22 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
                 db.execute("UPDATE jobs SET duplicate_ids=? WHERE id=?", (json.dumps(known + new), job_id))
             return bool(new)
 
+    def job_objects(self, job_ids: Sequence[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._query(f"SELECT id, job_json FROM jobs WHERE job_json IS NOT NULL AND id IN ({marks})", job_ids)
+        return {r[0]: r[1] for r in rows}
+
     def duplicates(self) -> dict[str, tuple[str, ...]]:
         rows = self._query("SELECT id, duplicate_ids FROM jobs WHERE duplicate_ids IS NOT NULL AND in_manifest=1")
         return {r[0]: tuple(json.loads(r[1])) for r in rows}
 
     # -- state changes ----------------------------------------------------------------
 
-    def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+    def move(
+        self, job_id: str, state: JobState, now: float, *, reason: str | None = None, job_json: str | None = None
+    ) -> None:
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
@@ -379,8 +455,9 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
             ended = now if state in (JobState.SUCCEEDED, JobState.FAILED) and current.in_flight else None
             db.execute(
                 "UPDATE jobs SET state=?, updated_at=?, reason=COALESCE(?, reason),"
-                " finished_at=COALESCE(?, finished_at), ended_at=COALESCE(?, ended_at) WHERE id=?",
-                (state.value, now, reason, finished, ended, job_id),
+                " finished_at=COALESCE(?, finished_at), ended_at=COALESCE(?, ended_at),"
+                " job_json=COALESCE(?, job_json) WHERE id=?",
+                (state.value, now, reason, finished, ended, job_json, job_id),
             )
             if state is JobState.PENDING:  # provably never created: forget the intent
                 db.execute(
@@ -492,7 +569,8 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
         return grouped
 
     def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
-        with self._tx() as db:
+        """Synced: job.json and SHA256SUMS are written from what this records, without a sync of their own."""
+        with self._tx(durable=True) as db:
             db.execute(
                 "UPDATE files SET done=1, sha256=?, size_bytes=? WHERE job_id=? AND remote_id=?",
                 (sha256, size, job_id, remote_id),
@@ -570,6 +648,34 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
 
     def close(self) -> None:
         self._db.close()
+
+
+class _Batch:
+    """The transaction a batch of verbs shares."""
+
+    __slots__ = ("changes", "db", "durable")
+
+    def __init__(self, *, durable: bool, db: sqlite3.Connection) -> None:
+        self.db, self.durable, self.changes = db, durable, 0
+
+    def broken(self) -> bool:
+        """The transaction is gone: an error made SQLite roll all of it back."""
+        return not self.db.in_transaction
+
+
+class CommitTally:
+    """Commits made, synced commits among them, and the changes they held: what the end of
+    a run logs (`store.commits`), and what the throughput benchmark reports per job."""
+
+    __slots__ = ("changes", "commits", "synced")
+
+    def __init__(self) -> None:
+        self.commits = self.synced = self.changes = 0
+
+    def count(self, *, changes: int, synced: bool) -> None:
+        self.commits += 1
+        self.synced += synced
+        self.changes += changes
 
 
 def _parent_is_dead_end(db: sqlite3.Connection, job_id: str) -> bool:
