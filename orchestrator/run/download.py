@@ -110,6 +110,13 @@ class FetchStage:
             return None
         return min((q.not_before for q in self.queue), default=None)
 
+    async def restore_job_files(self) -> None:
+        """Finished jobs' job.json and SHA256SUMS as the store has them: written unsynced, a
+        crash may have lost them (a bucket's PUTs are durable: nothing to check there)."""
+        if self.to_bucket is None:
+            for job_id in await output.restore_job_files(self.store, self.out_dir):
+                log.warning("job.files_restored job_id=%s: job.json and SHA256SUMS written again", job_id)
+
     # -- starting work --------------------------------------------------------------
 
     async def start_due(self, tg: TaskGroup) -> int:
@@ -303,12 +310,14 @@ class FetchStage:
         if any(not f.done and not f.lost for f in files):
             return
         remote = self.ctx.jobs.get(job_id)
-        if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
+        job_json = None
+        if remote is not None:  # unsynced, and the folder synced once for all its files; the store keeps job.json
+            job_json, sums = output.job_files(remote.raw, files)
             try:
                 if self.to_bucket is not None:
-                    await output.put_job_files(self.to_bucket.bucket, job_id, remote.raw, files)
+                    await output.put_job_files(self.to_bucket.bucket, job_id, job_json, sums)
                 else:
-                    await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
+                    await output.write_job_files(self.out_dir / job_id, job_json, sums)
             except OutputError as exc:  # its files are placed and recorded: the next run writes these again
                 self.given_up.add(job_id)
                 self.ctx.jobs.drop(job_id)
@@ -317,9 +326,8 @@ class FetchStage:
         self._forget(job_id)
         lost = [f.name for f in files if f.lost]
         if lost:
-            await self.store.move(
-                job_id, JobState.LOST, self.now(), reason=f"deleted by the service before download: {', '.join(lost)}"
-            )
+            why = f"deleted by the service before download: {', '.join(lost)}"
+            await self.store.move(job_id, JobState.LOST, self.now(), reason=why, job_json=job_json)
         else:
-            await self.store.move(job_id, JobState.DONE, self.now())
+            await self.store.move(job_id, JobState.DONE, self.now(), job_json=job_json)
             log.info("job.done job_id=%s files=%d", job_id, len(files))

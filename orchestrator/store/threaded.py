@@ -182,7 +182,7 @@ class SqliteStore:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._thread.join)
         commits, synced, changes = self.tally
-        log.debug("store.commits commits=%d synced=%d changes=%d", commits, synced, changes)
+        log.info("store.commits commits=%d synced=%d changes=%d", commits, synced, changes)
 
     async def manifest_pages(self, page_size: int) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
         pages = self._db.manifest_pages(page_size)
