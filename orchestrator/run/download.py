@@ -194,11 +194,13 @@ class FetchStage:
             present = await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
         else:
             present = set()
-        for f in done:
-            if f.name not in present:
-                await self.store.file_missing(job_id, f.remote_id)
-                log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
-        pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
+        missing = [f for f in done if f.name not in present]
+        for f in missing:
+            await self.store.file_missing(job_id, f.remote_id)
+            log.warning("file.missing job_id=%s file=%s: fetching it again", job_id, f.name)
+        if missing:  # read again only if it changed
+            files = await self.store.files(job_id)
+        pending = [f for f in files if not f.done and not f.lost]
         remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
         by_id = {a.remote_id: a for a in remote.artifacts}
         for file in pending:
