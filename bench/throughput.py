@@ -243,8 +243,9 @@ def lines(r: dict[str, object]) -> list[str]:
         "The naive script keeps nothing and verifies nothing.",
         "",
         f"Where the event loop's time goes ({prof['jobs']:,} jobs under cProfile: {prof['profiled_s']:.1f} s of work "
-        "in the main thread, waiting in epoll left out; the store's thread and the file threads are not in it), "
-        "by time in the function itself:",
+        "in the main thread, waiting in epoll left out; the store's thread and the file threads are not in it; "
+        "it runs with `-v` for the `store.commits` line, so writes to stderr are its log lines), by time in "
+        "the function itself:",
         "",
         "| function | self s | share | calls per job |",
         "|---|---|---|---|",
