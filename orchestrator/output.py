@@ -116,10 +116,14 @@ async def write_job_files(folder: Path, job_json: str, sums: str) -> None:
     await aiofiles.os.makedirs(folder, exist_ok=True)
     await _write_unsynced(folder / JOB_JSON, job_json)
     await _write_unsynced(folder / SHA256SUMS, sums)
+    await _sync_folder(folder)
+
+
+async def _sync_folder(folder: Path) -> None:
     try:
         await anyio.to_thread.run_sync(fsync_dir, folder)
     except OSError as exc:
-        raise _failed(folder / SHA256SUMS, _temporary(folder / SHA256SUMS), exc) from exc
+        raise OutputError(f"cannot sync the folder {folder}: {exc.strerror or exc}") from exc
 
 
 async def _write_unsynced(path: Path, text: str) -> None:
@@ -153,7 +157,7 @@ async def restore_job_files(store: Store, out_dir: Path, *, page_size: int = SUM
                 text = wanted[job_id][name]
                 assert text is not None  # _stale names only files the store has a text for
                 await _write_unsynced(out_dir / job_id / name, text)
-            await anyio.to_thread.run_sync(fsync_dir, out_dir / job_id)
+            await _sync_folder(out_dir / job_id)
             restored.append(job_id)
     return restored
 
@@ -170,7 +174,7 @@ def _stale(out_dir: Path, wanted: Mapping[str, Mapping[str, str | None]]) -> dic
                 continue
             try:
                 same = (folder / name).read_bytes() == text.encode()
-            except FileNotFoundError:
+            except OSError:  # missing, or not a file one can read: written again (or said why not)
                 same = False
             if not same:
                 stale.setdefault(job_id, []).append(name)

@@ -25,8 +25,8 @@ def manifest(folder: Path) -> Path:
     return write(folder / "regen.yaml", "\n".join(lines) + "\n")
 
 
-def run(path: Path, sim: Any) -> str:
-    proc = cli_process(path, sim)
+def run(path: Path, sim: Any, *extra: str) -> str:
+    proc = cli_process(path, sim, *extra)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     return out
@@ -100,3 +100,22 @@ async def test_a_store_of_schema_3_gains_the_column_and_keeps_its_jobs(tmp_path:
     assert (await store.job("a")).state is JobState.DONE
     assert await store.job_objects(["a"]) == {}
     await store.close()
+
+
+def test_job_files_that_cannot_be_written_again_are_said_and_the_next_run_writes_them(
+    tmp_path: Path, threaded_sim: Any
+) -> None:
+    path = manifest(tmp_path)
+    out = tmp_path / "outputs" / "regen"
+    with threaded_sim(fast_sim()) as sim:
+        run(path, sim)
+        before = snapshot(out)
+        (out / "g3" / "job.json").unlink()
+        (out / "g3" / "job.json").mkdir()  # in the way: job.json cannot be put in place
+        proc = cli_process(path, sim)
+        said, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, said  # every job is done: said, and the run went on (no crash)
+        assert "cannot write" in said and "g3/job.json" in said and "the next run does" in said
+        (out / "g3" / "job.json").rmdir()
+        run(path, sim)
+        assert snapshot(out) == before

@@ -114,7 +114,14 @@ class FetchStage:
         """Finished jobs' job.json and SHA256SUMS as the store has them: written unsynced, a
         crash may have lost them (a bucket's PUTs are durable: nothing to check there)."""
         if self.to_bucket is None:
-            for job_id in await output.restore_job_files(self.store, self.out_dir):
+            try:
+                restored = await output.restore_job_files(self.store, self.out_dir)
+            except OutputError as exc:  # nothing is lost: the store still has them, the next run tries again
+                self.ctx.events.note(
+                    f"{exc}: finished jobs' job.json and SHA256SUMS not all checked; the next run does"
+                )
+                return
+            for job_id in restored:
                 log.warning("job.files_restored job_id=%s: job.json and SHA256SUMS written again", job_id)
 
     # -- starting work --------------------------------------------------------------
