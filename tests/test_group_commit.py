@@ -155,3 +155,27 @@ async def test_a_caller_cancelled_while_its_change_is_committed_still_has_it_mad
     await store.close()
     with pytest.raises(StoreError, match="closed"):
         await store.job("j000")
+
+
+async def test_a_synced_verb_handed_over_as_unsynced_is_refused_in_a_batch(tmp_path: Path) -> None:
+    """Whether a batch is synced is chosen before it begins: a verb that needs a sync in a batch
+    that has none must fail (its caller learns), never be committed unsynced."""
+    path = tmp_path / "s.db"
+    store = await campaign(path, jobs=50)
+    outcomes: list[BaseException | None] = []
+
+    async def unsynced_intent() -> None:
+        try:
+            await store._call(partial(store._db.check_writable))  # durable=True forgotten
+            outcomes.append(None)
+        except RuntimeError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(store.check_at, f"j{i:03d}", T0 + 4)
+            tg.start_soon(unsynced_intent)
+    # alone it is its own synced transaction; in a batch it is refused
+    assert any(isinstance(o, RuntimeError) for o in outcomes)
+    assert on_disk(path, "SELECT COUNT(*) FROM jobs WHERE next_check_at=?", (T0 + 4,)) == [(50,)]
+    await store.close()
