@@ -105,40 +105,6 @@ def _waiting_lines(r: dict[str, object]) -> list[str]:
     return lines
 
 
-def _throughput_lines(r: dict[str, object]) -> list[str]:
-    e2e, man = r["end_to_end"], r["manifest"]
-    assert isinstance(e2e, dict) and isinstance(man, dict)
-    ours, naive = e2e["ours"], e2e["naive"]
-    lines = [
-        f"{e2e['jobs']:,} image jobs of ~50 ms with two files each, at most {e2e['max_active']} active, the simulator "
-        "in its own process. The naive script polls every 50 ms; ours runs with `--time-scale 100` (its image "
-        "schedule then starts at 100 ms and never waits under 30 ms).",
-        "",
-        "| client | wall | jobs/s | CPU ms per job | peak RSS | API requests per job | files |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, x in (("dreamlook-batch", ours), ("bench/naive.py", naive)):
-        lines.append(
-            f"| {name} | {x['wall_s']:.1f} s | {x['jobs_per_s']:.0f} | {x['cpu_ms_per_job']:.2f} | "
-            f"{x['peak_rss_mb']:.0f} MB | {x['api_requests_per_job']:.2f} | {x['files']:,} |"
-        )
-    lines += [
-        "",
-        f"Ratios, ours to naive: time {ours['wall_s'] / naive['wall_s']:.2f}, "
-        f"CPU {ours['cpu_s'] / naive['cpu_s']:.2f}, "
-        f"requests {ours['api_requests_per_job'] / naive['api_requests_per_job']:.2f}. Goals: 10,000 jobs under 60 s "
-        "and 300 MB, faster than naive. What ours pays for that the naive script does not: a synced intent and job "
-        "id before and after each paid POST, about a dozen state-store commits per job, and five fsyncs per job "
-        "(each file, `job.json`, `SHA256SUMS`, the folder) so that no file is lost or torn by a crash; fsync costs "
-        "about 1 ms on this machine. The naive script keeps nothing and verifies nothing.",
-        "",
-        f"Manifest scale: `validate` of a {man['jobs']:,}-job bulk manifest (template + CSV) took "
-        f"{man['validate']['wall_s']:.1f} s with peak RSS {man['validate']['peak_rss_mb']:.0f} MB, `plan` "
-        f"{man['plan']['wall_s']:.1f} s and {man['plan']['peak_rss_mb']:.0f} MB (goal: under 10 s).",
-    ]
-    return lines
-
-
 def _memory_lines(r: dict[str, object]) -> list[str]:
     jobs, rss, goal = int(r["jobs"]), float(r["peak_rss_mb"]), int(r["goal_mb"])  # type: ignore[call-overload,arg-type]
     wall, cpu = float(r["wall_s"]), float(r["cpu_s"])  # type: ignore[arg-type]
@@ -163,7 +129,7 @@ SECTIONS: list[Section] = [
     ("The simulator's own ceiling", simceiling.measure, _sim_lines),
     ("Downloads: ours against curl", downloads.measure, _download_lines),
     ("Waiting: requests and lag against fixed-interval polling", waiting.measure, _waiting_lines),
-    ("Throughput and scale against the naive script", throughput.measure, _throughput_lines),
+    ("Throughput and scale against the naive script", throughput.measure, throughput.lines),
     ("Memory of a 100,000-job campaign", memory.measure, _memory_lines),
     ("Several workers on PostgreSQL", workers.measure, workers.lines),
     ("Into a bucket: streamed against download-then-upload", bucket.measure, bucket.lines),

@@ -66,6 +66,10 @@ FIELD_TYPES: Mapping[str, type] = MappingProxyType(
         "files_done": int,
         "problems": int,
         "counts": dict,
+        "verbs": int,
+        "commits": int,
+        "synced": int,
+        "changes": int,
     }
 )
 
@@ -119,6 +123,9 @@ EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
           note="another worker holds it now and finds the job by its tag after its grace window"),
     # -- files
     _spec("file.done", INFO, "a result file is complete, verified and in place", "job_id file bytes"),
+    _spec("job.files_restored", WARNING, "a finished job's job.json or SHA256SUMS was missing or stale at the start "
+          "of a run: written again from the state store (no API call, no download)", "job_id",
+          note="job.json and SHA256SUMS written again"),
     _spec("file.missing", WARNING, "a file recorded as done is not at its destination: it is fetched again",
           "job_id file", note="fetching it again"),
     _spec("file.requeued", WARNING, "a download failed and is tried again later in this run", "job_id file reason"),
@@ -136,6 +143,9 @@ EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
     # -- the API, the store (`job_id`: when it was for one job's files)
     _spec("api.retry", INFO, "an API call is tried again after a wait", _RETRY, "job_id"),
     _spec("store.retry", INFO, "a state store write conflicted and is tried again", _RETRY, "job_id"),
+    _spec("store.batch_failed", WARNING, "a batch of state store changes failed as a whole: each runs again on "
+          "its own", "verbs reason", note="running them one by one"),
+    _spec("store.commits", INFO, "what the state store committed in this run (with -v)", "commits synced changes"),
     _spec("api.retry_after_capped", WARNING, "the service asked for a longer pause than the cap: the cap is used",
           "asked_s used_s"),
     _spec("check.list_failed", INFO, "a job listing failed: jobs are read one by one instead", "job_type reason",

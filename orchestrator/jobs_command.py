@@ -163,7 +163,7 @@ async def download_job(
                     continue
                 placed.append(_done(row, got.sha256, got.size))
                 say(f"{artifact.name}: {human_bytes(got.size)}, sha256 {got.sha256}, verified")
-    await anyio.to_thread.run_sync(output.write_job_files, folder, raw, placed)
+    await output.write_job_files(folder, *output.job_files(raw, placed))
     return Downloaded(folder, tuple(placed), tuple(failed))
 
 

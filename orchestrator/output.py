@@ -1,6 +1,9 @@
 """What a run leaves besides the result files: `job.json`, `SHA256SUMS`, `summary.json`.
-On disk every file is written to a temporary name, synced and renamed, so a reader never
-sees half of one; into a bucket, each is one PUT. No URL signature or callback secret is
+On disk every file is written to a temporary name and renamed, so a reader never sees half
+of one; into a bucket, each is one PUT. `summary.json` is synced before its rename. A job's
+`job.json` and `SHA256SUMS` are not (their folder is synced once, for them and the job's
+result files): the store keeps what they hold, and a run that starts writes them again
+where a crash (or a person) lost or changed them. No URL signature or callback secret is
 ever written.
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles
+import aiofiles.os
 import anyio
 
 from .errors import OutputError
@@ -32,6 +36,8 @@ WRITE_BATCH_CHARS = 256 * 1024  # chunks of summary.json handed to the writer th
 # What a job removed from the manifest after it reached the service is marked with, wherever it
 # is listed: it was (or may have been) paid for, so it is still followed and fetched.
 NOT_IN_MANIFEST = "not in the manifest any more"
+JOB_JSON, SHA256SUMS = "job.json", "SHA256SUMS"
+FINISHED_WITH_FILES = (JobState.DONE, JobState.LOST)  # their job.json and SHA256SUMS are written
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 
@@ -98,21 +104,88 @@ def _failed(path: Path, tmp: Path, exc: BaseException) -> BaseException:
 
 def job_files(job_object: Mapping[str, Any], files: Iterable[FileRow]) -> tuple[str, str]:
     """The texts of one job's `job.json` (signatures removed) and `SHA256SUMS` (sha256sum -c format)."""
-    sums = "".join(f"{f.sha256}  {f.name}\n" for f in sorted(files, key=lambda f: f.name) if f.done and f.sha256)
-    return json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n", sums
+    return json.dumps(redact_tree(job_object), indent=2, sort_keys=True) + "\n", sums_text(files)
 
 
-def write_job_files(folder: Path, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
-    """`job.json` and `SHA256SUMS` of one job; then the folder is synced once, which makes the
-    renames of its result files durable too."""
-    job_json, sums = job_files(job_object, files)
-    write_atomic(folder / "job.json", job_json, sync_folder=False)
-    write_atomic(folder / "SHA256SUMS", sums)
+def sums_text(files: Iterable[FileRow]) -> str:
+    """`SHA256SUMS` of a job's files (sha256sum -c format): those placed, by name."""
+    return "".join(f"{f.sha256}  {f.name}\n" for f in sorted(files, key=lambda f: f.name) if f.done and f.sha256)
 
 
-async def put_job_files(bucket: Bucket, job_id: str, job_object: Mapping[str, Any], files: Iterable[FileRow]) -> None:
-    """The same two files into the bucket, beside the job's results (a PUT is atomic)."""
-    job_json, sums = job_files(job_object, files)
+async def write_job_files(folder: Path, job_json: str, sums: str) -> None:
+    """`job.json` and `SHA256SUMS` of one job, each renamed into place unsynced; then the folder
+    is synced once, which makes the renames of its result files durable too. The store keeps
+    both texts (restore_job_files writes them again if a crash loses them)."""
+    await aiofiles.os.makedirs(folder, exist_ok=True)
+    await _write_unsynced(folder / JOB_JSON, job_json)
+    await _write_unsynced(folder / SHA256SUMS, sums)
+    await _sync_folder(folder)
+
+
+async def _sync_folder(folder: Path) -> None:
+    try:
+        await anyio.to_thread.run_sync(fsync_dir, folder)
+    except OSError as exc:
+        raise OutputError(f"cannot sync the folder {folder}: {exc.strerror or exc}") from exc
+
+
+async def _write_unsynced(path: Path, text: str) -> None:
+    tmp = _temporary(path)
+    try:
+        async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
+            await fh.write(text)
+        await aiofiles.os.replace(tmp, path)
+    except BaseException as exc:
+        raise _failed(path, tmp, exc) from exc
+
+
+async def restore_job_files(store: Store, out_dir: Path, *, page_size: int = SUMMARY_PAGE_JOBS) -> list[str]:
+    """Every finished job's `job.json` and `SHA256SUMS` checked against the store, and written
+    again where missing or different (a crash after their unsynced rename, an edit). Only in
+    folders that are there (a person who removed a job's folder wanted it gone), and `job.json`
+    only where the store kept its text (jobs finished before schema 4 have none). No API call.
+    The ids of the jobs whose files were written again."""
+    if not await store.count(FINISHED_WITH_FILES):
+        return []
+    restored: list[str] = []
+    async for page in store.manifest_pages(page_size):
+        finished = [(row.id, files) for row, files in page if row.state in FINISHED_WITH_FILES]
+        if not finished:
+            continue
+        kept = await store.job_objects([job_id for job_id, _ in finished])
+        wanted = {job_id: {JOB_JSON: kept.get(job_id), SHA256SUMS: sums_text(files)} for job_id, files in finished}
+        stale = await anyio.to_thread.run_sync(_stale, out_dir, wanted)  # one hop for a page's reads
+        for job_id, names in stale.items():
+            for name in names:
+                text = wanted[job_id][name]
+                assert text is not None  # _stale names only files the store has a text for
+                await _write_unsynced(out_dir / job_id / name, text)
+            await _sync_folder(out_dir / job_id)
+            restored.append(job_id)
+    return restored
+
+
+def _stale(out_dir: Path, wanted: Mapping[str, Mapping[str, str | None]]) -> dict[str, list[str]]:
+    """Of each job's files, those (in a folder that is there) whose bytes are not the store's text."""
+    stale: dict[str, list[str]] = {}
+    for job_id, texts in wanted.items():
+        folder = out_dir / job_id
+        if not folder.is_dir():
+            continue
+        for name, text in texts.items():
+            if text is None:
+                continue
+            try:
+                same = (folder / name).read_bytes() == text.encode()
+            except OSError:  # missing, or not a file one can read: written again (or said why not)
+                same = False
+            if not same:
+                stale.setdefault(job_id, []).append(name)
+    return stale
+
+
+async def put_job_files(bucket: Bucket, job_id: str, job_json: str, sums: str) -> None:
+    """The same two files into the bucket, beside the job's results (a PUT is atomic and durable)."""
     await bucket.put(bucket.url.key(job_id, "job.json"), job_json.encode(), content_type=JSON_TYPE)
     await bucket.put(bucket.url.key(job_id, "SHA256SUMS"), sums.encode(), content_type=TEXT_TYPE)
 

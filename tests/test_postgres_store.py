@@ -422,4 +422,4 @@ async def test_a_database_of_schema_3_gains_the_upload_tables_in_place(pg_empty_
         record = await store.upload_record("a", "ckp_1")
         assert record is not None and dict(record.parts) == {1: part(1)}
     with psycopg.connect(pg_empty_url) as db:
-        assert db.execute("SELECT value FROM dlb_meta").fetchone() == (str(PG_SCHEMA_VERSION),) == ("4",)
+        assert db.execute("SELECT value FROM dlb_meta").fetchone() == (str(PG_SCHEMA_VERSION),) == ("5",)

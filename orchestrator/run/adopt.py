@@ -20,7 +20,6 @@ from typing import Any
 
 from ..api.client import LIST_PAGE, ApiClient
 from ..config import RunSettings
-from ..errors import StoreError
 from ..events import event
 from ..models import JobState, JobType
 from ..store import Store
@@ -39,13 +38,11 @@ class TagWatch:
         self.store, self.prefix = store, f"{campaign}/"
 
     async def seen(self, items: Sequence[Mapping[str, Any]]) -> None:
-        for tag, ids in tags_in(items).items():
-            if not tag.startswith(self.prefix):
-                continue
-            job_id = tag[len(self.prefix) :]
-            try:
-                row = await self.store.job(job_id)
-            except StoreError:
+        ours = {tag[len(self.prefix) :]: ids for tag, ids in tags_in(items).items() if tag.startswith(self.prefix)}
+        rows = {r.id: r for r in await self.store.jobs_by_id(ours)} if ours else {}  # one read for the page
+        for job_id, ids in ours.items():
+            row = rows.get(job_id)
+            if row is None:
                 continue  # a job of this campaign no longer in the state: nothing to mark
             # The job's own remote job may be off this page: any other id with its tag is a copy.
             kept = row.remote_id or ids[-1]  # ids[-1]: the oldest listed

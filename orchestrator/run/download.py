@@ -111,6 +111,20 @@ class FetchStage:
             return None
         return min((q.not_before for q in self.queue), default=None)
 
+    async def restore_job_files(self) -> None:
+        """Finished jobs' job.json and SHA256SUMS as the store has them: written unsynced, a
+        crash may have lost them (a bucket's PUTs are durable: nothing to check there)."""
+        if self.to_bucket is None:
+            try:
+                restored = await output.restore_job_files(self.store, self.out_dir)
+            except OutputError as exc:  # nothing is lost: the store still has them, the next run tries again
+                self.ctx.events.note(
+                    f"{exc}: finished jobs' job.json and SHA256SUMS not all checked; the next run does"
+                )
+                return
+            for job_id in restored:
+                event(log, "job.files_restored", job_id=job_id)
+
     # -- starting work --------------------------------------------------------------
 
     async def start_due(self, tg: TaskGroup) -> int:
@@ -188,11 +202,13 @@ class FetchStage:
             present = await anyio.to_thread.run_sync(lambda: {f.name for f in done if (folder / f.name).exists()})
         else:
             present = set()
-        for f in done:
-            if f.name not in present:
-                await self.store.file_missing(job_id, f.remote_id)
-                event(log, "file.missing", job_id=job_id, file=f.name)
-        pending = [f for f in await self.store.files(job_id) if not f.done and not f.lost]
+        missing = [f for f in done if f.name not in present]
+        for f in missing:
+            await self.store.file_missing(job_id, f.remote_id)
+            event(log, "file.missing", job_id=job_id, file=f.name)
+        if missing:  # read again only if it changed
+            files = await self.store.files(job_id)
+        pending = [f for f in files if not f.done and not f.lost]
         remote = self.ctx.jobs.get(job_id) or await self.ctx.jobs.fresh(job_id)
         by_id = {a.remote_id: a for a in remote.artifacts}
         for file in pending:
@@ -304,12 +320,14 @@ class FetchStage:
         if any(not f.done and not f.lost for f in files):
             return
         remote = self.ctx.jobs.get(job_id)
-        if remote is not None:  # synced writes, and the folder synced once for all its files: off the loop
+        job_json = None
+        if remote is not None:  # unsynced, and the folder synced once for all its files; the store keeps job.json
+            job_json, sums = output.job_files(remote.raw, files)
             try:
                 if self.to_bucket is not None:
-                    await output.put_job_files(self.to_bucket.bucket, job_id, remote.raw, files)
+                    await output.put_job_files(self.to_bucket.bucket, job_id, job_json, sums)
                 else:
-                    await anyio.to_thread.run_sync(output.write_job_files, self.out_dir / job_id, remote.raw, files)
+                    await output.write_job_files(self.out_dir / job_id, job_json, sums)
             except OutputError as exc:  # its files are placed and recorded: the next run writes these again
                 self.given_up.add(job_id)
                 self.ctx.jobs.drop(job_id)
@@ -318,11 +336,10 @@ class FetchStage:
         self._forget(job_id)
         lost = [f.name for f in files if f.lost]
         if lost:
-            await self.store.move(
-                job_id, JobState.LOST, self.now(), reason=f"deleted by the service before download: {', '.join(lost)}"
-            )
+            why = f"deleted by the service before download: {', '.join(lost)}"
+            await self.store.move(job_id, JobState.LOST, self.now(), reason=why, job_json=job_json)
         else:
-            await self.store.move(job_id, JobState.DONE, self.now())
+            await self.store.move(job_id, JobState.DONE, self.now(), job_json=job_json)
             event(
                 log,
                 "job.done",

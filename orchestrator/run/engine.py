@@ -109,6 +109,8 @@ class Engine:
                 "its configuration changed after it was submitted; the submitted job stands "
                 "(give the changed job a new id to run it)",
             )
+        if not self.settings.dry_run:
+            await self.fetch.restore_job_files()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg

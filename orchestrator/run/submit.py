@@ -63,6 +63,7 @@ class SubmitStage:
         self.submit_limiter = anyio.CapacityLimiter(max(1, limits.max_active))
         self.ids = IdCommitter(ctx.store, ctx.now)
         self.submitted_this_run = 0
+        self.specs = ctx.manifest.by_id  # made once: `by_id` builds a dict of the whole manifest
 
     async def new_jobs_left(self) -> int | None:
         """What `--max-new-jobs` still allows (None: no cap). In a shared campaign the runs of
@@ -91,7 +92,7 @@ class SubmitStage:
             return 0
         batch: list[tuple[JobRow, JobSpec, str | None]] = []
         for row, parent_state, parent_checkpoint in await self.ctx.store.ready_to_submit(room + len(self.ctx.posting)):
-            spec = self.ctx.manifest.by_id.get(row.id)
+            spec = self.specs.get(row.id)
             if spec is None or row.id in self.ctx.posting:
                 continue
             if not row.adoption_checked and not self.ctx.settings.dry_run:

@@ -193,7 +193,10 @@ class Store(Protocol):
     async def mark_submitted_many(
         self, items: Sequence[tuple[str, str, float | None]], now: float
     ) -> list[str]: ...  # the ids another worker holds now: not recorded
-    async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None: ...
+    async def move(
+        self, job_id: str, state: JobState, now: float, *, reason: str | None = None, job_json: str | None = None
+    ) -> None: ...  # job_json: the text of the job's job.json, kept to write it again (output.py)
+    async def job_objects(self, job_ids: Sequence[str]) -> dict[str, str]: ...  # job id -> its kept job.json
     # never paying twice (schema 2)
     async def record_attempt(
         self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0

@@ -8,7 +8,7 @@ exactly one of them creates or upgrades; the others then find the version curren
 
 from __future__ import annotations
 
-PG_SCHEMA_VERSION = 4
+PG_SCHEMA_VERSION = 5
 # A fixed key for pg_advisory_xact_lock: "dlb-schema" folded into a bigint.
 SCHEMA_LOCK_KEY = 0x646C_622D_7363_6865
 
@@ -148,8 +148,14 @@ CREATE TABLE dlb_upload_parts (
 )
 """
 
+# ---- schema 5: a finished job's job.json, kept so that a run can write it again (as SQLite's 4)
+_V5_JOB_JSON = """
+ALTER TABLE dlb_jobs ADD COLUMN job_json TEXT
+"""
+
 PG_MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> scripts that reach it
     2: (_V2_LEASES,),
     3: (_V3_SHARED_LIMITS,),
     4: (_V4_UPLOADS,),
+    5: (_V5_JOB_JSON,),
 }

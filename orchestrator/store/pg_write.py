@@ -238,7 +238,9 @@ class PgWrites(PgLeases):
     # -- state changes ----------------------------------------------------------------
 
     @conflicts_retried
-    async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+    async def move(
+        self, job_id: str, state: JobState, now: float, *, reason: str | None = None, job_json: str | None = None
+    ) -> None:
         async with self._tx() as db:
             current = await self._locked_state(db, job_id)
             if not can_move(current, state):
@@ -256,6 +258,7 @@ class PgWrites(PgLeases):
             await db.execute(
                 "UPDATE dlb_jobs SET state=%(s)s, updated_at=%(now)s, reason=COALESCE(%(why)s, reason),"
                 " finished_at=COALESCE(%(fin)s, finished_at), ended_at=COALESCE(%(end)s, ended_at),"
+                " job_json=COALESCE(%(job_json)s, job_json),"
                 " intent_at=CASE WHEN %(forget)s THEN NULL ELSE intent_at END,"
                 " sent_payload=CASE WHEN %(forget)s THEN NULL ELSE sent_payload END,"
                 " sent_fingerprint=CASE WHEN %(forget)s THEN NULL ELSE sent_fingerprint END,"
@@ -267,6 +270,7 @@ class PgWrites(PgLeases):
                         "s": state.value,
                         "now": now,
                         "why": reason,
+                        "job_json": job_json,
                         "fin": finished,
                         "end": ended,
                         "forget": forget,

@@ -260,6 +260,13 @@ class PostgresStore(PgWrites, PgUploads):
         )
         return {r["id"]: tuple(json.loads(r["duplicate_ids"])) for r in rows}
 
+    async def job_objects(self, job_ids: Sequence[str]) -> dict[str, str]:
+        rows = await self._query(
+            "SELECT id, job_json FROM dlb_jobs WHERE campaign=%(c)s AND job_json IS NOT NULL AND id = ANY(%(ids)s)",
+            {"ids": list(job_ids)},
+        )
+        return {r["id"]: r["job_json"] for r in rows}
+
     async def adoption_candidates(self) -> list[JobRow]:
         rows = await self._query(
             f"SELECT {JOB_COLUMNS} FROM dlb_jobs WHERE campaign=%(c)s AND state='pending' AND NOT adoption_checked"

@@ -4,7 +4,7 @@ version, so two processes never both migrate)."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE jobs (
@@ -121,7 +121,15 @@ CREATE TABLE upload_parts (
 """
 # ---- end of schema 3 -------------------------------------------------------------------------
 
+# ---- schema 4: a finished job's job.json, kept so that a run can write it again -------------
+# job.json and SHA256SUMS are written without a sync of their own (the folder is synced once):
+# a run checks them against the store when it starts, and writes again what is missing or wrong.
+_V4_JOB_JSON = """
+ALTER TABLE jobs ADD COLUMN job_json TEXT
+"""
+
 MIGRATIONS: dict[int, tuple[str, ...]] = {  # version -> scripts that reach it
     2: (_V2_FILES, _SCHEMA_V2_MONEY),
     3: (_V3_UPLOADS,),
+    4: (_V4_JOB_JSON,),
 }

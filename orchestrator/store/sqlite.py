@@ -1,8 +1,11 @@
 """`SqliteDb`: the campaign in one SQLite file (WAL, versioned schema); every SQL statement.
 
 Intents and job ids are committed with `synchronous=FULL` (rule 1: synced before and
-right after the paid POST); other updates with `NORMAL`, which WAL keeps through a
-crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
+right after the paid POST), and so is a file's `done`; other updates with `NORMAL`, which
+WAL keeps through a crash of the process. Read-then-write transactions take `BEGIN IMMEDIATE`.
+
+Inside a batch (store/sqlite_batch.py: store/threaded.py's group commit) a verb's
+transaction is a SAVEPOINT of the batch's one transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..models import IN_FLIGHT, PARENT_ENDED, JobSpec, JobState, can_move
 from .base import FILE_COLUMNS, JOB_COLUMNS, FileRow, JobRow, SyncReport, file_row, job_row
 from .parts import PartRecord
 from .schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
+from .sqlite_batch import CommitTally, SqliteBatches, _Batch
 from .sqlite_uploads import SqliteUploads
 
 BUSY_TIMEOUT_MS = 5_000
@@ -29,9 +33,11 @@ _IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 _DEAD_END = f"(p.state IN ({_ENDED_MARKS}) AND p.checkpoint_id IS NULL)"
 
 
-class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqlite_uploads.py
+class SqliteDb(SqliteUploads, SqliteBatches):  # uploads: store/sqlite_uploads.py; batches: sqlite_batch.py
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._batch: _Batch | None = None
+        self.tally = CommitTally()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # One worker thread at a time uses the connection (store/threaded.py), not always the same one.
@@ -70,6 +76,10 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
 
     @contextmanager
     def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        if self._batch is not None:
+            with self._savepoint(self._batch, durable=durable) as db:
+                yield db
+            return
         db = self._db
         try:
             if durable:
@@ -81,6 +91,7 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self.tally.count(changes=1, synced=durable)
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: {exc}") from exc
         finally:
@@ -353,13 +364,22 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
                 db.execute("UPDATE jobs SET duplicate_ids=? WHERE id=?", (json.dumps(known + new), job_id))
             return bool(new)
 
+    def job_objects(self, job_ids: Sequence[str]) -> dict[str, str]:
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._query(f"SELECT id, job_json FROM jobs WHERE job_json IS NOT NULL AND id IN ({marks})", job_ids)
+        return {r[0]: r[1] for r in rows}
+
     def duplicates(self) -> dict[str, tuple[str, ...]]:
         rows = self._query("SELECT id, duplicate_ids FROM jobs WHERE duplicate_ids IS NOT NULL AND in_manifest=1")
         return {r[0]: tuple(json.loads(r[1])) for r in rows}
 
     # -- state changes ----------------------------------------------------------------
 
-    def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
+    def move(
+        self, job_id: str, state: JobState, now: float, *, reason: str | None = None, job_json: str | None = None
+    ) -> None:
         with self._tx() as db:
             row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
@@ -379,8 +399,9 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
             ended = now if state in (JobState.SUCCEEDED, JobState.FAILED) and current.in_flight else None
             db.execute(
                 "UPDATE jobs SET state=?, updated_at=?, reason=COALESCE(?, reason),"
-                " finished_at=COALESCE(?, finished_at), ended_at=COALESCE(?, ended_at) WHERE id=?",
-                (state.value, now, reason, finished, ended, job_id),
+                " finished_at=COALESCE(?, finished_at), ended_at=COALESCE(?, ended_at),"
+                " job_json=COALESCE(?, job_json) WHERE id=?",
+                (state.value, now, reason, finished, ended, job_json, job_id),
             )
             if state is JobState.PENDING:  # provably never created: forget the intent
                 db.execute(
@@ -496,7 +517,8 @@ class SqliteDb(SqliteUploads):  # the verbs of uploads into a bucket: store/sqli
         return grouped
 
     def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
-        with self._tx() as db:
+        """Synced: job.json and SHA256SUMS are written from what this records, without a sync of their own."""
+        with self._tx(durable=True) as db:
             db.execute(
                 "UPDATE files SET done=1, sha256=?, size_bytes=? WHERE job_id=? AND remote_id=?",
                 (sha256, size, job_id, remote_id),

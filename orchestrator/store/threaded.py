@@ -1,34 +1,90 @@
-"""`SqliteStore`: the `Store` over one SQLite file, off the event loop.
+"""`SqliteStore`: the `Store` over one SQLite file, off the event loop, with group commit.
 
-Every verb of `SqliteDb` (store/sqlite.py, where all the SQL is) runs on a worker thread,
-one at a time: a synced commit (an intent, a job id) never blocks the event loop, and the
-connection is never used by two threads at once. A verb that has started finishes even
-if its caller is cancelled, so a commit is never cut in half.
+Every verb of `SqliteDb` (store/sqlite.py, where all the SQL is) runs on the store's own
+thread, one at a time, in the order called: the connection is never used by two threads,
+and a synced commit never blocks the event loop. Verbs that arrive while the thread is busy
+(committing the last batch: an fsync takes a millisecond or more) wait in a queue and then
+run together in one transaction with one commit, synced if any of them must be (an intent,
+a remote id, a file's `done`): group commit. Each verb's change is a SAVEPOINT, so a verb
+that fails undoes only its own change and fails only its own caller; if the transaction
+itself is lost (a commit refused, an I/O error), the batch's verbs run again one by one,
+each in its own transaction, and each caller learns its own outcome.
+
+A caller learns its verb's answer only once the commit holding its change has returned
+(synced, if the change must be): a kill -9 can only lose changes nobody was told were
+made. A verb handed to the thread is done even if its caller is cancelled meanwhile, so
+a commit is never cut in half.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
+from ..errors import StoreError
+from ..events import event
 from ..models import JobSpec, JobState
 from .base import Claims, FileRow, JobRow, SyncReport, UploadedPart, UploadRecord, WorkerRow
 from .parts import PartRecord
 from .sqlite import SqliteDb
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+BATCH_MAX_VERBS = 500  # at most this many verbs share one commit: the first of them waits for all
+
+
+class _Call:
+    """A verb handed to the store's thread, and, once its batch is committed, its outcome."""
+
+    __slots__ = ("durable", "error", "future", "ran", "repeatable", "result", "verb")
+
+    def __init__(
+        self, verb: Callable[[], Any], future: asyncio.Future[Any], *, durable: bool, repeatable: bool
+    ) -> None:
+        self.verb, self.future, self.durable, self.repeatable = verb, future, durable, repeatable
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.ran = False
+
+    def run(self) -> None:
+        if self.ran and not self.repeatable:
+            return  # it read on (a cursor): its first outcome stands
+        self.ran = True
+        try:
+            self.result, self.error = self.verb(), None
+        except Exception as exc:  # the caller's to handle, in its own task
+            self.result, self.error = None, exc
+
+
+def _answer(calls: Sequence[_Call]) -> None:
+    """On the event loop: each caller learns its verb's outcome."""
+    for call in calls:
+        if call.future.done():
+            continue
+        if call.error is not None:
+            call.future.set_exception(call.error)
+        else:
+            call.future.set_result(call.result)
 
 
 class SqliteStore:
     def __init__(self, db: SqliteDb) -> None:
         self.path = db.path
         self._db = db
-        self._one_at_a_time = anyio.CapacityLimiter(1)
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=f"store {db.path.name}", daemon=True)
+        self._thread.start()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -39,8 +95,77 @@ class SqliteStore:
     def location(self) -> str:
         return str(self.path)
 
-    async def _call(self, verb: Callable[[], T]) -> T:
-        return await anyio.to_thread.run_sync(verb, limiter=self._one_at_a_time)
+    async def _call(self, verb: Callable[[], T], *, durable: bool = False, repeatable: bool = True) -> T:
+        """`verb` on the store's thread; its answer once the commit holding its change has
+        returned (synced if `durable`). Not `repeatable`: it runs once even if its batch is
+        run again (it reads on from a cursor)."""
+        future = self._hand_over(verb, durable=durable, repeatable=repeatable)
+        with anyio.CancelScope(shield=True):  # handed over, it is done: its caller waits for the end
+            answer = await future
+        return answer
+
+    def _hand_over(self, verb: Callable[[], T], *, durable: bool, repeatable: bool) -> asyncio.Future[T]:
+        if self._closed:
+            raise StoreError(f"the state store {self.path} is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Call(verb, future, durable=durable, repeatable=repeatable))
+        return future
+
+    # -- the store's thread ---------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            self._serve_until_closed()
+        finally:
+            self._db.close()
+
+    def _serve_until_closed(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            calls = [first]
+            while len(calls) < BATCH_MAX_VERBS:  # whatever queued up meanwhile shares the commit
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                calls.append(more)
+            self._run(calls)
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+            for call in calls:  # one wake-up of each event loop for the whole batch
+                by_loop.setdefault(call.future.get_loop(), []).append(call)
+            for loop, answered in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_answer, answered)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    pass
+
+    def _run(self, calls: list[_Call]) -> None:
+        if len(calls) == 1:
+            calls[0].run()  # its own transaction, as the verb makes it
+            return
+        try:
+            with self._db.batch(durable=any(c.durable for c in calls)) as batch:
+                for call in calls:
+                    call.run()
+                    if batch.broken():
+                        raise StoreError(f"state store {self.path}: the batch's transaction was rolled back")
+            return
+        except Exception as exc:  # said in the log; every verb runs again alone
+            event(log, "store.batch_failed", verbs=len(calls), reason=str(exc))
+        for call in calls:  # none of the batch's changes happened: each in its own transaction
+            call.run()
+
+    @property
+    def tally(self) -> tuple[int, int, int]:
+        """Commits so far, how many of them synced, and the changes they held."""
+        t = self._db.tally
+        return t.commits, t.synced, t.changes
 
     async def __aenter__(self) -> SqliteStore:
         return self
@@ -51,14 +176,21 @@ class SqliteStore:
         await self.close()
 
     async def close(self) -> None:
-        await self._call(self._db.close)
+        if self._closed:
+            return
+        self._closed = True  # nothing is handed over after this
+        self._queue.put(None)  # the thread runs what was handed over before it, then closes the file
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._thread.join)
+        commits, synced, changes = self.tally
+        event(log, "store.commits", commits=commits, synced=synced, changes=changes)
 
     async def manifest_pages(
         self, page_size: int, *, removed: bool = False
     ) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
         pages = self._db.manifest_pages(page_size, removed=removed)
         try:
-            while (page := await self._call(partial(next, pages, None))) is not None:
+            while (page := await self._call(partial(next, pages, None), repeatable=False)) is not None:
                 yield page
         finally:
             await self._call(pages.close)
@@ -110,18 +242,25 @@ class SqliteStore:
         rate_per_s: float | None = None,  # paced in the process (api/budget.py): one process per campaign
         max_new_jobs: int | None = None,  # counted by the run (run/submit.py), for the same reason
     ) -> list[str]:
-        return await self._call(partial(self._db.record_intents, intents, now, max_active=max_active))
+        return await self._call(partial(self._db.record_intents, intents, now, max_active=max_active), durable=True)
 
     async def mark_submitted(
         self, job_id: str, remote_id: str, now: float, *, next_check_at: float | None = None
     ) -> None:
-        return await self._call(partial(self._db.mark_submitted, job_id, remote_id, now, next_check_at=next_check_at))
+        return await self._call(
+            partial(self._db.mark_submitted, job_id, remote_id, now, next_check_at=next_check_at), durable=True
+        )
 
     async def mark_submitted_many(self, items: Sequence[tuple[str, str, float | None]], now: float) -> list[str]:
-        return await self._call(partial(self._db.mark_submitted_many, items, now))
+        return await self._call(partial(self._db.mark_submitted_many, items, now), durable=True)
 
-    async def move(self, job_id: str, state: JobState, now: float, *, reason: str | None = None) -> None:
-        return await self._call(partial(self._db.move, job_id, state, now, reason=reason))
+    async def move(
+        self, job_id: str, state: JobState, now: float, *, reason: str | None = None, job_json: str | None = None
+    ) -> None:
+        return await self._call(partial(self._db.move, job_id, state, now, reason=reason, job_json=job_json))
+
+    async def job_objects(self, job_ids: Sequence[str]) -> dict[str, str]:
+        return await self._call(partial(self._db.job_objects, job_ids))
 
     async def record_attempt(self, job_id: str, now: float, window_end: float, *, need_s: float = 0.0) -> bool:
         return await self._call(partial(self._db.record_attempt, job_id, now, window_end))
@@ -159,10 +298,10 @@ class SqliteStore:
         return await self._call(self._db.adoption_candidates)
 
     async def adopt(self, found: Sequence[tuple[str, str, float | None]], checked: Sequence[str], now: float) -> None:
-        return await self._call(partial(self._db.adopt, found, checked, now))
+        return await self._call(partial(self._db.adopt, found, checked, now), durable=True)
 
     async def record_duplicates(self, job_id: str, remote_ids: Sequence[str]) -> bool:
-        return await self._call(partial(self._db.record_duplicates, job_id, remote_ids))
+        return await self._call(partial(self._db.record_duplicates, job_id, remote_ids), durable=True)
 
     async def duplicates(self) -> dict[str, tuple[str, ...]]:
         return await self._call(self._db.duplicates)
@@ -203,7 +342,7 @@ class SqliteStore:
         return await self._call(self._db.files_done_total)
 
     async def file_done(self, job_id: str, remote_id: str, sha256: str, size: int) -> None:
-        return await self._call(partial(self._db.file_done, job_id, remote_id, sha256, size))
+        return await self._call(partial(self._db.file_done, job_id, remote_id, sha256, size), durable=True)
 
     async def file_lost(self, job_id: str, remote_id: str) -> None:
         return await self._call(partial(self._db.file_lost, job_id, remote_id))
@@ -264,11 +403,12 @@ class SqliteStore:
                 part_bytes=part_bytes,
                 size=size,
                 source_etag=source_etag,
-            )
+            ),
+            durable=True,
         )
 
     async def upload_part_done(self, job_id: str, remote_id: str, part: UploadedPart) -> None:
-        return await self._call(partial(self._db.upload_part_done, job_id, remote_id, part))
+        return await self._call(partial(self._db.upload_part_done, job_id, remote_id, part), durable=True)
 
     async def upload_forget(self, job_id: str, remote_id: str) -> None:
         return await self._call(partial(self._db.upload_forget, job_id, remote_id))
@@ -276,7 +416,9 @@ class SqliteStore:
     async def settle(
         self, job_id: str, state: JobState, now: float, *, remote_id: str | None, reason: str
     ) -> tuple[str, ...]:
-        return await self._call(partial(self._db.settle, job_id, state, now, remote_id=remote_id, reason=reason))
+        return await self._call(
+            partial(self._db.settle, job_id, state, now, remote_id=remote_id, reason=reason), durable=True
+        )
 
     async def check_writable(self) -> None:
-        return await self._call(self._db.check_writable)
+        return await self._call(self._db.check_writable, durable=True)
