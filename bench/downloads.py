@@ -1,4 +1,4 @@
-"""Downloads: our downloader against `curl -o` on the same file from the simulator.
+"""Downloads: our downloader against `curl -o` on the same file, served by nginx (or the simulator).
 
 Each download runs in its own process so its CPU time and peak RSS are its own.
 Ours includes what curl does not do: sha256 while streaming, fsync and rename.
@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import ROOT, sim_process
+from .common import ROOT
+from .fileserver import big_file
 
 GiB = 1024**3
 
@@ -107,8 +108,9 @@ def measure(quick: bool) -> dict[str, object]:
     if shutil.which("curl") is None:
         results["error"] = "curl is not installed"
         return results
-    with sim_process("--time-scale", "1000", "--checkpoint-bytes", str(size)) as sim:
-        [url] = _urls(sim.url, sim.key, 1)
+    with big_file(size, 1, _urls) as served:
+        [url] = served.urls
+        results["server"] = served.server
         names = ("curl", "curl+fsync", "curl+sha256sum", "ours-1-stream", "ours-4-ranges")
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for _ in range(repeats):  # interleaved, so drift of the machine hits all alike
@@ -119,12 +121,15 @@ def measure(quick: bool) -> dict[str, object]:
             runs["ours-4-ranges"].append(_ours([url], size, parallel=True))
         for name, rs in runs.items():
             best = min(rs, key=lambda r: r["wall_s"])
-            results[name] = {"gb_per_s": size / best["wall_s"] / 1e9, "cpu_s_per_gb": best["cpu_s"] / (size / 1e9)}
+            results[name] = {
+                "gb_per_s": size / best["wall_s"] / 1e9,
+                "cpu_s_per_gb": best["cpu_s"] / (size / 1e9),
+                "runs_s": [round(r["wall_s"], 2) for r in rs],
+            }
     many = 4 if quick else 8
     each = (256 * 1024**2 if quick else GiB) + 13
-    with sim_process("--time-scale", "1000", "--checkpoint-bytes", str(each)) as sim:
-        urls = _urls(sim.url, sim.key, many)
-        r = _ours(urls, each, parallel=True)
+    with big_file(each, many, _urls) as served:
+        r = _ours(served.urls, each, parallel=True)
         rate = many * each / r["wall_s"] / 1e9
         results["concurrent"] = {"files": many, "gib_each": each / GiB, **r, "gb_per_s": rate}
     return results

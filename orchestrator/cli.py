@@ -34,6 +34,7 @@ from .errors import (
     UsageError,
     first_error,
 )
+from .events import event
 from .jobs_command import api_view, download_job
 from .manifest.load import Manifest, load_manifest
 from .models import JobType
@@ -42,6 +43,7 @@ from .run import preflight
 from .run.outcome import ExitCode
 from .state import given_state, is_database, joined_manifest
 
+log = logging.getLogger(__name__)
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -374,6 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_problems(problems: Sequence[Any]) -> None:
     errors = [p for p in problems if not p.warning]
+    if logs.is_json():  # stderr is JSON lines only
+        for problem in problems:
+            name = "manifest.warning" if problem.warning else "manifest.error"
+            event(log, name, file=problem.file, line=problem.line, job_id=problem.job_id, reason=problem.message)
+        if errors:
+            event(log, "manifest.rejected", errors=len(errors))
+        return
     for problem in problems:
         colour = "yellow" if problem.warning else "red"
         err.print(f"[{colour}]{problem}[/]", markup=True)
@@ -409,7 +418,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if paths.bucket is not None:
             shown = anyio.run(commands.put_report, manifest.campaign, rows, files, paths.bucket, args.s3_endpoint_url)
         else:
-            shown = str(write_report(manifest.campaign, rows, files, paths.out))
+            shown = str(anyio.run(write_report, manifest.campaign, rows, files, paths.out))
         out.print(f"report: {shown}")
         return ExitCode.OK
     if command == "settle":

@@ -67,6 +67,8 @@ FIELD_TYPES: Mapping[str, type] = MappingProxyType(
         "problems": int,
         "counts": dict,
         "verbs": int,
+        "line": int,  # a line of a manifest or rows file
+        "errors": int,
         "commits": int,
         "synced": int,
         "changes": int,
@@ -94,6 +96,12 @@ _RETRY = "what attempt wait_s reason"
 
 # fmt: off
 EVENTS: Mapping[str, EventSpec] = MappingProxyType({s.name: s for s in (
+    # -- the manifest (with --log-format json; the text format prints them as they are)
+    _spec("manifest.warning", WARNING, "a manifest value that is legal but probably not meant", "file reason",
+          "line job_id"),
+    _spec("manifest.error", ERROR, "a manifest mistake: nothing is sent (exit 2)", "file reason", "line job_id"),
+    _spec("manifest.rejected", ERROR, "the manifest has errors: nothing was sent; fix them and run again", "errors",
+          note="nothing was sent"),
     # -- jobs
     _spec("job.submitted", INFO, "the service accepted the job (it is paid for)", f"{_JOB} remote_id"),
     _spec("job.not_sent", INFO, "a job was not sent this time; nothing was created", f"{_JOB} reason"),

@@ -54,11 +54,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+_json = False  # stderr carries JSON lines only (`--log-format json`)
+
+
+def is_json() -> bool:
+    """Whether stderr is a JSON log: what the CLI says there must then be events too."""
+    return _json
+
+
 def configure(log_format: str, verbosity: int) -> None:
     level = max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING - 10 * verbosity))
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
     handler.addFilter(ScrubFilter())
+    global _json
+    _json = log_format == "json"
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -14,7 +14,6 @@ import errno
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +41,23 @@ JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain; charset=utf-8"
 
 
-def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
-    """Write to a temporary name, sync, rename. One process per campaign (the lock) writes
-    here, so a fixed temporary name is safe, and cheaper than a random one."""
-    tmp = _temporary(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _put_in_place(tmp, path, sync_folder=sync_folder)
-    except BaseException as exc:
-        raise _failed(path, tmp, exc) from exc
+async def write_atomic(path: Path, text: str, *, sync_folder: bool = True) -> None:
+    """Write to a temporary name, sync, rename (the report, where one piece is enough)."""
+
+    async def one_piece() -> AsyncIterator[str]:
+        yield text
+
+    await write_atomic_stream(path, one_piece(), sync_folder=sync_folder)
 
 
 async def write_atomic_stream(path: Path, chunks: AsyncIterable[str], *, sync_folder: bool = True) -> None:
-    """`write_atomic` of text that comes in chunks (from the store, a page at a time): each
-    is written as it comes, so a file as large as the campaign is never whole in memory."""
+    """Write text that comes in chunks (from the store, a page at a time) to a temporary name,
+    sync, rename: each chunk is written as it comes, so a file as large as the campaign is never
+    whole in memory. One process per campaign (the lock) writes here, so a temporary name of
+    the process is safe, and cheaper than a random one."""
     tmp = _temporary(path)
     try:
-        await anyio.to_thread.run_sync(partial(path.parent.mkdir, parents=True, exist_ok=True))
+        await aiofiles.os.makedirs(path.parent, exist_ok=True)
         async with aiofiles.open(tmp, "w", encoding="utf-8") as fh:
             batch: list[str] = []
             size = 0
@@ -75,7 +70,9 @@ async def write_atomic_stream(path: Path, chunks: AsyncIterable[str], *, sync_fo
             await fh.write("".join(batch))
             await fh.flush()
             await anyio.to_thread.run_sync(os.fsync, fh.fileno())
-        await anyio.to_thread.run_sync(partial(_put_in_place, tmp, path, sync_folder=sync_folder))
+        await aiofiles.os.replace(tmp, path)
+        if sync_folder:
+            await anyio.to_thread.run_sync(fsync_dir, path.parent)
     except BaseException as exc:
         raise _failed(path, tmp, exc) from exc
 
@@ -83,12 +80,6 @@ async def write_atomic_stream(path: Path, chunks: AsyncIterable[str], *, sync_fo
 def _temporary(path: Path) -> Path:
     # Of this process: workers of one campaign sharing the folder never write one temporary file.
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _put_in_place(tmp: Path, path: Path, *, sync_folder: bool) -> None:
-    os.replace(tmp, path)
-    if sync_folder:
-        fsync_dir(path.parent)
 
 
 def _failed(path: Path, tmp: Path, exc: BaseException) -> BaseException:

@@ -162,3 +162,26 @@ def test_an_event_keeps_its_types_quotes_spaces_and_never_carries_a_secret(
     else:
         assert 'reason="https://storage.example/x.bin?<redacted> failed for dl-<redacted>"' in text
         assert 'file.done job_id=a file="x y.png" bytes=12' in text
+
+
+def test_a_manifests_warnings_and_errors_are_events_in_a_json_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `--log-format json` stderr is JSON lines only: what `validate` finds is events too."""
+    manifest = write(
+        tmp_path / "m.yaml",
+        "campaign: c\njobs:\n"
+        "  - {id: odd, type: dreambooth, image_urls: [u], instance_prompt: p, steps: 5000}\n"
+        "  - {id: bad, type: dreambooth, image_urls: [https://e.com/a.jpg], instance_prompt: p, steps: -5}\n",
+    )
+    code = main(["validate", str(manifest), "--log-format", "json"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = [json.loads(line) for line in captured.err.splitlines()]  # every line is JSON: nothing else
+    assert not [w for line in lines for w in check_json(line)]
+    warnings = [e for e in lines if e["event"] == "manifest.warning"]
+    [error] = [e for e in lines if e["event"] == "manifest.error"]
+    [rejected] = [e for e in lines if e["event"] == "manifest.rejected"]
+    assert {e["job_id"] for e in warnings} == {"odd"} and all(e["file"] == str(manifest) for e in warnings)
+    assert error["job_id"] == "bad" and error["line"] == 4 and "steps" in error["reason"]
+    assert rejected["errors"] == 1

@@ -145,9 +145,7 @@ class InOrderHashes:
         self._written = merged
         self._wake()
 
-    async def arrived(
-        self, offset: int, block: memoryview, write: anyio.abc.ObjectSendStream[None] | None = None
-    ) -> None:
+    async def arrived(self, offset: int, block: memoryview) -> None:
         """A block that is being written at `offset`: hashed now if it is next, else kept if it fits."""
         end = offset + len(block)
         async with self._lock:
