@@ -206,9 +206,7 @@ def render(campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]
     return "\n".join(parts)
 
 
-async def write_report(
-    campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]], out_dir: Path
-) -> Path:
+async def write_report(campaign: str, rows: Sequence[JobRow], files: dict[str, list[FileRow]], out_dir: Path) -> Path:
     path = out_dir / "report.html"
     await write_atomic(path, render(campaign, rows, files, out_dir))
     return path
