@@ -50,7 +50,7 @@ from ..store.parts import PartLog, PartRecord
 from . import storage
 from .progress import Transfer
 from .ranges import fetch_ranges, part_size
-from .sink import PartFile, in_pool, pump
+from .sink import PartFile, first_error_of, in_pool, pump
 from .urls import expires_at, redact
 from .verify import DISK_FULL, Fetched, Hashes, StorageHashes, place
 
@@ -415,28 +415,38 @@ class Downloader:
         writer = await PartFile.open(part, start, hashes=hashes, pool=self.pool)
         transfer.start_at(start)
         proven = start
+        syncing = False  # a proof under way: one at a time, each of a prefix longer than the last
 
-        async def sync_and_prove() -> None:
-            nonlocal proven
-            await writer.sync()
-            if prove is not None and writer.position > proven:
-                await prove(0, writer.position)  # only after the bytes are synced
-                proven = writer.position
-                crash_point("span-proven")
+        async def prove_prefix(upto: int) -> None:
+            """Sync, then record `upto` bytes as proven: what was written before the sync began."""
+            nonlocal proven, syncing
+            try:
+                await writer.sync()
+                if prove is not None and upto > proven:
+                    await prove(0, upto)  # only after the bytes are synced
+                    proven = upto
+                    crash_point("span-proven")
+            finally:
+                syncing = False
 
-        async def sink(block: memoryview) -> None:
+        async def sink(block: memoryview, tg: anyio.abc.TaskGroup) -> None:
+            nonlocal syncing
             await writer.write(block)
             transfer.add(len(block))
-            if prove is not None and writer.position - proven >= self.range_bytes:
-                await sync_and_prove()
+            if prove is not None and not syncing and writer.position - proven >= self.range_bytes:
+                syncing = True  # the sync runs beside the next writes: the body keeps coming
+                tg.start_soon(prove_prefix, writer.position)
 
         try:
-            await pump(resp.content, sink)
+            async with anyio.create_task_group() as tg:
+                await pump(resp.content, partial(sink, tg=tg))
+        except BaseExceptionGroup as group:
+            raise first_error_of(group) from None
         finally:
             # Bytes written before a break, a stop or a full disk are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):
                 try:
-                    await sync_and_prove()
+                    await prove_prefix(writer.position)
                 finally:
                     await writer.close()
         return writer

@@ -151,7 +151,7 @@ async def pump(
                 if filled:
                     await send_full.send((buf, filled))
     except BaseExceptionGroup as group:
-        raise _first(group) from None
+        raise first_error_of(group) from None
     finally:
         send_free.close()
         receive_free.close()
@@ -159,8 +159,9 @@ async def pump(
         raise broke
 
 
-def _first(group: BaseExceptionGroup) -> BaseException:
-    """The error that ended a pump (the sink's or the body's), not the cancellations it caused."""
+def first_error_of(group: BaseExceptionGroup) -> BaseException:
+    """The error that ended a group of tasks (a pump: the sink's or the body's), not the
+    cancellations it caused."""
     errors, others = group.split(Exception)
     first: BaseException = errors if errors is not None else others if others is not None else group
     while isinstance(first, BaseExceptionGroup):
