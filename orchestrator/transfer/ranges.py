@@ -18,8 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-import aiofiles
-import aiofiles.os
 import aiohttp
 import anyio
 
@@ -30,7 +28,7 @@ from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgno
 from ..store.parts import PartLog, gaps, split
 from . import storage
 from .progress import Transfer
-from .sink import in_pool, pump, write_at
+from .sink import in_pool, opened, pump, write_at
 from .verify import READ_BYTES, Hashes, StorageHashes
 
 BLOCK_BYTES = 512 * 1024  # a range's block: written and hashed at once (smaller than one stream's: many in flight)
@@ -285,7 +283,7 @@ class _RangeFill:
                     self.expected = storage.storage_hashes(resp)
                     self.order.start(self.expected)
                 offset = start
-                async with aiofiles.open(self.part, "r+b", buffering=0, executor=self.pool) as fh:
+                async with opened(self.part, self.pool) as fh:
 
                     async def sink(block: memoryview) -> None:
                         nonlocal offset, got_here

@@ -12,8 +12,9 @@ to `PartFile.position`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -33,8 +34,25 @@ BLOCKS_PER_BODY = 3  # one filling, one queued, one being written and hashed
 
 
 async def in_pool(pool: ThreadPoolExecutor, func: Callable[..., T], *args: object) -> T:
-    """`func(*args)` on the downloads' pool (blocking file work off the event loop)."""
-    return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
+    """`func(*args)` on the downloads' pool (blocking file work off the event loop). Shielded: a
+    call that has started finishes before its caller moves on, even when the caller is
+    cancelled, so no file is closed (or its folder unmounted) under a thread still using it."""
+    with anyio.CancelScope(shield=True):
+        result = await asyncio.get_running_loop().run_in_executor(pool, func, *args)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[AsyncFileIO]:
+    """`path` opened for reading and writing (made if missing) through aiofiles on `pool`; its
+    opening and closing are shielded as `in_pool` is."""
+    with anyio.CancelScope(shield=True):
+        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+    try:
+        yield fh
+    finally:
+        with anyio.CancelScope(shield=True):
+            await fh.close()
 
 
 def _create(path: str, flags: int) -> int:
@@ -54,7 +72,8 @@ class PartFile:
 
     @classmethod
     async def open(cls, path: Path, start: int, *, hashes: Hashes, pool: ThreadPoolExecutor) -> PartFile:
-        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+        with anyio.CancelScope(shield=True):
+            fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
         try:
             while hashes.size < start:
                 chunk = await fh.read(min(READ_BYTES, start - hashes.size))
@@ -63,7 +82,8 @@ class PartFile:
                 await in_pool(pool, hashes.update, chunk)
             await fh.truncate(start)
         except BaseException:
-            await fh.close()
+            with anyio.CancelScope(shield=True):
+                await fh.close()
             raise
         return cls(fh, path, hashes, pool)
 
