@@ -439,7 +439,7 @@ class Downloader:
 
         try:
             async with anyio.create_task_group() as tg:
-                await pump(resp.content, partial(sink, tg=tg))
+                await pump(resp.content, partial(sink, tg=tg), size=resp.content_length)
         except BaseExceptionGroup as group:
             raise first_error_of(group) from None
         finally:

@@ -136,9 +136,14 @@ async def pump(
     *,
     block_bytes: int = BLOCK_BYTES,
     blocks: int = BLOCKS_PER_BODY,
+    size: int | None = None,
 ) -> None:
     """Receive `body` into `blocks` reused buffers, handing each full block to `sink` while the
-    next one fills. What arrived before a break is handed over too, then the break is raised."""
+    next one fills. What arrived before a break is handed over too, then the break is raised.
+    A body of known `size` that fits in one block (an image) is received whole and handed over once."""
+    if size is not None and size <= block_bytes:
+        await _pump_small(body, sink)
+        return
     send_full, receive_full = anyio.create_memory_object_stream[tuple[bytearray, int]](blocks)
     send_free, receive_free = anyio.create_memory_object_stream[bytearray](blocks)
     for _ in range(blocks):
@@ -175,6 +180,21 @@ async def pump(
     finally:
         send_free.close()
         receive_free.close()
+    if broke is not None:
+        raise broke
+
+
+async def _pump_small(body: aiohttp.StreamReader, sink: Callable[[memoryview], Awaitable[None]]) -> None:
+    """`pump` of a body that fits in one block: no buffers to reuse, no task to run beside."""
+    received = bytearray()
+    broke: BaseException | None = None
+    try:
+        async for piece in body.iter_any():
+            received += piece
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        broke = exc
+    if received:
+        await sink(memoryview(received))
     if broke is not None:
         raise broke
 
