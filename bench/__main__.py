@@ -93,7 +93,9 @@ def _download_lines(r: dict[str, object]) -> list[str]:
         "with a sync every 256 MiB: the difference is what 128 syncs of a growing file cost here (each waits for "
         "the pages written meanwhile too, and ext4 commits the file's new size and blocks). A larger "
         "`--range-mb` buys speed on a fast local disk with more bytes fetched again after a kill; on a real link "
-        "(tens of MB/s) a sync every 16 MiB is a few per second and costs little.",
+        "(tens of MB/s) a sync every 16 MiB is a few per second and costs little. Ranges pay the same: each "
+        "16 MiB range is synced before it is recorded, and a sync of the file waits for the other ranges' "
+        "pages too.",
     ]
     return lines
 
