@@ -214,16 +214,7 @@ async def run_campaign(request: RunRequest) -> RunResult:
                     await preflight.check_api(
                         api, request.manifest.jobs[0].type, settings.preflight_retry, settings.preflight_deadline_s
                     )
-                downloader = await stack.enter_async_context(
-                    Downloader(
-                        timeouts=settings.timeouts,
-                        parallel_min_bytes=settings.parallel_min_bytes,
-                        range_bytes=settings.range_bytes,
-                        connections_per_file=settings.connections_per_file,
-                        file_retry=settings.file_retry,
-                        range_retry=settings.range_retry,
-                    )
-                )
+                downloader = await stack.enter_async_context(Downloader.for_settings(settings))
                 to_bucket = None
                 if request.paths.bucket is not None:
                     bucket = await stack.enter_async_context(

@@ -128,16 +128,9 @@ async def download_job(
 
         placed: list[FileRow] = []
         failed: list[str] = []
-        async with Downloader(
-            timeouts=settings.timeouts,
-            parallel_min_bytes=settings.parallel_min_bytes,
-            range_bytes=settings.range_bytes,
-            connections_per_file=settings.connections_per_file,
-            file_retry=settings.file_retry,
-            range_retry=settings.range_retry,
-        ) as downloader:
+        async with Downloader.for_settings(settings) as downloader:
             for artifact in remote.artifacts:
-                row = _row(job_id, artifact)
+                row = FileRow.wanted(job_id, artifact)
                 kept = await anyio.to_thread.run_sync(_already_here, folder / artifact.name, sums, artifact)
                 if kept is not None:
                     placed.append(_done(row, *kept))
@@ -165,19 +158,6 @@ async def download_job(
                 say(f"{artifact.name}: {human_bytes(got.size)}, sha256 {got.sha256}, verified")
     await output.write_job_files(folder, *output.job_files(raw, placed))
     return Downloaded(folder, tuple(placed), tuple(failed))
-
-
-def _row(job_id: str, artifact: Artifact) -> FileRow:
-    return FileRow(
-        job_id=job_id,
-        remote_id=artifact.remote_id,
-        name=artifact.name,
-        kind=artifact.kind,
-        size_bytes=artifact.size_bytes,
-        sha256=None,
-        done=False,
-        lost=False,
-    )
 
 
 def _done(row: FileRow, sha256: str, size: int) -> FileRow:

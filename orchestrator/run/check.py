@@ -252,19 +252,7 @@ class CheckStage:
         self.progress.pop(row.id, None)
         spec = self.specs.get(row.id)
         wanted = select(remote, spec.download if spec else None)
-        files = [
-            FileRow(
-                job_id=row.id,
-                remote_id=a.remote_id,
-                name=a.name,
-                kind=a.kind,
-                size_bytes=a.size_bytes,
-                sha256=None,
-                done=False,
-                lost=False,
-            )
-            for a in wanted
-        ]
+        files = [FileRow.wanted(row.id, a) for a in wanted]
         await self.store.record_success(
             row.id, checkpoint_id=remote.final_checkpoint_id, files=files, remote_state=remote.raw_state, now=self.now()
         )

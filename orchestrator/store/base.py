@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequen
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
-from ..models import ArtifactKind, JobSpec, JobState
+from ..models import Artifact, ArtifactKind, JobSpec, JobState
 from .parts import PartRecord
 
 if TYPE_CHECKING:
@@ -56,6 +56,20 @@ class FileRow:
     sha256: str | None
     done: bool
     lost: bool
+
+    @classmethod
+    def wanted(cls, job_id: str, artifact: Artifact) -> FileRow:
+        """A file of a job's result, still to fetch."""
+        return cls(
+            job_id=job_id,
+            remote_id=artifact.remote_id,
+            name=artifact.name,
+            kind=artifact.kind,
+            size_bytes=artifact.size_bytes,
+            sha256=None,
+            done=False,
+            lost=False,
+        )
 
 
 # The columns of a JobRow, in every backend's `jobs` table.

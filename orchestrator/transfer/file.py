@@ -40,6 +40,7 @@ from ..config import (
     RANGE_BYTES,
     RANGE_RETRY,
     RetryPolicy,
+    RunSettings,
     Timeouts,
 )
 from ..crashpoints import crash_point
@@ -197,6 +198,18 @@ class Downloader:
     def bytes_fetched(self) -> int:
         """Bytes received over the network by this run, all files together."""
         return self._finished_bytes + sum(t.received for t in self.transfers.values())
+
+    @classmethod
+    def for_settings(cls, settings: RunSettings) -> Downloader:
+        """A downloader as a run's settings say (a campaign's, `jobs download`)."""
+        return cls(
+            timeouts=settings.timeouts,
+            parallel_min_bytes=settings.parallel_min_bytes,
+            range_bytes=settings.range_bytes,
+            connections_per_file=settings.connections_per_file,
+            file_retry=settings.file_retry,
+            range_retry=settings.range_retry,
+        )
 
     @property
     def pool(self) -> ThreadPoolExecutor:
