@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiofiles
-import aiofiles.os
 import aiohttp
 import anyio
 from aiofiles.threadpool.binary import AsyncFileIO
@@ -46,13 +45,18 @@ async def in_pool(pool: ThreadPoolExecutor, func: Callable[..., T], *args: objec
 async def opened(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[AsyncFileIO]:
     """`path` opened for reading and writing (made if missing) through aiofiles on `pool`; its
     opening and closing are shielded as `in_pool` is."""
-    with anyio.CancelScope(shield=True):
-        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+    fh = await _open(path, pool)
     try:
         yield fh
     finally:
         with anyio.CancelScope(shield=True):
             await fh.close()
+
+
+async def _open(path: Path, pool: ThreadPoolExecutor) -> AsyncFileIO:
+    with anyio.CancelScope(shield=True):  # an fd opened in the pool is never left behind by a cancel
+        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+    return fh
 
 
 def _create(path: str, flags: int) -> int:
@@ -72,8 +76,7 @@ class PartFile:
 
     @classmethod
     async def open(cls, path: Path, start: int, *, hashes: Hashes, pool: ThreadPoolExecutor) -> PartFile:
-        with anyio.CancelScope(shield=True):
-            fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+        fh = await _open(path, pool)
         try:
             while hashes.size < start:
                 chunk = await fh.read(min(READ_BYTES, start - hashes.size))
