@@ -139,7 +139,7 @@ async def restore_job_files(store: Store, out_dir: Path, *, page_size: int = SUM
     if not await store.count(FINISHED_WITH_FILES):
         return []
     restored: list[str] = []
-    async for page in store.manifest_pages(page_size):
+    async for page in _all_pages(store, page_size):
         finished = [(row.id, files) for row, files in page if row.state in FINISHED_WITH_FILES]
         if not finished:
             continue
@@ -154,6 +154,14 @@ async def restore_job_files(store: Store, out_dir: Path, *, page_size: int = SUM
             await _sync_folder(out_dir / job_id)
             restored.append(job_id)
     return restored
+
+
+async def _all_pages(store: Store, page_size: int) -> AsyncIterator[list[tuple[JobRow, list[FileRow]]]]:
+    """The manifest's jobs, then those removed from it after they reached the service."""
+    async for page in store.manifest_pages(page_size):
+        yield page
+    async for page in removed_pages(store, page_size):
+        yield page
 
 
 def _stale(out_dir: Path, wanted: Mapping[str, Mapping[str, str | None]]) -> dict[str, list[str]]:

@@ -28,7 +28,7 @@ from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgno
 from ..store.parts import PartLog, gaps, split
 from . import storage
 from .progress import Transfer
-from .sink import in_pool, opened, pump, write_at
+from .sink import first_error_of, in_pool, opened, pump, write_at
 from .verify import READ_BYTES, Hashes, StorageHashes
 
 BLOCK_BYTES = 512 * 1024  # a range's block: written and hashed at once (smaller than one stream's: many in flight)
@@ -329,4 +329,4 @@ def _decisive(group: BaseExceptionGroup) -> BaseException:
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             return first
-    return group
+    return first_error_of(group)  # an OSError reaches the callers that handle one

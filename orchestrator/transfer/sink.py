@@ -45,7 +45,7 @@ async def in_pool(pool: ThreadPoolExecutor, func: Callable[..., T], *args: objec
 async def opened(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[AsyncFileIO]:
     """`path` opened for reading and writing (made if missing) through aiofiles on `pool`; its
     opening and closing are shielded as `in_pool` is."""
-    fh = await _open(path, pool)
+    fh = await _open(path, pool, create=False)  # a part that disappeared is not made anew behind the fill's fd
     try:
         yield fh
     finally:
@@ -53,9 +53,9 @@ async def opened(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[AsyncFil
             await fh.close()
 
 
-async def _open(path: Path, pool: ThreadPoolExecutor) -> AsyncFileIO:
+async def _open(path: Path, pool: ThreadPoolExecutor, *, create: bool = True) -> AsyncFileIO:
     with anyio.CancelScope(shield=True):  # an fd opened in the pool is never left behind by a cancel
-        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create, executor=pool)
+        fh = await aiofiles.open(path, "r+b", buffering=0, opener=_create if create else None, executor=pool)
     return fh
 
 
