@@ -1,5 +1,5 @@
 """The Python API: a campaign built from a manifest file or from jobs made in memory, run inside
-the caller's event loop (asyncio or trio, through anyio) with the same state, limits and promises
+the caller's asyncio event loop (anyio on asyncio: aiohttp needs it) with the same state, limits and promises
 as the command line, its events followed as they happen, and a result at the end.
 
     campaign = Campaign.from_jobs("portraits", [{"id": "a", "type": "image_gen", ...}], folder=here)

@@ -23,9 +23,8 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from itertools import pairwise
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -34,7 +33,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .logs import scrub
+from .events import Event
+from .logs import RECORD_ATTR, scrub
 from .models import JobState
 from .run.outcome import JobProgress, Snapshot
 from .transfer.progress import Transfer
@@ -56,102 +56,91 @@ FOOTER = (
     "from similar jobs"
 )
 _FROM_URL = re.compile(r" from https?://\S+")
-_PAIR = re.compile(r"(\w+)=(\S+)")  # a record's fields, as logs.py finds them
 
 # -- events as sentences ------------------------------------------------------------------
 
-Fields = Mapping[str, str]
-_SENTENCES: dict[str, Callable[[Fields, str], str | None]] = {
-    "job.submitted": lambda f, _: f"{f['job_id']} submitted (remote id {f['remote_id']})",
-    "job.succeeded": lambda f, _: f"{f['job_id']} finished at the service; {_files(f['files'])} to fetch",
-    "job.done": lambda f, _: f"{f['job_id']} done: {_files(f['files'])} saved and checked",
-    "file.done": lambda f, _: f"{f['job_id']}: {f['file']} saved ({human_bytes(float(f['bytes']))})",
-    "job.problem": lambda f, tail: f"{f['job_id']}: {tail}",
-    "job.problem_again": lambda f, tail: f"{f['job_id']}: {tail}",
-    "job.adopted": lambda f, _: f"{f['job_id']} found at the service as {f['remote_id']}: not sent again",
-    "job.not_sent": lambda f, tail: f"{f['job_id']} not sent: {f.get('why') or tail}",
-    "job.reconcile_waiting": lambda f, _: (
+Fields = Mapping[str, Any]
+_SENTENCES: dict[str, Callable[[Fields], str | None]] = {
+    "job.submitted": lambda f: f"{f['job_id']} submitted (remote id {f['remote_id']})",
+    "job.succeeded": lambda f: f"{f['job_id']} finished at the service; {_files(f['files'])} to fetch",
+    "job.done": lambda f: f"{f['job_id']} done: {_files(f['files'])} saved and checked",
+    "file.done": lambda f: f"{f['job_id']}: {f['file']} saved ({human_bytes(float(f['bytes']))})",
+    "job.problem": lambda f: f"{f['job_id']}: {_reason(f)}",
+    "job.problem_again": lambda f: f"{f['job_id']}: {_reason(f)}",
+    "job.adopted": lambda f: f"{f['job_id']} found at the service as {f['remote_id']}: not sent again",
+    "job.not_sent": lambda f: f"{f['job_id']} not sent: {_reason(f)}",
+    "job.reconcile_waiting": lambda f: (
         f"{f['job_id']}: the answer to its submission was lost; it is looked for in the job list after {f['until']}"
     ),
-    "job.reconciled": lambda f, tail: f"{f['job_id']}: {f['verdict']} ({_rest(f, 'why', tail)})",
-    "job.submit_unclear": lambda f, tail: (
-        f"{f['job_id']}: its submission got no clear answer ({_rest(f, 'error', tail)}); "
-        "it is looked for, never sent again blindly"
+    "job.reconciled": lambda f: f"{f['job_id']}: {f['verdict']} ({_reason(f)})",
+    "job.submit_unclear": lambda f: (
+        f"{f['job_id']}: its submission got no clear answer ({_reason(f)}); it is looked for, never sent again blindly"
     ),
-    "job.check_failed": lambda f, tail: (
-        f"{f['job_id']}: could not read its state ({_rest(f, 'error', tail)}); will look again"
+    "job.check_failed": lambda f: f"{f['job_id']}: could not read its state ({_reason(f)}); will look again",
+    "job.unknown_state": lambda f: f"{f['job_id']}: the API reports a state it does not document ({f['remote_state']})",
+    "job.duplicate": lambda f: (
+        f"{f['job_id']} exists twice at the service (paid twice): {f['remote_id']} is kept, also "
+        f"{', '.join(map(str, f['duplicate_ids']))}"
     ),
-    "job.unknown_state": lambda f, _: f"{f['job_id']}: the API reports a state it does not document ({f['state']})",
-    "job.duplicate": lambda f, _: (
-        f"{f['job_id']} exists twice at the service (paid twice): {f['remote_id']} is kept, also {f['duplicate_ids']}"
+    "job.taken_over": lambda f: f"{f['job_id']}: another worker holds it now",
+    "job.answer_after_takeover": lambda f: f"{f['job_id']}: answered after another worker took it over",
+    "job.files_restored": lambda f: f"{f['job_id']}: job.json and SHA256SUMS written again from the state",
+    "file.requeued": lambda f: f"{f['file']} ({f['job_id']}) failed: {_reason(f)}; it is fetched again",
+    "file.missing": lambda f: f"{f['file']} ({f['job_id']}) is missing on disk; fetching it again",
+    "download.url_renewed": lambda f: f"{f['file']}: its link expired; fetched a fresh one",
+    "download.object_changed": lambda f: f"{f['file']} changed at the service; starting it over",
+    "download.ranges_ignored": lambda f: f"{f['file']}: the server ignores ranges; one stream instead",
+    "api.retry": lambda f: f"{f['what']}: attempt {f['attempt']} failed ({_reason(f)}); {_again(f['wait_s'])}",
+    "download.retry": lambda f: _SENTENCES["api.retry"](f),
+    "download.range_retry": lambda f: _SENTENCES["api.retry"](f),
+    "store.retry": lambda f: _SENTENCES["api.retry"](f),
+    "api.retry_after_capped": lambda f: f"the API asked for a pause of {f['asked_s']} s; pausing {f['used_s']} s",
+    "callback.accepted": lambda f: f"callback: {f['job_id']} is {f['remote_state']}; looking at it now",
+    "callback.rejected": lambda f: f"a callback was refused ({_reason(f)})",
+    "callback.listening": lambda f: f"listening for callbacks at {f['url']}",
+    "campaign.adopted": lambda f: (
+        f"{f['count']} job(s) found at the service from an earlier run: not sent again" if f["count"] else None
     ),
-    "job.taken_over": lambda f, _: f"{f['job_id']}: another worker holds it now",
-    "job.answer_after_takeover": lambda f, _: f"{f['job_id']}: answered after another worker took it over",
-    "file.requeued": lambda f, tail: (
-        f"{f['file']} ({f['job_id']}) failed: {_rest(f, 'error', tail)}; it is fetched again"
+    "check.list_failed": lambda f: (
+        f"could not read the {f['job_type']} job list ({_reason(f)}); reading each job instead"
     ),
-    "file.missing": lambda f, _: f"{f['file']} ({f['job_id']}) is missing on disk; fetching it again",
-    "download.url_renewed": lambda f, _: f"{f['file']}: its link expired; fetched a fresh one",
-    "download.object_changed": lambda f, _: f"{f['file']} changed at the service; starting it over",
-    "download.ranges_ignored": lambda f, _: f"{f['file']}: the server ignores ranges; one stream instead",
-    "api.retry": lambda f, tail: (
-        f"{f['what']}: attempt {f['attempt']} failed ({_rest(f, 'error', tail)}); {_again(f['wait_s'])}"
-    ),
-    "download.retry": lambda f, tail: _SENTENCES["api.retry"](f, tail),
-    "store.retry": lambda f, tail: _SENTENCES["api.retry"](f, tail),
-    "api.retry_after_capped": lambda f, _: f"the API asked for a pause of {f['asked_s']} s; pausing {f['used_s']} s",
-    "callback.accepted": lambda f, _: f"callback: {f['job_id']} is {f['state']}; looking at it now",
-    "callback.rejected": lambda f, _: f"a callback was refused ({f['reason']})",
-    "callback.listening": lambda f, _: f"listening for callbacks at {f['url']}",
-    "campaign.adopted": lambda f, _: (
-        f"{f['count']} job(s) found at the service from an earlier run: not sent again" if f["count"] != "0" else None
-    ),
-    "check.list_failed": lambda f, tail: (
-        f"could not read the {f['type']} job list ({_rest(f, 'error', tail)}); reading each job instead"
-    ),
-    "worker.claimed": lambda f, _: f"took {f['jobs']} job(s) to work on ({f['taken_over']} from a stopped worker)",
-    "worker.lost": lambda f, _: f"another worker holds {f['jobs']} of this worker's jobs now",
+    "worker.claimed": lambda f: f"took {f['jobs']} job(s) to work on ({f['taken_over']} from a stopped worker)",
+    "worker.lost": lambda f: f"another worker holds {f['jobs']} of this worker's jobs now",
 }
 
 
-def _again(wait_s: str) -> str:
+def _again(wait_s: float) -> str:
     return "again at once" if float(wait_s) < 0.1 else f"again in {float(wait_s):.1f} s"
 
 
-def _files(count: str) -> str:
-    return "1 file" if count == "1" else f"{count} files"
+def _files(count: int) -> str:
+    return "1 file" if count == 1 else f"{count} files"
 
 
-def _rest(fields: Fields, key: str, tail: str) -> str:
-    """A last field whose value has spaces (an error message): its first word and what follows,
-    without the address it came from or the file's name again (the sentence has it)."""
-    text = _FROM_URL.sub("", " ".join(p for p in (fields.get(key, ""), tail) if p))
+def _reason(fields: Fields) -> str:
+    """The event's reason, without the address it came from or the file's name again (the
+    sentence has it)."""
+    text = _FROM_URL.sub("", str(fields.get("reason", "")))
     for name in (fields.get("file"), fields.get("what")):
-        if name and text.startswith(f"{name} "):
+        if name and text.startswith(f"{name}: "):
+            text = text[len(name) + 2 :]
+        elif name and text.startswith(f"{name} "):
             text = text[len(name) + 1 :]
     return text
 
 
-def sentence(message: str) -> str | None:
-    """A log line (`event key=value ... free text`) as a person reads it in the live view
-    (None: nothing worth telling, e.g. no jobs adopted)."""
-    event, _, rest = message.partition(" ")
-    pairs = list(_PAIR.finditer(rest))
-    # A value runs to the next key (`what=list dreambooth attempt=2`); the last one is a word,
-    # and what follows it is the line's free text.
-    fields = {a.group(1): rest[a.start(2) : b.start()].strip() for a, b in pairwise(pairs)}
-    if pairs:
-        fields[pairs[-1].group(1)] = pairs[-1].group(2).rstrip(":;,")
-    tail = (rest[pairs[-1].end() :] if pairs else rest).lstrip(":; ").strip()
-    tell = _SENTENCES.get(event)
+def sentence(event: Event) -> str | None:
+    """An event as a person reads it in the live view (None: nothing worth telling, e.g. no
+    jobs adopted); the log keeps the `key=value` form."""
+    tell = _SENTENCES.get(event.name)
     if tell is not None:
         try:
-            return tell(fields, tail)
-        except (KeyError, ValueError):
-            pass  # a line whose fields changed: told plainly below
-    words = event.replace(".", " ").replace("_", " ")
-    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fields.items())
-    return ": ".join(p for p in (words, shown, tail) if p)
+            return tell(event.fields)
+        except (KeyError, ValueError, TypeError):
+            pass  # an event whose fields changed: told plainly below
+    words = event.name.replace(".", " ").replace("_", " ")
+    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in event.fields.items())
+    return ": ".join(p for p in (words, shown) if p)
 
 
 class _Events(logging.Handler):
@@ -162,7 +151,8 @@ class _Events(logging.Handler):
         self.records: deque[tuple[int, str]] = deque(maxlen=200)
 
     def emit(self, record: logging.LogRecord) -> None:
-        told = sentence(scrub(record.getMessage()))
+        event: Event | None = getattr(record, RECORD_ATTR, None)  # its fields scrubbed when it was made
+        told = sentence(event) if event is not None else scrub(record.getMessage())
         if told is not None:
             self.records.append((record.levelno, told))
 

@@ -3,11 +3,13 @@ the simulator with trainings slow enough to watch and downloads that break and r
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from orchestrator.api.jobs import parse_job
+from orchestrator.events import Event
 from orchestrator.live import job_cells, sentence
 from orchestrator.run.outcome import JobProgress
 from orchestrator.run.schedule import remaining_s
@@ -90,28 +92,39 @@ def test_mid_run_the_view_shows_training_progress_and_no_file_past_its_size(tmp_
         assert (tmp_path / "outputs" / "watch" / job_id / "SHA256SUMS").exists()
 
 
-def test_log_lines_become_sentences_and_unknown_ones_stay_readable() -> None:
-    assert sentence("job.submitted job_id=alice remote_id=db_1") == "alice submitted (remote id db_1)"
-    assert sentence("file.done job_id=alice file=model.safetensors bytes=2000000") == (
+def ev(name: str, **fields: Any) -> Event:
+    return Event(name, logging.INFO, fields, ts=0.0)
+
+
+def test_events_become_sentences_and_unknown_ones_stay_readable() -> None:
+    assert sentence(ev("job.submitted", job_id="alice", state="submitted", remote_id="db_1")) == (
+        "alice submitted (remote id db_1)"
+    )
+    assert sentence(ev("file.done", job_id="alice", file="model.safetensors", bytes=2_000_000)) == (
         "alice: model.safetensors saved (2.0 MB)"
     )
-    assert sentence("file.requeued job_id=alice file=m.bin error=Connection reset by peer") == (
+    assert sentence(ev("file.requeued", job_id="alice", file="m.bin", reason="Connection reset by peer")) == (
         "m.bin (alice) failed: Connection reset by peer; it is fetched again"
     )
-    assert sentence("job.problem job_id=bob failed: the API reports failure") == (
+    assert sentence(ev("job.problem", job_id="bob", state="failed", reason="failed: the API reports failure")) == (
         "bob: failed: the API reports failure"
     )
-    assert sentence("api.retry what=list dreambooth attempt=2 wait_s=1.50 error=HTTP 503: busy") == (
-        "list dreambooth: attempt 2 failed (HTTP 503: busy); again in 1.5 s"
+    retry = ev("api.retry", what="list dreambooth", attempt=2, wait_s=1.5, reason="HTTP 503: busy")
+    assert sentence(retry) == "list dreambooth: attempt 2 failed (HTTP 503: busy); again in 1.5 s"
+    broke = ev(
+        "download.retry",
+        what="m.bin",
+        attempt=1,
+        wait_s=0.01,
+        reason="m.bin: transfer broke (ClientPayloadError) from http://storage.example/models/m.bin?<redacted>",
     )
-    assert sentence(
-        "download.retry what=m.bin attempt=1 wait_s=0.01 error=m.bin transfer broke (ClientPayloadError) "
-        "from http://storage.example/models/m.bin?<redacted>"
-    ) == ("m.bin: attempt 1 failed (transfer broke (ClientPayloadError)); again at once")
-    assert sentence("campaign.adopted count=0 checked=3") is None  # nothing happened: nothing told
-    # A line the view has no sentence for (or whose fields changed): its words, not key=value.
-    assert sentence("disk.low_space free_mb=12 where=/tmp") == "disk low space: free mb 12, where /tmp"
-    assert sentence("job.submitted job=alice") == "job submitted: job alice"
+    assert sentence(broke) == "m.bin: attempt 1 failed (transfer broke (ClientPayloadError)); again at once"
+    unknown = ev("job.unknown_state", job_id="a", state="queued", remote_id="db_1", remote_state="paused")
+    assert sentence(unknown) == "a: the API reports a state it does not document (paused)"
+    assert sentence(ev("campaign.adopted", count=0, checked=3)) is None  # nothing happened: nothing told
+    # An event the view has no sentence for (or whose fields changed): its words, not key=value.
+    assert sentence(ev("disk.low_space", free_mb=12, where="/tmp")) == "disk low space: free mb 12, where /tmp"
+    assert sentence(ev("job.submitted", job="alice")) == "job submitted: job alice"
 
 
 def test_a_percentage_the_api_could_not_mean_is_no_reading_and_the_view_says_so() -> None:

@@ -51,9 +51,9 @@ from ..store.parts import PartLog, PartRecord
 from . import storage
 from .progress import Transfer
 from .ranges import fetch_ranges, part_size
-from .sink import PartFile, first_error_of, in_pool, pump
+from .sink import PartFile, first_error_of, in_pool, pump, still_there
 from .urls import expires_at, redact
-from .verify import DISK_FULL, Fetched, Hashes, StorageHashes, place
+from .verify import DISK_FULL, Fetched, Hashes, StorageHashes, fsync_dir, place
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,8 +111,11 @@ def _free_bytes(folder: Path) -> int:
 
 
 def _prepare(folder: Path, part: Path, size: int | None, proven: int) -> None:
-    """Make the folder; refuse a file the disk cannot hold with its margin, before a byte is fetched."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Make the folder (its entry synced in its parent: a job's folder outlives a power cut);
+    refuse a file the disk cannot hold with its margin, before a byte is fetched."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(folder.parent)
     if size is None:
         return
     needed = size - min(proven, size)
@@ -368,6 +371,7 @@ class Downloader:
         except (aiohttp.ClientError, TimeoutError) as exc:
             where = redact(artifact.url)
             raise DownloadError(f"{artifact.name}: transfer broke ({type(exc).__name__}) from {where}") from exc
+        await still_there(part, writer.inode, self.pool)
         return await place(part, final, writer.hashes, size_bytes=size, expected=expected, pool=self.pool)
 
     async def _resume_point(self, folder: Path, part: Path, size: int | None, part_log: PartLog) -> _Resume:
@@ -429,13 +433,18 @@ class Downloader:
         transfer.start_at(start)
         proven = start
         syncing = False  # a proof under way: one at a time, each of a prefix longer than the last
+        sync_failed = False  # Linux reports a lost write once: a later sync's success proves nothing
 
         async def prove_prefix(upto: int) -> None:
             """Sync, then record `upto` bytes as proven: what was written before the sync began."""
-            nonlocal proven, syncing
+            nonlocal proven, syncing, sync_failed
             try:
-                await writer.sync()
-                if prove is not None and upto > proven:
+                try:
+                    await writer.sync()
+                except OSError:
+                    sync_failed = True
+                    raise
+                if prove is not None and upto > proven and not sync_failed:
                     await prove(0, upto)  # only after the bytes are synced
                     proven = upto
                     crash_point("span-proven")

@@ -28,7 +28,7 @@ from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgno
 from ..store.parts import PartLog, gaps, split
 from . import storage
 from .progress import Transfer
-from .sink import first_error_of, in_pool, opened, pump, write_at
+from .sink import first_error_of, in_pool, opened, pump, still_there, write_at
 from .verify import READ_BYTES, Hashes, StorageHashes
 
 BLOCK_BYTES = 512 * 1024  # a range's block: written and hashed at once (smaller than one stream's: many in flight)
@@ -84,6 +84,7 @@ async def fetch_ranges(
     try:
         fill = _RangeFill(session, source, fd, part, size, log, policy, transfer, pool, todo=todo, etag=etag)
         hashes = await fill.run(connections, covered)
+        await still_there(part, fill.inode, pool)  # what was hashed is this file's bytes
     finally:
         os.close(fd)
     assert fill.expected is not None, "the hashes end only after storage's first answer, or with nothing to ask"
@@ -223,6 +224,7 @@ class _RangeFill:
         self.etag = etag
         self.expected: StorageHashes | None = None
         self.order = InOrderHashes(fd, size, pool)
+        self.inode = os.fstat(fd).st_ino
 
     async def run(self, connections: int, covered: list[tuple[int, int]]) -> Hashes:
         for start, end in covered:
@@ -284,6 +286,8 @@ class _RangeFill:
                     self.order.start(self.expected)
                 offset = start
                 async with opened(self.part, self.pool) as fh:
+                    if os.fstat(fh.fileno()).st_ino != self.inode:
+                        raise ObjectChanged(f"{self.part.name} was replaced while it was written")
 
                     async def sink(block: memoryview) -> None:
                         nonlocal offset, got_here

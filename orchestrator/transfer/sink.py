@@ -24,7 +24,7 @@ import aiohttp
 import anyio
 from aiofiles.threadpool.binary import AsyncFileIO
 
-from ..errors import DownloadError, NoSpace
+from ..errors import DownloadError, NoSpace, ObjectChanged
 from .verify import DISK_FULL, READ_BYTES, Hashes
 
 T = TypeVar("T")
@@ -45,7 +45,10 @@ async def in_pool(pool: ThreadPoolExecutor, func: Callable[..., T], *args: objec
 async def opened(path: Path, pool: ThreadPoolExecutor) -> AsyncIterator[AsyncFileIO]:
     """`path` opened for reading and writing (made if missing) through aiofiles on `pool`; its
     opening and closing are shielded as `in_pool` is."""
-    fh = await _open(path, pool, create=False)  # a part that disappeared is not made anew behind the fill's fd
+    try:
+        fh = await _open(path, pool, create=False)  # a part that disappeared is not made anew behind the fill's fd
+    except FileNotFoundError as exc:
+        raise ObjectChanged(f"{path.name} was removed while it was written") from exc
     try:
         yield fh
     finally:
@@ -63,6 +66,17 @@ def _create(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CREAT, 0o644)
 
 
+async def still_there(path: Path, inode: int, pool: ThreadPoolExecutor) -> None:
+    """The file at `path` is still the one written through an fd of inode `inode`: a part removed
+    or replaced meanwhile (a clean-up, a person, another writer) is never placed or trusted."""
+    try:
+        now = (await in_pool(pool, os.stat, path)).st_ino
+    except FileNotFoundError:
+        now = None
+    if now != inode:
+        raise ObjectChanged(f"{path.name} was removed or replaced while it was written")
+
+
 class PartFile:
     """A `.part` written from `start` on, hashed as it goes. The bytes before `start` (proven
     earlier) are hashed from disk when it opens; whatever follows them is cut off."""
@@ -73,17 +87,20 @@ class PartFile:
         self.hashes = hashes
         self._pool = pool
         self.position = hashes.size  # bytes in the file, all written and hashed
+        self.inode = os.fstat(fh.fileno()).st_ino
 
     @classmethod
     async def open(cls, path: Path, start: int, *, hashes: Hashes, pool: ThreadPoolExecutor) -> PartFile:
         fh = await _open(path, pool)
         try:
             while hashes.size < start:
-                chunk = await fh.read(min(READ_BYTES, start - hashes.size))
+                with anyio.CancelScope(shield=True):  # as `in_pool`: never closed under a read
+                    chunk = await fh.read(min(READ_BYTES, start - hashes.size))
                 if not chunk:
                     raise DownloadError(f"{path.name} ends at {hashes.size}, before the {start} bytes proven")
                 await in_pool(pool, hashes.update, chunk)
-            await fh.truncate(start)
+            with anyio.CancelScope(shield=True):
+                await fh.truncate(start)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await fh.close()
