@@ -167,6 +167,10 @@ def test_jobs_list_and_get_print_json_without_signatures(
         assert code == 0 and json.loads(out)["state"] == "success" and "Signature" not in out
         code, _, err = run(["jobs", "get", "dreambooth", "db_nope"], capsys)
         assert code == 1 and "no such dreambooth job db_nope" in err
+        # The id is one path segment: what follows a `?` or a `/` in it is not a query or a path.
+        for typed in (f"{sim.ledger.jobs[0].job_id}?x=1", f"x/../{sim.ledger.jobs[0].job_id}"):
+            code, out, err = run(["jobs", "get", "dreambooth", typed], capsys)
+            assert code == 1 and out == "" and "no such dreambooth job" in err, (typed, out)
 
 
 @pytest.mark.broad  # left out of `make mutants` (time): see bench/MUTANTS.md

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -137,7 +137,10 @@ class ApiClient:
         return job_id
 
     async def get_job(self, job_type: JobType, job_id: str) -> dict[str, Any]:
-        answer = await self._request("GET", f"/jobs/{job_type.value}/{job_id}", what=f"get {job_id}")
+        # Quoted whole: an id typed by a person (`jobs get`, `settle --remote-id`) names one job,
+        # never another path or a query (`db_1?x=1`, `../x`).
+        path = f"/jobs/{job_type.value}/{quote(job_id, safe='')}"
+        answer = await self._request("GET", path, what=f"get {job_id}")
         if not isinstance(answer, dict):
             raise ServerError(200, "the job is not a JSON object", f"get {job_id}")
         return answer
