@@ -17,13 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-import google_crc32c
+from orchestrator.transfer.verify import crc32c_extend
 
 from .common import sim_process
 
-_extend = cast(Callable[[int, bytes], int], google_crc32c.extend)  # the library ships no type hints
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 BLOCK = 1024 * 1024
 
@@ -54,7 +52,7 @@ def _write_file(path: Path, size: int) -> str:
         while left:
             chunk = block[: min(left, BLOCK)]
             fh.write(chunk)
-            crc = _extend(crc, chunk)
+            crc = crc32c_extend(crc, chunk)
             left -= len(chunk)
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
 

@@ -44,14 +44,14 @@ from ..config import (
     Timeouts,
 )
 from ..crashpoints import crash_point
-from ..errors import DownloadError, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired
+from ..errors import DownloadError, NoSpace, ObjectChanged, RangesIgnored, SpaceRefused, UrlExpired, first_error
 from ..events import event
 from ..models import Artifact
 from ..store.parts import PartLog, PartRecord
 from . import storage
 from .progress import Transfer
 from .ranges import fetch_ranges, part_size
-from .sink import PartFile, first_error_of, in_pool, pump, still_there
+from .sink import PartFile, in_pool, pump, still_there
 from .urls import expires_at, redact
 from .verify import DISK_FULL, Fetched, Hashes, StorageHashes, fsync_dir, place
 
@@ -463,7 +463,7 @@ class Downloader:
             async with anyio.create_task_group() as tg:
                 await pump(resp.content, partial(sink, tg=tg), size=resp.content_length)
         except BaseExceptionGroup as group:
-            raise first_error_of(group) from None
+            raise first_error(group) from None
         finally:
             # Bytes written before a break, a stop or a full disk are good bytes: keep them to resume after.
             with anyio.CancelScope(shield=True):

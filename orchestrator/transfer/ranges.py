@@ -24,11 +24,11 @@ import anyio
 from ..api import retry
 from ..config import RetryPolicy
 from ..crashpoints import crash_point
-from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, UrlExpired
+from ..errors import DownloadError, FileGone, NoSpace, ObjectChanged, RangesIgnored, UrlExpired, first_error
 from ..store.parts import PartLog, gaps, split
 from . import storage
 from .progress import Transfer
-from .sink import first_error_of, in_pool, opened, pump, still_there, write_at
+from .sink import in_pool, opened, pump, still_there, write_at
 from .verify import READ_BYTES, Hashes, StorageHashes
 
 BLOCK_BYTES = 512 * 1024  # a range's block: written and hashed at once (smaller than one stream's: many in flight)
@@ -333,4 +333,4 @@ def _decisive(group: BaseExceptionGroup) -> BaseException:
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             return first
-    return first_error_of(group)  # an OSError reaches the callers that handle one
+    return first_error(group)  # an OSError reaches the callers that handle one

@@ -24,7 +24,7 @@ import aiohttp
 import anyio
 from aiofiles.threadpool.binary import AsyncFileIO
 
-from ..errors import DownloadError, NoSpace, ObjectChanged
+from ..errors import DownloadError, NoSpace, ObjectChanged, first_error
 from .verify import DISK_FULL, READ_BYTES, Hashes
 
 T = TypeVar("T")
@@ -196,7 +196,7 @@ async def pump(
                 if filled:
                     await send_full.send((buf, filled))
     except BaseExceptionGroup as group:
-        raise first_error_of(group) from None
+        raise first_error(group) from None
     finally:
         send_free.close()
         receive_free.close()
@@ -217,13 +217,3 @@ async def _pump_small(body: aiohttp.StreamReader, sink: Callable[[memoryview], A
         await sink(memoryview(received))
     if broke is not None:
         raise broke
-
-
-def first_error_of(group: BaseExceptionGroup) -> BaseException:
-    """The error that ended a group of tasks (a pump: the sink's or the body's), not the
-    cancellations it caused."""
-    errors, others = group.split(Exception)
-    first: BaseException = errors if errors is not None else others if others is not None else group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
